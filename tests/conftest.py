@@ -1,0 +1,7 @@
+"""Test-wide settings: 8 fake CPU devices so sharding is exercised without hardware."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

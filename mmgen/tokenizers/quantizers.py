@@ -1,0 +1,387 @@
+"""Latent quantizers for the video and audio tokenizers: LFQ, FSQ, VQ and RVQ.
+
+Every quantizer maps encoder outputs ``z: float [..., dim]`` (any leading dims) to
+
+* ``z_q``: the quantized latent, same shape and dtype as ``z``, with straight-through
+  gradients ``z + stop_grad(q - z)`` (all maths in float32 even when ``z`` is bf16);
+* ``indices``: ``int32 [...]`` (``[..., num_levels]`` for RVQ);
+* ``aux``: a dict of float32 scalars; ``aux["loss"]`` is the weighted sum of the
+  quantizer's own losses (add it to the tokenizer loss), the rest are metrics
+  (``commit_loss``, ``entropy_loss``, ``codebook_loss``, ``perplexity``, ``usage``).
+
+and back with ``indices_to_codes(indices) -> z_q [..., dim]`` (float32).
+
+Formulas follow ``shared/REFERENCE.md`` ("Quantizers"):
+
+* **LFQ** (MAGVIT-v2, Yu et al. 2023): ``q_i = sign(z_i)`` in {-1, 1}^K, index
+  ``sum_i 2^i [z_i > 0]`` -- channel 0 is the least significant bit by default
+  (``bit_order="lsb_first"``; ``"msb_first"`` gives the opposite order used by one
+  public library). Commitment ``0.25 * mean (z - sg(q))^2``; entropy penalty (weight
+  0.1) ``mean_tokens H(p(.|z)) - H(mean_tokens p(.|z))`` with
+  ``p(c|z) = softmax_c(2 <z, c> / tau)``, ``tau = 0.01``. The K bits are split into G
+  groups whose entropies are summed, so K = 18 never materialises ``[tokens, 2^18]``
+  (the per-token term is exact under this factorisation because ``p(c|z)`` is a
+  product over bits; the codebook term becomes the sum of per-group entropies, an
+  upper bound of the joint one, as in Open-MAGVIT2's factorised codebook).
+* **FSQ** (Mentzer et al. 2023): bounded ``tanh`` with shift, ``round_ste``, mixed-radix
+  index (channel 0 least significant).
+* **VQ** (van den Oord et al. 2017; EMA variant of Razavi et al. 2019): nearest code in
+  float32, codebook loss + 0.25 commitment, optional EMA codebook (decay 0.99) with
+  Laplace smoothing, dead-code restart from random encoder outputs of the batch.
+* **RVQ** (SoundStream, Zeghidour et al. 2021): VQ levels on successive residuals,
+  quantizer dropout (a random depth 1..N per training batch), ``num_levels_used`` for
+  variable bitrate at inference.
+
+Batch statistics (the entropy's ``mean_tokens``, EMA counts, usage) use ``jnp.mean``
+/ sums over all tokens; under ``jax.jit`` over a sharded batch these reductions are
+global over every device, so no ``pmean`` is needed (see docs/CONVENTIONS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmgen.parallel.sharding import logical_param
+
+KINDS = ("lfq", "fsq", "vq", "rvq")
+_F32 = jnp.float32
+_LOG_FLOOR = 1e-30  # keeps log(0) finite (and its gradient) in entropies
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def default_quantizer_config(kind: str) -> ml_collections.ConfigDict:
+    """Every field of a ``kind`` quantizer with the paper's default value."""
+    if kind == "lfq":
+        fields = dict(
+            num_bits=18,  # K; MAGVIT-v2 vocabulary 2^18 (demos use 10-14)
+            bit_order="lsb_first",  # channel 0 = least significant bit; or "msb_first"
+            commitment_weight=0.25,
+            entropy_weight=0.1,
+            temperature=0.01,  # tau in softmax(2<z, c> / tau)
+            diversity_weight=1.0,  # weight of the codebook-entropy term inside L_ent
+            entropy_groups=2,  # G groups of K/G bits (2 x 2^9 for K = 18)
+            entropy_max_tokens=0,  # >0: entropy on a random subset of this many tokens
+            entropy_anneal_factor=0.0,  # r in w * (1 + r * max(0, 1 - step / S)); 0 = off
+            entropy_anneal_steps=2000,  # S
+        )
+    elif kind == "fsq":
+        fields = dict(levels=(8, 5, 5, 5), eps=1e-3)
+    elif kind in ("vq", "rvq"):
+        fields = dict(
+            codebook_size=1024,
+            code_dim=256,
+            commitment_weight=0.25,
+            codebook_weight=1.0,  # unused with the EMA codebook (no gradient to it)
+            use_ema=kind == "rvq",  # SoundStream trains its RVQ codebooks by EMA
+            ema_decay=0.99,
+            ema_epsilon=1e-5,  # Laplace smoothing of the EMA counts
+            dead_code_threshold=2.0,  # EMA count below which a code is restarted (0 = off)
+            dead_code_unused_steps=100,  # restart after this many unused train calls (0 = off)
+            init_scale=1.0,  # stddev of the normal codebook initialisation
+        )
+        if kind == "rvq":
+            fields.update(num_quantizers=8, quantizer_dropout=1.0)
+    else:
+        raise ValueError(f"unknown quantizer kind {kind!r}; choose one of {KINDS}")
+    return ml_collections.ConfigDict(dict(kind=kind, **fields))
+
+
+def build_quantizer(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> Quantizer:
+    """The quantizer ``cfg.kind`` names, with ``cfg``'s fields over the defaults."""
+    kind = cfg.get("kind")
+    defaults = default_quantizer_config(kind)
+    unknown = sorted(set(cfg.keys()) - set(defaults.keys()))
+    if unknown:
+        raise ValueError(
+            f"quantizer config has unknown field(s) {unknown} for kind {kind!r}; "
+            f"known fields: {sorted(defaults.keys())}"
+        )
+    c = {**defaults.to_dict(), **{k: cfg[k] for k in cfg.keys()}}
+    c.pop("kind")
+    if kind == "lfq":
+        return LookupFreeQuantizer(**c, rngs=rngs)
+    if kind == "fsq":
+        return FiniteScalarQuantizer(**c)
+    if kind == "vq":
+        return VectorQuantizer(**c, rngs=rngs)
+    return ResidualVectorQuantizer(**c, rngs=rngs)
+
+
+# --------------------------------------------------------------------------- shared
+
+
+def straight_through(z: jax.Array, q: jax.Array) -> jax.Array:
+    """``z + stop_grad(q - z)``: the value of ``q`` with the gradient of ``z``."""
+    return z + jax.lax.stop_gradient(q - z)
+
+
+def code_statistics(indices: jax.Array, vocab_size: int) -> dict[str, jax.Array]:
+    """Perplexity and usage of the codes in ``indices`` (int, any shape).
+
+    ``usage`` is the fraction of the ``vocab_size`` codes that occur at least once;
+    ``perplexity`` is ``exp(H)`` of the empirical code distribution. Counting runs of
+    the sorted indices costs O(tokens) memory whatever the vocabulary (2^18 for LFQ).
+    """
+    flat = jax.lax.stop_gradient(indices).reshape(-1)
+    n = flat.shape[0]
+    s = jnp.sort(flat)
+    new_code = jnp.concatenate([jnp.ones((1,), bool), s[1:] != s[:-1]])
+    run = jnp.cumsum(new_code) - 1
+    counts = jax.ops.segment_sum(jnp.ones((n,), _F32), run, num_segments=n)
+    p = counts / n
+    entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, _LOG_FLOOR)))
+    return {
+        "perplexity": jnp.exp(entropy),
+        "usage": jnp.sum(new_code).astype(_F32) / vocab_size,
+    }
+
+
+class Quantizer(nnx.Module):
+    """Common interface of all quantizers (see the module docstring).
+
+    Attributes:
+      dim: channels the encoder must output (LFQ: K bits; FSQ: len(levels); VQ/RVQ: code dim).
+      vocab_size: codes per token (per level for RVQ).
+      num_levels: 1, or the RVQ depth (then indices carry a trailing level axis).
+    """
+
+    dim: int
+    vocab_size: int
+    num_levels: int = 1
+
+    def _check_input(self, z: jax.Array) -> None:
+        if z.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects a last dimension of {self.dim} channels, "
+                f"got input of shape {z.shape}"
+            )
+
+
+# --------------------------------------------------------------------------- LFQ
+
+
+def _bit_weights(num_bits: int, bit_order: str) -> np.ndarray:
+    if bit_order not in ("lsb_first", "msb_first"):
+        raise ValueError(f"bit_order={bit_order!r} must be 'lsb_first' or 'msb_first'")
+    if not 1 <= num_bits <= 30:
+        raise ValueError(f"LFQ num_bits={num_bits} must be in 1..30 (int32 indices)")
+    w = 2 ** np.arange(num_bits, dtype=np.int64)
+    return (w if bit_order == "lsb_first" else w[::-1]).astype(np.int32)
+
+
+def lfq_bits_to_indices(bits: jax.Array, bit_order: str = "lsb_first") -> jax.Array:
+    """``bool [..., K] -> int32 [...]``: ``sum_i 2^i bits_i`` (lsb_first) or reversed."""
+    w = _bit_weights(bits.shape[-1], bit_order)
+    return jnp.sum(bits.astype(jnp.int32) * w, axis=-1).astype(jnp.int32)
+
+
+def lfq_indices_to_bits(indices: jax.Array, num_bits: int, bit_order: str = "lsb_first") -> jax.Array:
+    """``int [...] -> bool [..., K]``, the inverse of ``lfq_bits_to_indices``."""
+    w = _bit_weights(num_bits, bit_order)
+    return (indices[..., None].astype(jnp.int32) & w) != 0
+
+
+def _sign_codebook(num_bits: int) -> jax.Array:
+    """All of {-1, 1}^b as ``float32 [2^b, b]`` (row j has bit i of j on channel i)."""
+    bits = (np.arange(2**num_bits)[:, None] >> np.arange(num_bits)) & 1
+    return jnp.asarray(2.0 * bits - 1.0, _F32)
+
+
+def lfq_entropy_loss(
+    z: jax.Array,
+    *,
+    temperature: float = 0.01,
+    num_groups: int = 1,
+    diversity_weight: float = 1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """MAGVIT-v2 entropy penalty of LFQ latents, factorised into bit groups.
+
+    With the K channels split into ``num_groups`` groups of ``b = K / G`` bits and
+    ``p_g(c|z) = softmax_c(2 <z_g, c> / tau)`` over ``c`` in {-1, 1}^b (float32):
+
+        per_sample = sum_g mean_tokens H(p_g(.|z))
+        codebook   = sum_g H(mean_tokens p_g(.|z))
+        loss       = per_sample - diversity_weight * codebook
+
+    ``G = 1`` is the dense formula over all 2^K codes. Memory is ``tokens x G x 2^b``.
+
+    Args:
+      z: float ``[..., K]``; every leading position is a token of the batch mean.
+    Returns:
+      ``(loss, per_sample_entropy, codebook_entropy)``, float32 scalars.
+    """
+    k = z.shape[-1]
+    if k % num_groups:
+        raise ValueError(f"LFQ entropy_groups={num_groups} must divide num_bits={k}")
+    b = k // num_groups
+    zg = z.astype(_F32).reshape(-1, num_groups, b)
+    logits = 2.0 * jnp.einsum("ngb,cb->ngc", zg, _sign_codebook(b)) / temperature
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(log_p)
+    per_sample = -jnp.sum(jnp.mean(jnp.sum(p * log_p, axis=-1), axis=0))
+    avg_p = jnp.mean(p, axis=0)  # [G, 2^b]; global over a sharded batch under jit
+    codebook = -jnp.sum(avg_p * jnp.log(jnp.maximum(avg_p, _LOG_FLOOR)))
+    return per_sample - diversity_weight * codebook, per_sample, codebook
+
+
+def annealed_entropy_weight(weight: float, step, factor: float, steps: int) -> jax.Array:
+    """``w * (1 + r * max(0, 1 - step / S))``; plain ``w`` when ``step`` is None."""
+    if step is None or factor == 0.0:
+        return jnp.asarray(weight, _F32)
+    ramp = jnp.maximum(0.0, 1.0 - jnp.asarray(step, _F32) / steps)
+    return weight * (1.0 + factor * ramp)
+
+
+class LookupFreeQuantizer(Quantizer):
+    """LFQ: per-channel sign quantizer with the MAGVIT-v2 entropy penalty.
+
+    ``z: [..., K] -> z_q: [..., K]`` in {-1, 1}, ``indices: int32 [...]`` in ``[0, 2^K)``.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 18,
+        *,
+        bit_order: str = "lsb_first",
+        commitment_weight: float = 0.25,
+        entropy_weight: float = 0.1,
+        temperature: float = 0.01,
+        diversity_weight: float = 1.0,
+        entropy_groups: int = 2,
+        entropy_max_tokens: int = 0,
+        entropy_anneal_factor: float = 0.0,
+        entropy_anneal_steps: int = 2000,
+        rngs: nnx.Rngs,
+    ):
+        _bit_weights(num_bits, bit_order)  # validates both
+        if num_bits % entropy_groups:
+            raise ValueError(
+                f"LFQ entropy_groups={entropy_groups} must divide num_bits={num_bits}"
+            )
+        self.dim = num_bits
+        self.vocab_size = 2**num_bits
+        self.num_levels = 1
+        self.bit_order = bit_order
+        self.commitment_weight = commitment_weight
+        self.entropy_weight = entropy_weight
+        self.temperature = temperature
+        self.diversity_weight = diversity_weight
+        self.entropy_groups = entropy_groups
+        self.entropy_max_tokens = entropy_max_tokens
+        self.entropy_anneal_factor = entropy_anneal_factor
+        self.entropy_anneal_steps = entropy_anneal_steps
+        self.rngs = rngs["quantizer"].fork()
+
+    def __call__(self, z: jax.Array, *, train: bool, step=None):
+        self._check_input(z)
+        z32 = z.astype(_F32)
+        bits = z32 > 0
+        q = jnp.where(bits, 1.0, -1.0).astype(_F32)
+        indices = lfq_bits_to_indices(bits, self.bit_order)
+        commit = jnp.mean((z32 - jax.lax.stop_gradient(q)) ** 2)
+
+        tokens = z32.reshape(-1, self.dim)
+        m = self.entropy_max_tokens
+        if train and 0 < m < tokens.shape[0]:
+            pick = jax.random.choice(self.rngs(), tokens.shape[0], (m,), replace=False)
+            tokens = tokens[pick]
+        entropy, per_sample, codebook = lfq_entropy_loss(
+            tokens,
+            temperature=self.temperature,
+            num_groups=self.entropy_groups,
+            diversity_weight=self.diversity_weight,
+        )
+        w_ent = annealed_entropy_weight(
+            self.entropy_weight, step, self.entropy_anneal_factor, self.entropy_anneal_steps
+        )
+        aux = {
+            "loss": self.commitment_weight * commit + w_ent * entropy,
+            "commit_loss": commit,
+            "entropy_loss": entropy,
+            "per_sample_entropy": per_sample,
+            "codebook_entropy": codebook,
+            "entropy_weight": w_ent,
+            **code_statistics(indices, self.vocab_size),
+        }
+        return straight_through(z32, q).astype(z.dtype), indices, aux
+
+    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
+        """``int [...] -> float32 [..., K]`` in {-1, 1}."""
+        bits = lfq_indices_to_bits(indices, self.dim, self.bit_order)
+        return jnp.where(bits, 1.0, -1.0).astype(_F32)
+
+
+# --------------------------------------------------------------------------- FSQ
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+    """Round to the nearest integer with an identity (straight-through) gradient."""
+    return straight_through(x, jnp.round(x))
+
+
+class FiniteScalarQuantizer(Quantizer):
+    """FSQ: channel i is bounded and rounded to ``levels[i]`` values in [-1, 1].
+
+    ``bound(z) = tanh(z + shift) * half_l - offset`` with ``half_l = (L-1)(1-eps)/2``,
+    ``offset = 0.5`` for even L else 0, ``shift = atanh(offset / half_l)``;
+    ``q = round_ste(bound(z)) / (L // 2)``; index ``sum_i digit_i prod_{j<i} L_j`` with
+    ``digit_i = round(bound(z_i)) + L_i // 2`` in ``[0, L_i)``.
+    ``z: [..., len(levels)] -> indices: int32 [...]`` in ``[0, prod(levels))``.
+    FSQ has no losses: ``aux["loss"]`` is 0.
+    """
+
+    def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), *, eps: float = 1e-3):
+        levels = tuple(int(l) for l in levels)
+        if not levels or min(levels) < 2:
+            raise ValueError(f"FSQ levels={levels} must all be >= 2")
+        self.levels = levels
+        self.eps = eps
+        self.dim = len(levels)
+        self.vocab_size = int(np.prod(levels))
+        self.num_levels = 1
+        if self.vocab_size >= 2**31:
+            raise ValueError(f"FSQ levels={levels} give more codes than int32 indices hold")
+
+    def _constants(self):
+        L = np.asarray(self.levels, np.float64)
+        half_l = (L - 1) * (1 - self.eps) / 2
+        offset = np.where(self.levels_even, 0.5, 0.0)
+        shift = np.arctanh(offset / half_l)
+        half_width = np.asarray(self.levels, np.int32) // 2
+        basis = np.cumprod([1] + list(self.levels[:-1])).astype(np.int32)
+        f = lambda a: jnp.asarray(a, _F32)
+        return f(half_l), f(offset), f(shift), jnp.asarray(half_width), jnp.asarray(basis)
+
+    @property
+    def levels_even(self) -> np.ndarray:
+        return np.asarray(self.levels) % 2 == 0
+
+    def bound(self, z: jax.Array) -> jax.Array:
+        half_l, offset, shift, _, _ = self._constants()
+        return jnp.tanh(z.astype(_F32) + shift) * half_l - offset
+
+    def __call__(self, z: jax.Array, *, train: bool, step=None):
+        self._check_input(z)
+        _, _, _, half_width, basis = self._constants()
+        bounded = self.bound(z)
+        q = round_ste(bounded) / half_width.astype(_F32)
+        digits = jnp.round(jax.lax.stop_gradient(bounded)).astype(jnp.int32) + half_width
+        indices = jnp.sum(digits * basis, axis=-1).astype(jnp.int32)
+        aux = {"loss": jnp.zeros((), _F32), **code_statistics(indices, self.vocab_size)}
+        return q.astype(z.dtype), indices, aux
+
+    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
+        """``int [...] -> float32 [..., len(levels)]``."""
+        _, _, _, half_width, basis = self._constants()
+        levels = jnp.asarray(self.levels, jnp.int32)
+        digits = (indices[..., None].astype(jnp.int32) // basis) % levels
+        return ((digits - half_width) / half_width).astype(_F32)

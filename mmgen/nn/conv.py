@@ -1,0 +1,329 @@
+"""Convolution layers shared by the video and audio tokenizers (channels-last).
+
+* ``CausalConv3d`` / ``CausalConv1d``: MAGVIT-v2's causal convolution. The time axis is
+  padded by ``(k_t - 1) * dilation`` frames at the front only, so output frame ``t``
+  sees input frames ``<= t`` and frame 0 is computed on its own (an image is a
+  1-frame video). Spatial axes use "SAME" padding (total ``max(k - s, 0)``), so a
+  size divisible by the stride is divided exactly. With stride ``s_t`` in time,
+  ``T = 1 + s_t * n`` frames become ``1 + n``.
+* ``GroupNorm``: statistics per sample *and per frame* (over the spatial axes and the
+  channels of a group), never over time, which would leak future frames into the
+  past and break causality. Computed in float32.
+* ``DepthToSpace3d``: MAGVIT-v2 decoder upsampling: a causal conv to
+  ``C * f_t * f_h * f_w`` channels, rearranged into time and space; the first
+  ``f_t - 1`` frames are dropped so ``1 + n`` latent frames become ``1 + f_t * n``
+  (5 -> 9 -> 17).
+* ``BlurPool3d``: StyleGAN's anti-aliased downsampling (binomial ``[1, 3, 3, 1]``
+  low-pass, then stride 2) for the discriminator; a fixed filter, no parameters.
+
+Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
+``("conv_out",)``, norm scales/biases ``("norm",)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmgen.parallel.sharding import logical_param
+
+_TEMPORAL_PADDING = ("constant", "edge")
+
+
+def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"expected 3 values (time, height, width), got {value}")
+    return value
+
+
+def _same_padding(kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """'SAME' padding: a size divisible by ``stride`` is divided exactly."""
+    total = max((kernel - 1) * dilation + 1 - stride, 0)
+    return (total // 2, total - total // 2)
+
+
+def _pad_time_front(x: jax.Array, frames: int, mode: str, axis: int = 1) -> jax.Array:
+    if frames == 0:
+        return x
+    if mode not in _TEMPORAL_PADDING:
+        raise ValueError(f"temporal_padding={mode!r}; expected one of {_TEMPORAL_PADDING}")
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (frames, 0)
+    return jnp.pad(x, widths, mode=mode)
+
+
+class CausalConv3d(nnx.Module):
+    """Causal 3D convolution: ``[B, T, H, W, C_in] -> [B, T', H', W', C_out]``.
+
+    ``T' = (T - 1) // s_t + 1``, ``H' = ceil(H / s_h)``, ``W' = ceil(W / s_w)``.
+    ``temporal_padding``: ``"constant"`` (zeros, MAGVIT-v2) or ``"edge"`` (repeat frame 0).
+    """
+
+    def __init__(
+        self,
+        features_in: int,
+        features_out: int,
+        kernel: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        *,
+        use_bias: bool = True,
+        temporal_padding: str = "constant",
+        kernel_init=nnx.initializers.lecun_normal(),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if temporal_padding not in _TEMPORAL_PADDING:
+            raise ValueError(f"temporal_padding={temporal_padding!r}; expected one of {_TEMPORAL_PADDING}")
+        self.kernel_size = _triple(kernel)
+        self.stride = _triple(stride)
+        self.temporal_padding = temporal_padding
+        kt, kh, kw = self.kernel_size
+        _, sh, sw = self.stride
+        self.conv = nnx.Conv(
+            features_in,
+            features_out,
+            self.kernel_size,
+            self.stride,
+            padding=((0, 0), _same_padding(kh, sh), _same_padding(kw, sw)),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.with_partitioning(kernel_init, (None, None, None, "conv_in", "conv_out")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = _pad_time_front(x, self.kernel_size[0] - 1, self.temporal_padding)
+        return self.conv(x)
+
+
+class CausalConv1d(nnx.Module):
+    """Causal 1D convolution: ``[B, S, C_in] -> [B, ceil(S / stride), C_out]``.
+
+    The front is padded by ``(kernel - 1) * dilation`` (zeros), so output ``s`` sees
+    input samples ``<= s * stride``.
+    """
+
+    def __init__(
+        self,
+        features_in: int,
+        features_out: int,
+        kernel: int,
+        stride: int = 1,
+        dilation: int = 1,
+        *,
+        use_bias: bool = True,
+        kernel_init=nnx.initializers.lecun_normal(),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel_size = int(kernel)
+        self.stride = int(stride)
+        self.dilation = int(dilation)
+        self.conv = nnx.Conv(
+            features_in,
+            features_out,
+            (self.kernel_size,),
+            (self.stride,),
+            padding=((0, 0),),
+            kernel_dilation=(self.dilation,),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.with_partitioning(kernel_init, (None, "conv_in", "conv_out")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        front = (self.kernel_size - 1) * self.dilation
+        # Pad the back so the strided output length is ceil(S / stride) like "SAME".
+        length = x.shape[1]
+        back = (-length) % self.stride
+        x = jnp.pad(x, ((0, 0), (front, back), (0, 0)))
+        return self.conv(x)
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation per sample and per frame, in float32.
+
+    ``x [..., C]``: the mean and variance are taken over ``reduce_axes`` (default the
+    spatial axes ``(-3, -2)`` of ``[B, T, H, W, C]``) and the ``C / num_groups``
+    channels of each group; all other axes (batch, time) keep separate statistics.
+    ``use_affine=False`` gives the plain normalisation MAGVIT-v2 puts before the
+    quantizer.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int = 32,
+        *,
+        reduce_axes: Sequence[int] = (-3, -2),
+        use_affine: bool = True,
+        epsilon: float = 1e-6,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        if num_features % num_groups:
+            raise ValueError(f"GroupNorm: {num_features} channels do not split into {num_groups} groups")
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.reduce_axes = tuple(int(a) for a in reduce_axes)
+        if any(a >= -1 for a in self.reduce_axes):
+            raise ValueError(f"reduce_axes={self.reduce_axes} must be negative and exclude the channel axis")
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.use_affine = use_affine
+        if use_affine:
+            self.scale = logical_param(jnp.ones((num_features,), param_dtype), ("norm",))
+            self.bias = logical_param(jnp.zeros((num_features,), param_dtype), ("norm",))
+
+    def normalize(self, x: jax.Array) -> jax.Array:
+        """Normalised ``x`` in float32, without the affine transform."""
+        x32 = x.astype(jnp.float32)
+        grouped = x32.reshape(*x.shape[:-1], self.num_groups, self.num_features // self.num_groups)
+        # Channel axis moved one left by the group split; the group's channels are last.
+        axes = tuple(a - 1 for a in self.reduce_axes) + (-1,)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=axes, keepdims=True)
+        grouped = (grouped - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return grouped.reshape(x.shape)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.normalize(x)
+        if self.use_affine:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def causal_upsample_time(cond: jax.Array, frames: int) -> jax.Array:
+    """Nearest, causal resampling of ``[B, T_c, ...]`` to ``frames = 1 + r (T_c - 1)``.
+
+    Output frame ``t`` takes latent frame ``ceil(t / r)``: frame 0 from latent 0, frames
+    ``1..r`` from latent 1, and so on, the same grouping the causal encoder uses.
+    """
+    t_c = cond.shape[1]
+    if t_c == frames:
+        return cond
+    if t_c == 1 or (frames - 1) % (t_c - 1):
+        raise ValueError(f"cannot causally resample {t_c} frames to {frames}")
+    rate = (frames - 1) // (t_c - 1)
+    index = (np.arange(frames) + rate - 1) // rate
+    return jnp.take(cond, jnp.asarray(index), axis=1)
+
+
+class AdaptiveGroupNorm(nnx.Module):
+    """GroupNorm whose scale and bias are predicted from a conditioning latent.
+
+    MAGVIT-v2 decoder: ``y = GN(x) * (1 + gamma(c)) + beta(c)`` with ``gamma``, ``beta``
+    1x1x1 convolutions of the quantized latent ``c [B, T_c, H_c, W_c, D]``, computed at
+    the latent resolution and resampled (nearest; causally in time) to ``x``'s
+    ``[B, T, H, W, C]``. Zero-initialised, so it starts as a plain GroupNorm.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        cond_features: int,
+        num_groups: int = 32,
+        *,
+        epsilon: float = 1e-6,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.norm = GroupNorm(num_features, num_groups, use_affine=False, epsilon=epsilon, dtype=jnp.float32)
+        zeros = nnx.initializers.zeros_init()
+        self.to_scale_bias = CausalConv3d(
+            cond_features, 2 * num_features, 1, kernel_init=zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        scale, bias = jnp.split(self.to_scale_bias(cond).astype(jnp.float32), 2, axis=-1)
+        _, t, h, w, _ = x.shape
+        scale, bias = (causal_upsample_time(v, t) for v in (scale, bias))
+        rh, rw = h // cond.shape[2], w // cond.shape[3]
+        scale, bias = (jnp.repeat(jnp.repeat(v, rh, axis=2), rw, axis=3) for v in (scale, bias))
+        return (self.norm.normalize(x) * (1.0 + scale) + bias).astype(self.dtype)
+
+
+class DepthToSpace3d(nnx.Module):
+    """Causal conv to ``C_out * f_t * f_h * f_w`` channels, then depth-to-space.
+
+    ``[B, 1 + n, H, W, C_in] -> [B, 1 + f_t n, f_h H, f_w W, C_out]``: the first
+    ``f_t - 1`` of the ``f_t (1 + n)`` frames are dropped so the frame count stays
+    ``1 + multiple of f_t`` and frame 0 depends on latent frame 0 only.
+    """
+
+    def __init__(
+        self,
+        features_in: int,
+        features_out: int,
+        factors: Sequence[int],
+        kernel: int | Sequence[int] = 3,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.factors = _triple(factors)
+        ft, fh, fw = self.factors
+        self.conv = CausalConv3d(
+            features_in, features_out * ft * fh * fw, kernel, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ft, fh, fw = self.factors
+        x = einops.rearrange(
+            self.conv(x), "b t h w (c ft fh fw) -> b (t ft) (h fh) (w fw) c", ft=ft, fh=fh, fw=fw
+        )
+        return x[:, ft - 1 :]
+
+
+class BlurPool3d(nnx.Module):
+    """Anti-aliased 2x downsampling (StyleGAN): binomial low-pass, then stride 2.
+
+    ``[B, T, H, W, C] -> [B, ceil(T/2), H/2, W/2, C]`` (time kept when
+    ``downsample_time=False``). The filter is the outer product of ``taps`` (default
+    ``[1, 3, 3, 1]``) normalised to sum 1, applied depthwise; not a parameter.
+    """
+
+    def __init__(self, taps: Sequence[float] = (1.0, 3.0, 3.0, 1.0), *, downsample_time: bool = True):
+        self.taps = tuple(float(t) for t in taps)
+        self.downsample_time = downsample_time
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        taps = np.asarray(self.taps, np.float32)
+        one = np.ones((1,), np.float32)
+        kt = taps if self.downsample_time else one
+        kernel = np.einsum("t,h,w->thw", kt, taps, taps)
+        kernel = kernel / kernel.sum()
+        kernel = np.broadcast_to(kernel[..., None, None], kernel.shape + (1, channels))
+        # Pad so that stride-1 filtering would keep the size; stride 2 then halves it.
+        pad = _same_padding(len(taps), 1)
+        strides = (2 if self.downsample_time else 1, 2, 2)
+        padding = (pad if self.downsample_time else (0, 0), pad, pad)
+        y = jax.lax.conv_general_dilated(
+            x,
+            jnp.asarray(kernel, x.dtype),
+            window_strides=strides,
+            padding=padding,
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            feature_group_count=channels,
+        )
+        return y

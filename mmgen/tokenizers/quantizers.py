@@ -385,3 +385,297 @@ class FiniteScalarQuantizer(Quantizer):
         levels = jnp.asarray(self.levels, jnp.int32)
         digits = (indices[..., None].astype(jnp.int32) // basis) % levels
         return ((digits - half_width) / half_width).astype(_F32)
+
+
+# --------------------------------------------------------------------------- VQ
+
+
+class QuantizerState(nnx.Variable):
+    """Quantizer state updated in place by the forward pass when ``train=True``.
+
+    Never a ``Param``: no gradient and no optimizer touches it. A trainer that keeps a
+    weight-EMA copy of a model copies these from the live model as they are
+    (``nnx.state(model, QuantizerState)``).
+    """
+
+
+class EMACodebook(QuantizerState):
+    """A codebook learned by exponential moving averages instead of gradients."""
+
+
+class EMAClusterSize(QuantizerState):
+    """EMA of how many batch vectors each code was assigned, ``[codebook_size]``."""
+
+
+class EMAEmbedSum(QuantizerState):
+    """EMA of the sum of the batch vectors assigned to each code, ``[codebook_size, dim]``."""
+
+
+class UnusedSteps(QuantizerState):
+    """Consecutive training calls in which each code was not assigned, int32 ``[codebook_size]``."""
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 distances on TPUs too (their default is bf16 passes)
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
+    """``x: [N, D], codebook: [V, D] -> int32 [N]``: argmin of squared L2 distances (float32)."""
+    x = x.astype(_F32)
+    codebook = codebook.astype(_F32)
+    dist = (
+        jnp.sum(x * x, axis=-1, keepdims=True)
+        - 2.0 * jnp.dot(x, codebook.T, precision=_HIGHEST)
+        + jnp.sum(codebook * codebook, axis=-1)[None, :]
+    )
+    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+
+
+class VectorQuantizer(Quantizer):
+    """VQ: nearest-code quantizer with codebook + commitment losses or an EMA codebook.
+
+    ``z: [..., code_dim] -> indices: int32 [...]`` in ``[0, codebook_size)``.
+
+    * Gradient codebook (``use_ema=False``): the codebook is an ``nnx.Param`` with logical
+      names ``("codebook", None)``; ``loss = codebook_weight * mean (sg(z) - q)^2 +
+      commitment_weight * mean (z - sg(q))^2`` (VQ-VAE, 1.0 and 0.25).
+    * EMA codebook (``use_ema=True``, Razavi et al. 2019 / SoundStream): the codebook is
+      an ``EMACodebook`` variable (same logical names), with ``N_c <- d N_c + (1-d) n_c``,
+      ``m_c <- d m_c + (1-d) sum_{z -> c} z``, Laplace-smoothed
+      ``N'_c = (N_c + eps) / (sum N + V eps) * sum N`` and ``e_c = m_c / N'_c``; only the
+      commitment loss remains. The counts start at 1 and the sums at the initial codes.
+    * Dead-code restart: after the update, a code whose EMA count is below
+      ``dead_code_threshold`` (EMA mode only) or that went unassigned for
+      ``dead_code_unused_steps`` training calls is replaced by a random encoder output of
+      the batch (its EMA count reset to the threshold). With counts starting at 1 and the
+      default threshold 2, the first EMA step initialises the codebook from data.
+
+    All state changes happen only when ``train=True``.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int = 1024,
+        code_dim: int = 256,
+        *,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        use_ema: bool = False,
+        ema_decay: float = 0.99,
+        ema_epsilon: float = 1e-5,
+        dead_code_threshold: float = 2.0,
+        dead_code_unused_steps: int = 100,
+        init_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        self.dim = code_dim
+        self.vocab_size = codebook_size
+        self.num_levels = 1
+        self.commitment_weight = commitment_weight
+        self.codebook_weight = codebook_weight
+        self.use_ema = use_ema
+        self.ema_decay = ema_decay
+        self.ema_epsilon = ema_epsilon
+        self.dead_code_threshold = dead_code_threshold
+        self.dead_code_unused_steps = dead_code_unused_steps
+        init = init_scale * jax.random.normal(rngs.params(), (codebook_size, code_dim), _F32)
+        if use_ema:
+            self.codebook = EMACodebook(init, out_sharding=("codebook", None))
+            self.ema_cluster_size = EMAClusterSize(
+                jnp.ones((codebook_size,), _F32), out_sharding=("codebook",)
+            )
+            self.ema_embed_sum = EMAEmbedSum(init, out_sharding=("codebook", None))
+        else:
+            self.codebook = logical_param(init, ("codebook", None))
+        self.unused_steps = UnusedSteps(
+            jnp.zeros((codebook_size,), jnp.int32), out_sharding=("codebook",)
+        )
+        self.rngs = rngs["quantizer"].fork()
+
+    @property
+    def _restarts(self) -> bool:
+        return (self.use_ema and self.dead_code_threshold > 0) or self.dead_code_unused_steps > 0
+
+    def quantize_flat(self, x: jax.Array, *, train: bool, active=None) -> dict[str, jax.Array]:
+        """Quantize ``x: float32 [N, D]`` and, when training, update the codebook state.
+
+        ``active`` (bool scalar, default True) gates every state update: RVQ passes
+        False for the levels quantizer dropout switched off. Returns ``q`` (``[N, D]``,
+        differentiable w.r.t. a gradient codebook), ``indices`` (``[N]``),
+        ``commit_loss``, ``codebook_loss`` and ``restarted`` (fraction of codes replaced).
+        """
+        codebook = self.codebook[...]
+        indices = nearest_code(jax.lax.stop_gradient(x), jax.lax.stop_gradient(codebook))
+        q = jnp.take(codebook, indices, axis=0)
+        out = {
+            "q": q,
+            "indices": indices,
+            "commit_loss": jnp.mean((x - jax.lax.stop_gradient(q)) ** 2),
+            "codebook_loss": jnp.mean((jax.lax.stop_gradient(x) - q) ** 2),
+            "restarted": jnp.zeros((), _F32),
+        }
+        if train:
+            out["restarted"] = self._update_state(jax.lax.stop_gradient(x), indices, active)
+        return out
+
+    def _update_state(self, x: jax.Array, indices: jax.Array, active) -> jax.Array:
+        v = self.vocab_size
+        gate = jnp.asarray(True) if active is None else jnp.asarray(active)
+        counts = jax.ops.segment_sum(jnp.ones(indices.shape, _F32), indices, num_segments=v)
+        old_unused = self.unused_steps[...]
+        unused = jnp.where(counts > 0, 0, old_unused + 1)
+        codebook = jax.lax.stop_gradient(self.codebook[...])
+
+        if self.use_ema:
+            d = self.ema_decay
+            size = d * self.ema_cluster_size[...] + (1 - d) * counts
+            embed_sum = d * self.ema_embed_sum[...] + (1 - d) * jax.ops.segment_sum(
+                x, indices, num_segments=v
+            )
+            total = jnp.sum(size)
+            smoothed = (size + self.ema_epsilon) / (total + v * self.ema_epsilon) * total
+            codebook = embed_sum / smoothed[:, None]
+
+        restarted = jnp.zeros((), _F32)
+        if self._restarts:
+            dead = jnp.zeros((v,), bool)
+            if self.use_ema and self.dead_code_threshold > 0:
+                dead = dead | (size < self.dead_code_threshold)
+            if self.dead_code_unused_steps > 0:
+                dead = dead | (unused >= self.dead_code_unused_steps)
+            dead = dead & gate
+            pick = jax.random.randint(self.rngs(), (v,), 0, x.shape[0])
+            fresh = jnp.take(x, pick, axis=0)
+            codebook = jnp.where(dead[:, None], fresh, codebook)
+            unused = jnp.where(dead, 0, unused)
+            if self.use_ema:
+                reset = max(self.dead_code_threshold, 1.0)
+                size = jnp.where(dead, reset, size)
+                embed_sum = jnp.where(dead[:, None], fresh * reset, embed_sum)
+            restarted = jnp.mean(dead.astype(_F32))
+
+        self.unused_steps[...] = jnp.where(gate, unused, old_unused)
+        if self.use_ema:
+            self.ema_cluster_size[...] = jnp.where(gate, size, self.ema_cluster_size[...])
+            self.ema_embed_sum[...] = jnp.where(gate, embed_sum, self.ema_embed_sum[...])
+        if self.use_ema or self._restarts:
+            self.codebook[...] = jnp.where(gate, codebook, self.codebook[...])
+        return restarted
+
+    def _level_loss(self, out: dict[str, jax.Array]) -> jax.Array:
+        loss = self.commitment_weight * out["commit_loss"]
+        if not self.use_ema:
+            loss = loss + self.codebook_weight * out["codebook_loss"]
+        return loss
+
+    def __call__(self, z: jax.Array, *, train: bool, step=None):
+        self._check_input(z)
+        z32 = z.astype(_F32)
+        out = self.quantize_flat(z32.reshape(-1, self.dim), train=train)
+        indices = out["indices"].reshape(z.shape[:-1])
+        aux = {
+            "loss": self._level_loss(out),
+            "commit_loss": out["commit_loss"],
+            "codebook_loss": out["codebook_loss"],
+            "restarted_codes": out["restarted"],
+            **code_statistics(indices, self.vocab_size),
+        }
+        z_q = straight_through(z32, out["q"].reshape(z32.shape))
+        return z_q.astype(z.dtype), indices, aux
+
+    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
+        """``int [...] -> float32 [..., code_dim]``."""
+        return jnp.take(self.codebook[...].astype(_F32), indices, axis=0)
+
+
+# --------------------------------------------------------------------------- RVQ
+
+
+class ResidualVectorQuantizer(Quantizer):
+    """RVQ: ``num_quantizers`` VQ levels, level l quantizing what levels < l left over.
+
+    ``z: [..., code_dim] -> indices: int32 [..., n]`` (n = ``num_quantizers``, or
+    ``num_levels_used``), ``z_q = sum_l q_l``. Quantizer dropout (SoundStream): with
+    probability ``quantizer_dropout`` a training batch uses a random depth uniform in
+    ``1..N``; the deeper levels still compute indices (returned) but contribute nothing
+    to ``z_q``, to the losses or to their codebook updates. ``aux["levels_used"]`` is the
+    depth used. Each level has its own codebook (``codebook_size`` codes) and options.
+    """
+
+    def __init__(
+        self,
+        num_quantizers: int = 8,
+        codebook_size: int = 1024,
+        code_dim: int = 256,
+        *,
+        quantizer_dropout: float = 1.0,
+        rngs: nnx.Rngs,
+        **vq_options,
+    ):
+        if num_quantizers < 1:
+            raise ValueError(f"RVQ num_quantizers={num_quantizers} must be >= 1")
+        self.dim = code_dim
+        self.vocab_size = codebook_size
+        self.num_levels = num_quantizers
+        self.quantizer_dropout = quantizer_dropout
+        self.quantizers = nnx.List(
+            [
+                VectorQuantizer(codebook_size, code_dim, rngs=rngs, **vq_options)
+                for _ in range(num_quantizers)
+            ]
+        )
+        self.rngs = rngs["quantizer"].fork()
+
+    def _depth(self, train: bool, num_levels_used: int | None):
+        n = self.num_levels
+        if num_levels_used is not None:
+            if not 1 <= int(num_levels_used) <= n:
+                raise ValueError(f"num_levels_used={num_levels_used} must be in 1..{n}")
+            return int(num_levels_used), jnp.asarray(int(num_levels_used))
+        if train and self.quantizer_dropout > 0:
+            k_depth, k_apply = jax.random.split(self.rngs())
+            depth = jax.random.randint(k_depth, (), 1, n + 1)
+            apply = jax.random.uniform(k_apply) < self.quantizer_dropout
+            return n, jnp.where(apply, depth, n)
+        return n, jnp.asarray(n)
+
+    def __call__(self, z: jax.Array, *, train: bool, step=None, num_levels_used: int | None = None):
+        """``num_levels_used`` (python int) quantizes with only the first levels (bitrate)."""
+        self._check_input(z)
+        z32 = z.astype(_F32)
+        residual = z32.reshape(-1, self.dim)
+        computed, depth = self._depth(train, num_levels_used)
+        total = jnp.zeros_like(residual)
+        indices, sums = [], {"loss": 0.0, "commit_loss": 0.0, "codebook_loss": 0.0}
+        usage, perplexity, restarted = [], [], []
+        for level in range(computed):
+            vq = self.quantizers[level]
+            active = level < depth
+            out = vq.quantize_flat(residual, train=train, active=active)
+            on = active.astype(_F32)
+            total = total + on * out["q"]
+            residual = residual - jax.lax.stop_gradient(out["q"])
+            sums["loss"] = sums["loss"] + on * vq._level_loss(out)
+            sums["commit_loss"] = sums["commit_loss"] + on * out["commit_loss"]
+            sums["codebook_loss"] = sums["codebook_loss"] + on * out["codebook_loss"]
+            stats = code_statistics(out["indices"], self.vocab_size)
+            usage.append(stats["usage"])
+            perplexity.append(stats["perplexity"])
+            restarted.append(out["restarted"])
+            indices.append(out["indices"])
+        indices = jnp.stack(indices, axis=-1).reshape(*z.shape[:-1], computed)
+        aux = {
+            **{k: jnp.asarray(v, _F32) for k, v in sums.items()},
+            "usage": jnp.mean(jnp.stack(usage)),  # mean over the levels computed
+            "perplexity": jnp.mean(jnp.stack(perplexity)),
+            "restarted_codes": jnp.mean(jnp.stack(restarted)),
+            "levels_used": depth.astype(_F32),
+        }
+        z_q = straight_through(z32, total.reshape(z32.shape))
+        return z_q.astype(z.dtype), indices, aux
+
+    def indices_to_codes(self, indices: jax.Array) -> jax.Array:
+        """``int [..., n] -> float32 [..., code_dim]``: sum of the first n levels' codes."""
+        n = indices.shape[-1]
+        if not 1 <= n <= self.num_levels:
+            raise ValueError(f"RVQ indices have {n} levels; this quantizer has {self.num_levels}")
+        return sum(self.quantizers[l].indices_to_codes(indices[..., l]) for l in range(n))

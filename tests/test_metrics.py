@@ -1,0 +1,151 @@
+"""Specification of mmgen.eval: pixel/audio/codebook/token metrics, Frechet distance,
+and the I3D network FVD uses (weights only from a user-given file)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from mmgen.eval import frechet, metrics
+
+# ------------------------------------------------------------------ PSNR / SSIM
+
+
+def test_psnr_identical_is_inf_and_constant_offset_is_analytic():
+    rng = np.random.default_rng(0)
+    a = rng.integers(10, 240, size=(2, 3, 16, 16, 3)).astype(np.uint8)
+    assert metrics.psnr(a, a, 255.0) == np.inf
+    # Offset by 5 everywhere: MSE = 25, PSNR = 10 log10(255^2 / 25).
+    b = a.astype(np.int32) + 5
+    np.testing.assert_allclose(metrics.psnr(a, b, 255.0), 10 * np.log10(255.0**2 / 25.0))
+    # [-1, 1] images: range 2, offset 0.1 -> 10 log10(4 / 0.01) = 26.02 dB.
+    x = rng.uniform(-0.5, 0.5, size=(4, 8, 8, 3))
+    np.testing.assert_allclose(metrics.psnr(x, x + 0.1, 2.0), 10 * np.log10(400.0))
+    per_frame = metrics.psnr(a, b, 255.0, axis=(-3, -2, -1))
+    assert per_frame.shape == (2, 3)
+
+
+def _ssim_by_loops(a, b, max_val):
+    """Independent SSIM of one single-channel image: explicit 11x11 windows."""
+    g = np.exp(-0.5 * ((np.arange(11) - 5) / 1.5) ** 2)
+    w = np.outer(g, g)
+    w /= w.sum()
+    c1, c2 = (0.01 * max_val) ** 2, (0.03 * max_val) ** 2
+    values = []
+    for i in range(a.shape[0] - 10):
+        for j in range(a.shape[1] - 10):
+            pa, pb = a[i : i + 11, j : j + 11], b[i : i + 11, j : j + 11]
+            ma, mb = np.sum(w * pa), np.sum(w * pb)
+            va, vb = np.sum(w * (pa - ma) ** 2), np.sum(w * (pb - mb) ** 2)
+            cov = np.sum(w * (pa - ma) * (pb - mb))
+            values.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return np.mean(values)
+
+
+def test_ssim_matches_explicit_window_loop_and_identity_is_one():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 255, size=(16, 18, 2))
+    b = np.clip(a + rng.normal(0, 60, size=a.shape), 0, 255)
+    expected = np.mean([_ssim_by_loops(a[..., c], b[..., c], 255.0) for c in range(2)])
+    np.testing.assert_allclose(metrics.ssim(a, b, 255.0), expected, rtol=1e-10)
+    assert 0.2 < expected < 0.9
+    np.testing.assert_allclose(metrics.ssim(a, a, 255.0), 1.0)
+    np.testing.assert_allclose(metrics.ssim(a, b), metrics.ssim(b, a))
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # Zero variance everywhere: SSIM = (2 m1 m2 + C1) / (m1^2 + m2^2 + C1).
+    m1, m2, c1 = 100.0, 150.0, (0.01 * 255) ** 2
+    a = np.full((2, 12, 12, 3), m1)
+    b = np.full((2, 12, 12, 3), m2)
+    np.testing.assert_allclose(metrics.ssim(a, b, 255.0), (2 * m1 * m2 + c1) / (m1**2 + m2**2 + c1))
+    assert metrics.ssim_per_image(a, b, 255.0, luma=True).shape == (2,)
+
+
+# ------------------------------------------------------------------- SI-SNR
+
+
+def test_si_snr_is_scale_invariant_and_exact_for_orthogonal_noise():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(3, 4000))
+    ref -= ref.mean(axis=-1, keepdims=True)
+    noise = rng.normal(size=ref.shape)
+    noise -= noise.mean(axis=-1, keepdims=True)
+    noise -= np.sum(noise * ref, -1, keepdims=True) / np.sum(ref * ref, -1, keepdims=True) * ref
+    # Noise energy one tenth of the signal's -> exactly 10 dB.
+    noise *= np.sqrt(0.1 * np.sum(ref**2, -1, keepdims=True) / np.sum(noise**2, -1, keepdims=True))
+    est = ref + noise
+    np.testing.assert_allclose(metrics.si_snr(ref, est), 10.0, atol=1e-6)
+    np.testing.assert_allclose(metrics.si_snr(ref, 0.3 * est + 2.0), metrics.si_snr(ref, est), atol=1e-6)
+    assert metrics.si_snr(ref[0], ref[0]) > 60.0
+
+
+# ---------------------------------------------------------- codebook and tokens
+
+
+def test_codebook_usage_and_perplexity():
+    assert metrics.codebook_usage(np.array([[0, 1], [1, 3]]), 8) == 3 / 8
+    assert metrics.perplexity(np.zeros(100, np.int32), 16) == pytest.approx(1.0)
+    assert metrics.perplexity(np.arange(16).repeat(5), 16) == pytest.approx(16.0)
+    # Two codes with p = (0.75, 0.25): exp(H) = exp(-(.75 ln .75 + .25 ln .25)).
+    h = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert metrics.perplexity(np.array([5, 5, 5, 9]), 16) == pytest.approx(np.exp(h))
+    # An LFQ vocabulary of 2^18 codes.
+    idx = np.random.default_rng(3).integers(0, 2**18, size=(4, 5, 16, 16))
+    assert metrics.codebook_usage(idx, 2**18) == np.unique(idx).size / 2**18
+    with pytest.raises(ValueError, match="indices must lie"):
+        metrics.codebook_usage(np.array([0, 8]), 8)
+
+
+def test_masked_token_accuracy_scores_only_masked_positions():
+    targets = np.array([[1, 2, 3, 4]])
+    mask = np.array([[True, True, False, False]])
+    preds = np.array([[1, 0, 3, 4]])  # right on one of two masked, right on both unmasked
+    assert metrics.masked_token_accuracy(preds, targets, mask) == 0.5
+    logits = np.eye(5)[preds]  # argmax recovers preds
+    assert metrics.masked_token_accuracy(logits, targets, mask) == 0.5
+    assert np.isnan(metrics.masked_token_accuracy(preds, targets, np.zeros_like(mask)))
+
+
+def test_unigram_baseline_predicts_the_most_frequent_training_token():
+    train = np.array([7, 7, 7, 2, 2, 1])
+    targets = np.array([7, 2, 7, 7, 3])
+    mask = np.array([True, True, True, False, True])
+    assert metrics.unigram_baseline_accuracy(train, targets, mask) == 0.5
+
+
+# ----------------------------------------------------------- Frechet distance
+
+
+def _scipy_frechet(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+
+
+def test_frechet_distance_equals_scipy_sqrtm_reference():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 12))
+    y = rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
+    mu1, s1 = frechet.feature_statistics(x)
+    mu2, s2 = frechet.feature_statistics(y)
+    np.testing.assert_allclose(mu1, x.mean(0))
+    np.testing.assert_allclose(s1, np.cov(x, rowvar=False))
+    expected = _scipy_frechet(mu1, s1, mu2, s2)
+    assert expected > 1.0
+    np.testing.assert_allclose(frechet.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-8)
+    # Rank-deficient covariances (N < D), where sqrtm goes complex.
+    a, b = rng.normal(size=(6, 10)), rng.normal(size=(7, 10)) + 1.0
+    np.testing.assert_allclose(
+        frechet.frechet_distance_from_features(a, b),
+        _scipy_frechet(*frechet.feature_statistics(a), *frechet.feature_statistics(b)),
+        rtol=1e-5,
+    )
+
+
+def test_frechet_distance_of_identical_and_shifted_gaussians():
+    rng = np.random.default_rng(5)
+    mu, sigma = frechet.feature_statistics(rng.normal(size=(100, 8)))
+    assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+    shift = np.arange(8.0)
+    np.testing.assert_allclose(frechet.frechet_distance(mu, sigma, mu + shift, sigma), shift @ shift, rtol=1e-9)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        frechet.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])

@@ -1,0 +1,167 @@
+"""Command line: ``python -m mmgen {train,sample,tokenize,eval,prepare,plan,adapters,demo}``.
+
+Each subcommand parses its flags, checks the user's input, and hands over to the
+module that does the work. A ``UserError`` anywhere before compilation ends the run
+with one line ``mmgen <cmd>: error: <what is wrong>`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from mmgen.errors import UserError
+
+
+def _overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    out = []
+    for item in extra:
+        if item.startswith("--config.") and "=" in item:
+            out.append(item[len("--config."):])
+        else:
+            parser.error(f"unrecognized argument {item!r} (config overrides look like --config.key=value)")
+    return out
+
+
+def _train_config(args, overrides):
+    from mmgen import config as config_lib
+
+    saved = os.path.join(args.workdir, "config.json")
+    if args.config:
+        return config_lib.load_config(args.config, overrides)
+    if os.path.exists(saved):  # resume a workdir with its own config
+        cfg = config_lib.from_json_file(saved)
+        config_lib.apply_overrides(cfg, overrides)
+        return cfg
+    raise UserError(f"--config is required: {args.workdir} holds no config.json to resume from")
+
+
+def cmd_train(args, overrides) -> int:
+    from mmgen.parallel import distributed
+
+    distributed.maybe_initialize()
+    cfg = _train_config(args, overrides)
+    from mmgen.train import get_family, loop
+
+    family = get_family(cfg.get("family", ""))
+    try:
+        out = loop.run(family, cfg, args.workdir)
+    except loop.TrainingDiverged as e:
+        print(f"mmgen train: error: {e}", file=sys.stderr)
+        return 1
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"trained to step {out['step']}: loss {out.get('loss', float('nan')):.5f}; workdir {args.workdir}")
+    return 0
+
+
+def _delegate(module: str, what: str):
+    """Run ``module.main(args, overrides)`` or say in one line that it is not built yet."""
+
+    def run(args, overrides) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("mmgen"):
+                raise UserError(f"{what} is not built yet in this version of mmgen") from None
+            raise
+        return mod.main(args, overrides)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mmgen", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("train", help="train a model (resumes from the newest checkpoint in --workdir)")
+    s.add_argument("--config", help="configs/X.py[:variant]; omitted = the workdir's config.json")
+    s.add_argument("--workdir", required=True)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="sample clips for a task from a generative (or adapter) workdir")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--task", required=True)
+    s.add_argument("--num", type=int, default=4)
+    s.add_argument("--out", required=True)
+    s.add_argument("--input", help="condition clip (mp4/wav) for conditional tasks")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_delegate("mmgen.generative.sample_cli", "sampling"))
+
+    s = sub.add_parser("tokenize", help="round-trip a video or sound through a tokenizer workdir")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--input", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--save-tokens", dest="save_tokens")
+    s.set_defaults(fn=_delegate("mmgen.tokenizers.tokenize_cli", "the tokenize command"))
+
+    s = sub.add_parser("eval", help="evaluate a workdir on a split; writes eval.json")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--num", type=int, default=None, help="examples to evaluate (default: config)")
+    s.set_defaults(fn=_delegate("mmgen.eval.eval_cli", "evaluation"))
+
+    s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--path", help="input folder (video_folder)")
+    s.add_argument("--data-dir", dest="data_dir", required=True)
+    s.add_argument("--builder-config", dest="builder_config", help="builder variant, e.g. tiny")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("plan", help="compile the train step ahead of time; memory per device")
+    s.add_argument("--config", required=True)
+    s.add_argument("--devices", type=int, required=True)
+    s.add_argument("--accelerator", default="h100", help="memory budget to check against")
+    s.set_defaults(fn=_delegate("mmgen.parallel.plan", "the plan command"))
+
+    s = sub.add_parser("adapters", help="adapter utilities")
+    asub = s.add_subparsers(dest="adapters_command", required=True)
+    m = asub.add_parser("merge", help="merge task adapters into one workdir")
+    m.add_argument("--workdirs", nargs="+", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--weights", type=float, nargs="*", default=None)
+    m.add_argument("--fold", action="store_true", help="fold LoRA into the base weights")
+    m.set_defaults(fn=_delegate("mmgen.adapters.merge_cli", "adapter merging"))
+
+    s = sub.add_parser("demo", help="the whole pipeline on synthetic data, on a CPU, in minutes")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--config.fast", dest="fast", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=_delegate("mmgen.demo", "the demo"))
+    return p
+
+
+def cmd_prepare(args, overrides) -> int:
+    try:
+        from mmgen.data import prepare
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("mmgen"):
+            raise UserError("dataset preparation is not built yet in this version of mmgen") from None
+        raise
+    return prepare.main(args.dataset, args.data_dir, path=args.path, config=args.builder_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    name = args.command if args.command != "adapters" else f"adapters {args.adapters_command}"
+    try:
+        overrides = _overrides(extra, parser)
+        return int(args.fn(args, overrides) or 0)
+    except UserError as e:
+        print(f"mmgen {name}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"mmgen {name}: error: {e.filename or e}: no such file", file=sys.stderr)
+        return 2

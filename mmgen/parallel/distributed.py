@@ -1,0 +1,49 @@
+"""Multi-host start-up through JAX's own multi-controller runtime.
+
+``maybe_initialize()`` calls ``jax.distributed.initialize`` exactly when the job is
+multi-process:
+- explicit: ``MMGEN_COORDINATOR`` (host:port), ``MMGEN_NUM_PROCESSES`` and
+  ``MMGEN_PROCESS_ID`` (what ``launch/cpu_multiprocess.sh`` sets for CPU processes,
+  with gloo collectives);
+- SLURM with more than one task (``SLURM_NTASKS`` > 1) or a TPU pod slice
+  (``TPU_WORKER_HOSTNAMES`` with several hosts, or ``MEGASCALE_*`` for multi-slice):
+  no arguments, JAX detects everything itself.
+A single process does nothing. It must run before any other JAX call touches devices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_initialized = False
+
+
+def _is_cluster() -> bool:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return True
+    return "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+
+
+def maybe_initialize() -> bool:
+    """Initialise ``jax.distributed`` when this is a multi-process job. Returns whether it did."""
+    global _initialized
+    if _initialized:
+        return True
+    coordinator = os.environ.get("MMGEN_COORDINATOR")
+    if coordinator:
+        num = int(os.environ["MMGEN_NUM_PROCESSES"])
+        pid = int(os.environ["MMGEN_PROCESS_ID"])
+        # Only affects the CPU backend (the tests' processes); asking for the backend
+        # here would initialise it before the runtime, so set it unconditionally.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
+        _initialized = True
+    elif _is_cluster():
+        jax.distributed.initialize()
+        _initialized = True
+    return _initialized

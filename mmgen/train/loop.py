@@ -1,0 +1,368 @@
+"""The one training loop every model family runs on.
+
+Reads top to bottom like big_vision's ``train.py``: config checks, mesh, input,
+state (initialised directly on devices), the jitted update step, checkpoint
+restore, then the loop with logging, evals, checkpoints and preemption.
+
+A model family plugs in through ``Family``: it says how to build its state (an NNX
+module holding models, optimizers, EMA copies) and how one update changes it; the
+loop owns everything else (sharding, donation, RNG, resume, NaN guard, metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mmgen import config as config_lib
+from mmgen.errors import UserError
+from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import sharding as sharding_lib
+from mmgen.train.checkpoint import Checkpointer
+from mmgen.train.metrics_writer import MetricsWriter, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradients became NaN/Inf; the last good checkpoint is left intact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a model family gives the loop. Everything but the first three is optional.
+
+    create_state(cfg, rngs) -> nnx.Module: models + optimizers (+ EMA); called under
+        ``nnx.eval_shape`` for shapes and inside ``jit(out_shardings=...)`` for values.
+    train_step(state, batch, rng) -> dict: mutates ``state`` in place, returns scalar
+        metrics with at least ``loss``; traced once inside the loop's jit.
+    make_data(cfg, *, split, train, seed, batch_size, process_index, process_count)
+        -> iterator of host-local numpy batch dicts (``get_state``/``set_state`` to resume).
+    validate(cfg): raise ``UserError`` for a bad config before anything compiles.
+    eval_step(state, batch, rng) -> dict of scalar metrics, averaged over eval batches.
+    on_eval(state, cfg, workdir, step, mesh) -> dict: host-side hook (samples, images).
+    flops_per_example(cfg), tokens_per_example(cfg): for TFLOP/s, MFU and tokens/s.
+    """
+
+    name: str
+    create_state: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
+    train_step: Callable[[nnx.Module, dict, jax.Array], dict]
+    make_data: Callable[..., Iterator[dict]]
+    validate: Callable[[ml_collections.ConfigDict], None] | None = None
+    eval_step: Callable[[nnx.Module, dict, jax.Array], dict] | None = None
+    on_eval: Callable[..., dict] | None = None
+    flops_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
+    tokens_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
+
+
+# Dense bf16 peak per chip, FLOP/s (vendor figures) for MFU when cfg.peak_flops is unset.
+PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
+    "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12,
+}
+
+
+def device_peak_flops(cfg) -> float | None:
+    if cfg.get("peak_flops"):
+        return float(cfg.peak_flops)
+    kind = jax.devices()[0].device_kind.lower()
+    for name, peak in PEAK_FLOPS.items():
+        if name in kind:
+            return peak
+    return None
+
+
+# ---------------------------------------------------------------- config checks
+def validate(family: Family, cfg) -> None:
+    config_lib.check_common_keys(cfg)
+    if cfg.total_steps < 1:
+        raise UserError(f"config.total_steps={cfg.total_steps} must be at least 1")
+    if cfg.batch_size % jax.process_count():
+        raise UserError(f"config.batch_size={cfg.batch_size} does not divide over {jax.process_count()} processes")
+    if family.validate is not None:
+        family.validate(cfg)
+
+
+def check_batch_divides(cfg, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards:
+        raise UserError(
+            f"config.batch_size={cfg.batch_size} does not divide over data x fsdp = {shards} shards "
+            f"(mesh {mesh_lib.describe(mesh)}); try {shards * max(1, round(cfg.batch_size / shards))}")
+
+
+# ---------------------------------------------------------------- state on devices
+def abstract_state(family: Family, cfg):
+    """(graphdef, abstract state) without allocating anything."""
+    abstract = nnx.eval_shape(lambda: family.create_state(cfg, nnx.Rngs(cfg.seed)))
+    return nnx.split(abstract)
+
+
+def init_state(family: Family, cfg, mesh, shardings):
+    """Initialise the state directly into its shardings: no full copy on any host."""
+
+    def init():
+        return nnx.state(family.create_state(cfg, nnx.Rngs(cfg.seed)))
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying the target shardings (for a resharding restore)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def make_train_step(family: Family, graphdef, shardings, batch_shardings, mesh):
+    def step_fn(state, batch, rng):
+        model = nnx.merge(graphdef, state)
+        metrics = family.train_step(model, batch, rng)
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return nnx.state(model), metrics
+
+    replicated = sharding_lib.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(family: Family, graphdef, shardings, batch_shardings, mesh):
+    def eval_fn(state, batch, rng):
+        model = nnx.merge(graphdef, state)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(model, batch, rng).items()}
+
+    return jax.jit(eval_fn, in_shardings=(shardings, batch_shardings, sharding_lib.replicated(mesh)),
+                   out_shardings=sharding_lib.replicated(mesh))
+
+
+def global_batch(batch: dict, mesh) -> dict:
+    """Host-local numpy batch -> global jax.Arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def batch_shardings_for(batch: dict, mesh) -> dict:
+    return {k: sharding_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- preemption
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _finite(metrics: dict) -> bool:
+    return all(math.isfinite(float(v)) for k, v in metrics.items() if k in ("loss", "grad_norm"))
+
+
+# ---------------------------------------------------------------- the loop
+def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+        devices=None) -> dict:
+    """Train (or resume) ``family`` with ``cfg`` in ``workdir``. Returns the last metrics.
+
+    ``stop_after``: stop (with a checkpoint) after this many steps of this call,
+    as a preemption would. ``devices``: a subset of devices to use (default all).
+    """
+    # --- config and mesh: every user mistake is caught here, before compiling.
+    validate(family, cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    check_batch_divides(cfg, mesh)
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    if jax.process_index() == 0:
+        config_lib.write_config(cfg, workdir)
+    log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
+
+    # --- input pipeline (host-local slices of the global batch)
+    pc, pi = jax.process_count(), jax.process_index()
+    train_iter = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
+                                  process_index=pi, process_count=pc)
+
+    # --- state: abstract shapes -> shardings from logical names -> init or restore
+    graphdef, abstract = abstract_state(family, cfg)
+    shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+    ckpt = Checkpointer(workdir, keep_last=cfg.keep_checkpoints, keep_best=cfg.get("keep_best", 0),
+                        best_metric=cfg.get("best_metric"), best_mode=cfg.get("best_mode", "min"),
+                        async_save=cfg.get("async_checkpointing", True))
+    start = ckpt.latest_step()
+    if start is not None:
+        state, data_restored = ckpt.restore(start, with_shardings(abstract, shardings), train_iter)
+        if not data_restored:
+            _fast_forward(train_iter, start)
+        _truncate_metrics(workdir, start)
+        log.info("resumed from step %d", start)
+    else:
+        state, start = init_state(family, cfg, mesh, shardings), 0
+
+    # --- the update step, compiled on the first batch
+    first = next(train_iter)
+    batch_sh = batch_shardings_for(first, mesh)
+    train_step = make_train_step(family, graphdef, shardings, batch_sh, mesh)
+    eval_step = make_eval_step(family, graphdef, shardings, batch_sh, mesh) if family.eval_step else None
+    base_rng = jax.random.key(cfg.seed)
+
+    writer = MetricsWriter(workdir, tensorboard=cfg.get("tensorboard", True))
+    flops = family.flops_per_example(cfg) if family.flops_per_example else None
+    tokens = family.tokens_per_example(cfg) if family.tokens_per_example else None
+    peak = device_peak_flops(cfg)
+    last_metrics: dict = {}
+    pending = None  # (step, device metrics) fetched one step later: no host sync per step
+    t_last, steps_since = time.perf_counter(), 0
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
+               disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
+
+    def flush(pending, force_sync=True):
+        nonlocal t_last, steps_since, last_metrics
+        step, metrics = pending
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not _finite(metrics):
+            raise TrainingDiverged(
+                f"non-finite loss/grad_norm at step {step}: {metrics}; the last good checkpoint "
+                f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+        now = time.perf_counter()
+        dt = (now - t_last) / max(steps_since, 1)
+        t_last, steps_since = now, 0
+        metrics["step_time"] = dt
+        metrics["examples_per_s"] = cfg.batch_size / dt
+        if tokens:
+            metrics["tokens_per_s"] = cfg.batch_size * tokens / dt
+        if flops:
+            per_device = cfg.batch_size * flops / dt / mesh.size
+            metrics["tflops_per_device"] = per_device / 1e12
+            if peak:
+                metrics["mfu"] = per_device / peak
+        last_metrics = metrics
+        writer.write(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+
+    step, batch = start, first
+    stopped_early = False
+    try:
+        with _Preemption() as preempt:
+            while step < cfg.total_steps:
+                rng = jax.random.fold_in(base_rng, step)
+                state, metrics = train_step(state, global_batch(batch, mesh), rng)
+                step += 1
+                steps_since += 1
+                bar.update(1)
+                if step == start + 1 and pi == 0:
+                    log.info("first step (compile + run) took %.1fs", time.perf_counter() - t_last)
+                    t_last, steps_since = time.perf_counter(), 0
+                if pending is not None:
+                    flush(pending)
+                    pending = None
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    pending = (step, metrics)
+                want_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps)
+                want_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+                preempted = preempt.requested or ckpt.reached_preemption(step) or (
+                    stop_after is not None and step - start >= stop_after)
+                if want_eval or want_ckpt or preempted:
+                    # Never save or evaluate a state whose loss we have not checked.
+                    flush(pending or (step, metrics))
+                    pending = None
+                eval_metrics = {}
+                if want_eval:
+                    eval_metrics = _evaluate(family, cfg, graphdef, state, eval_step, mesh, workdir, step)
+                    writer.write(step, eval_metrics)
+                if want_ckpt or preempted:
+                    ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True)
+                if preempted:
+                    stopped_early = step < cfg.total_steps
+                    break
+                batch = next(train_iter)
+            if pending is not None:
+                flush(pending)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if stopped_early:
+        log.info("stopped at step %d (preemption); run again to resume", step)
+    return {"step": step, **last_metrics}
+
+
+def _evaluate(family, cfg, graphdef, state, eval_step, mesh, workdir, step) -> dict:
+    out: dict[str, float] = {}
+    if eval_step is not None:
+        it = family.make_data(cfg, split=cfg.get("eval_split", "test"), train=False, seed=cfg.seed,
+                              batch_size=cfg.get("eval_batch_size", cfg.batch_size),
+                              process_index=jax.process_index(), process_count=jax.process_count())
+        sums: dict[str, float] = {}
+        n = 0
+        for i, batch in enumerate(it):
+            if i >= cfg.get("eval_batches", 4):
+                break
+            m = jax.device_get(eval_step(state, global_batch(batch, mesh), jax.random.key(i)))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        out.update({f"eval/{k}": v / max(n, 1) for k, v in sums.items()})
+    if family.on_eval is not None:
+        model = nnx.merge(graphdef, state)
+        out.update(family.on_eval(model, cfg, workdir, step, mesh) or {})
+    return out
+
+
+def _fast_forward(iterator, steps: int) -> None:
+    """Re-position a pipeline whose saved state does not fit this process layout."""
+    if hasattr(iterator, "skip_batches"):
+        iterator.skip_batches(steps)
+    else:
+        for _ in range(steps):
+            next(iterator)
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Drop metric lines past the restored step so curves continue without overlap."""
+    if jax.process_index() != 0:
+        return
+    rows = read_metrics(workdir)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        import json
+        path = os.path.join(workdir, "metrics.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+
+
+def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
+    """Restore a trained state for sampling/eval on any mesh. Returns the NNX module."""
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
+    graphdef, abstract = abstract_state(family, cfg)
+    shardings = sharding_lib.state_shardings(abstract, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
+    ckpt = Checkpointer(workdir, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
+    state, _ = ckpt.restore(step, with_shardings(abstract, shardings))
+    ckpt.close()
+    return nnx.merge(graphdef, state)

@@ -53,6 +53,7 @@ from mmgen.parallel.sharding import logical_param
 KINDS = ("lfq", "fsq", "vq", "rvq")
 _F32 = jnp.float32
 _LOG_FLOOR = 1e-30  # keeps log(0) finite (and its gradient) in entropies
+_HIGHEST = jax.lax.Precision.HIGHEST  # float32 matmuls on TPUs too (their default is bf16 passes)
 
 
 # --------------------------------------------------------------------------- configs
@@ -145,6 +146,19 @@ def code_statistics(indices: jax.Array, vocab_size: int) -> dict[str, jax.Array]
     }
 
 
+def runtime_stream(rngs: nnx.Rngs) -> nnx.RngStream:
+    """A private stream for random choices at call time (token subsets, restarts, dropout).
+
+    Forked from the ``quantizer`` stream of ``rngs``, else ``default``, else ``params``.
+    """
+    for name in ("quantizer", "default", "params"):
+        try:
+            return rngs[name].fork()
+        except KeyError:
+            continue
+    raise ValueError("quantizers need an nnx.Rngs with a 'quantizer', 'default' or 'params' stream")
+
+
 class Quantizer(nnx.Module):
     """Common interface of all quantizers (see the module docstring).
 
@@ -224,7 +238,7 @@ def lfq_entropy_loss(
         raise ValueError(f"LFQ entropy_groups={num_groups} must divide num_bits={k}")
     b = k // num_groups
     zg = z.astype(_F32).reshape(-1, num_groups, b)
-    logits = 2.0 * jnp.einsum("ngb,cb->ngc", zg, _sign_codebook(b)) / temperature
+    logits = 2.0 * jnp.einsum("ngb,cb->ngc", zg, _sign_codebook(b), precision=_HIGHEST) / temperature
     log_p = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.exp(log_p)
     per_sample = -jnp.sum(jnp.mean(jnp.sum(p * log_p, axis=-1), axis=0))
@@ -279,7 +293,7 @@ class LookupFreeQuantizer(Quantizer):
         self.entropy_max_tokens = entropy_max_tokens
         self.entropy_anneal_factor = entropy_anneal_factor
         self.entropy_anneal_steps = entropy_anneal_steps
-        self.rngs = rngs["quantizer"].fork()
+        self.rngs = runtime_stream(rngs)
 
     def __call__(self, z: jax.Array, *, train: bool, step=None):
         self._check_input(z)
@@ -415,8 +429,6 @@ class UnusedSteps(QuantizerState):
     """Consecutive training calls in which each code was not assigned, int32 ``[codebook_size]``."""
 
 
-_HIGHEST = jax.lax.Precision.HIGHEST  # float32 distances on TPUs too (their default is bf16 passes)
-
 
 def nearest_code(x: jax.Array, codebook: jax.Array) -> jax.Array:
     """``x: [N, D], codebook: [V, D] -> int32 [N]``: argmin of squared L2 distances (float32)."""
@@ -489,7 +501,7 @@ class VectorQuantizer(Quantizer):
         self.unused_steps = UnusedSteps(
             jnp.zeros((codebook_size,), jnp.int32), out_sharding=("codebook",)
         )
-        self.rngs = rngs["quantizer"].fork()
+        self.rngs = runtime_stream(rngs)
 
     @property
     def _restarts(self) -> bool:
@@ -623,7 +635,7 @@ class ResidualVectorQuantizer(Quantizer):
                 for _ in range(num_quantizers)
             ]
         )
-        self.rngs = rngs["quantizer"].fork()
+        self.rngs = runtime_stream(rngs)
 
     def _depth(self, train: bool, num_levels_used: int | None):
         n = self.num_levels

@@ -149,3 +149,94 @@ def test_frechet_distance_of_identical_and_shifted_gaussians():
     np.testing.assert_allclose(frechet.frechet_distance(mu, sigma, mu + shift, sigma), shift @ shift, rtol=1e-9)
     with pytest.raises(ValueError, match="shapes disagree"):
         frechet.frechet_distance(mu, sigma, mu[:4], sigma[:4, :4])
+
+
+# ------------------------------------------------------------------ I3D / FVD
+
+
+@pytest.fixture(scope="module")
+def random_i3d():
+    from flax import nnx
+
+    from mmgen.eval import i3d
+
+    # Random weights filled in from numpy: an eager nnx init would compile each of
+    # the 230 initialiser calls separately (minutes on 2 CPU cores).
+    model = nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(6)
+    for key, var in model.named_arrays().items():
+        shape = var.get_value().shape
+        if key.endswith("/w"):
+            value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
+        elif key.endswith("moving_variance"):
+            value = rng.uniform(0.5, 2.0, shape)
+        else:  # conv bias, batch-norm beta and moving mean: non-trivial on purpose
+            value = rng.normal(0, 0.1, shape)
+        var.set_value(value.astype(np.float32))
+    return model
+
+
+def test_i3d_maps_kinetics_clips_to_400_logits_abstractly():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mmgen.eval import i3d
+
+    model = nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0)))
+    names = model.named_arrays()
+    assert names["Conv3d_1a_7x7/conv_3d/w"].get_value().shape == (7, 7, 7, 3, 64)
+    assert names["Mixed_5b/Branch_2/Conv3d_0a_3x3/conv_3d/w"].get_value().shape == (3, 3, 3, 32, 128)
+    assert names["Logits/Conv3d_0c_1x1/conv_3d/w"].get_value().shape == (1, 1, 1, 1024, 400)
+    graphdef, state = nnx.split(model)
+    clip = jax.ShapeDtypeStruct((2, 16, 224, 224, 3), jnp.float32)
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, clip)
+    assert out.shape == (2, 400)
+
+
+def test_i3d_npz_round_trip_preserves_weights_and_logits(random_i3d, tmp_path):
+    from mmgen.eval import i3d
+
+    path = tmp_path / "i3d.npz"
+    i3d.save_i3d_npz(random_i3d, path)
+    loaded = i3d.load_i3d(path)
+    for key, var in random_i3d.named_arrays().items():
+        np.testing.assert_array_equal(loaded.named_arrays()[key].get_value(), var.get_value())
+    videos = np.random.default_rng(7).integers(0, 256, size=(2, 9, 64, 64, 3), dtype=np.uint8)
+    a = i3d.i3d_logits(random_i3d, videos, resolution=None, batch_size=2)
+    b = i3d.i3d_logits(loaded, videos, resolution=None, batch_size=2)
+    assert a.shape == (2, 400) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a[0] - a[1]).max() > 0, "different clips give different logits"
+
+
+def test_load_i3d_rejects_missing_file_and_mismatched_arrays(random_i3d, tmp_path):
+    from mmgen.errors import UserError
+    from mmgen.eval import i3d
+
+    with pytest.raises(UserError, match="I3D weights file not found: .*nope.npz"):
+        i3d.load_i3d(tmp_path / "nope.npz")
+    arrays = {k: np.asarray(v.get_value()) for k, v in random_i3d.named_arrays().items()}
+    bad = dict(arrays)
+    bad["Mixed_4c/Branch_0/Conv3d_0a_1x1/conv_3d/w"] = np.zeros((1, 1, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(UserError, match="Mixed_4c/Branch_0/Conv3d_0a_1x1/conv_3d/w.*has shape"):
+        i3d.load_i3d(tmp_path / "bad.npz")
+    short = dict(arrays)
+    del short["Mixed_3b/Branch_3/Conv3d_0b_1x1/batch_norm/beta"]
+    np.savez(tmp_path / "short.npz", **short)
+    with pytest.raises(UserError, match="lacks 1 arrays"):
+        i3d.load_i3d(tmp_path / "short.npz")
+
+
+def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i3d):
+    from mmgen.eval import i3d
+
+    rng = np.random.default_rng(8)
+    real = rng.integers(0, 256, size=(2, 9, 64, 64, 3), dtype=np.uint8)
+    fake = np.clip(real.astype(np.int32) + 60, 0, 255).astype(np.uint8)
+    same = i3d.fvd(real, real, random_i3d, resolution=None, batch_size=2)
+    different = i3d.fvd(real, fake, random_i3d, resolution=None, batch_size=2)
+    assert abs(same) < 1e-6 * max(1.0, different)
+    assert different > 0.0
+    assert i3d.fvd_or_unavailable(real, fake) == "unavailable (no I3D weights given)"

@@ -14,3 +14,4 @@ from mmgen.eval.metrics import (
     ssim_per_image,
     unigram_baseline_accuracy,
 )
+from mmgen.eval.i3d import I3D, fvd, fvd_or_unavailable, load_i3d, save_i3d_npz

@@ -20,6 +20,7 @@ PCM.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import re
@@ -171,6 +172,52 @@ def _target_size(width: int, height: int, short_side: int | None) -> tuple[int, 
         return None
     scale = short_side / min(width, height)
     return max(short_side, round(height * scale)), max(short_side, round(width * scale))
+
+
+@dataclasses.dataclass
+class VideoInfo:
+    """What ``probe_video`` learns about a file without decoding all of it."""
+
+    width: int
+    height: int
+    fps: float
+    duration: float  # seconds
+    has_audio: bool
+
+
+def probe_video(path: str) -> VideoInfo:
+    """Check that a video file is whole and say its size, rate and duration.
+
+    Opens the file, decodes its first frame, then seeks near the end and decodes to
+    the end: a file cut short fails there while costing only its last keyframe
+    interval. Raises ``MediaError`` for what ``read_video`` would reject.
+    """
+    path = os.fspath(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(f"{path}: has no video stream")
+        vstream = container.streams.video[0]
+        src_fps = float(vstream.average_rate or vstream.guessed_rate or 25)
+        declared = _declared_duration(container, vstream)
+        try:
+            first = next(iter(container.decode(vstream)), None)
+            if first is None:
+                raise MediaError(f"{path}: no decodable video frames")
+            last_time = float(first.time or 0.0)
+            if declared is not None and declared > 2.0 / src_fps:
+                container.seek(int(_TRUNCATION_TOLERANCE * declared / vstream.time_base), stream=vstream)
+                for frame in container.decode(vstream):
+                    if frame.time is not None:
+                        last_time = max(last_time, float(frame.time))
+        except (av.FFmpegError, OSError) as e:
+            raise MediaError(f"{path}: corrupt video data ({_reason(e, path)})") from None
+        decoded = last_time + 1.0 / src_fps
+        if declared is not None and declared > 2.0 / src_fps and decoded < _TRUNCATION_TOLERANCE * declared:
+            raise MediaError(f"{path}: truncated (decodes to {decoded:.2f} s of the {declared:.2f} s it declares)")
+        return VideoInfo(
+            width=vstream.codec_context.width, height=vstream.codec_context.height, fps=src_fps,
+            duration=declared if declared is not None else decoded, has_audio=bool(container.streams.audio),
+        )
 
 
 def read_video(
@@ -363,6 +410,20 @@ def write_wav(path: str, audio: np.ndarray, *, sample_rate: int) -> None:
 # --------------------------------------------------------------------------------
 # Pictures
 # --------------------------------------------------------------------------------
+
+
+def decode_images(encoded) -> np.ndarray:
+    """PNG/JPEG byte strings (e.g. the frames of a TFDS ``Video``) -> uint8 [N, H, W, 3] RGB."""
+    frames = []
+    for i, data in enumerate(encoded):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                frames.append(np.asarray(image.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise MediaError(f"encoded frame {i}: not a decodable image ({e})") from None
+    if not frames:
+        raise MediaError("no encoded frames to decode")
+    return np.stack(frames)
 
 
 def frame_grid(videos, *, pad: int = 2, pad_value: int = 255) -> np.ndarray:

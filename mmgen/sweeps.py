@@ -392,8 +392,9 @@ def _load_points(args) -> tuple[list[dict], list[str]]:
         with open(index) as f:
             saved = json.load(f)
         return [p["overrides"] for p in saved["points"]], [p["name"] for p in saved["points"]]
-    raise UserError("--config is required" + ("" if args.summarize else " to run a sweep")
-                    + f" ({index} does not exist)" * args.summarize)
+    if args.summarize:
+        raise UserError(f"--config is required: {index} does not exist to summarize from")
+    raise UserError("--config is required to run a sweep")
 
 
 def main(argv: Sequence[str] | None = None, log=print) -> int:

@@ -304,8 +304,12 @@ def test_flylora_records_per_layer_counts_inside_scan():
     model = TinyScanned()
     apply_adapters(model, {"kind": "flylora", "targets": r".*mlp_in", "rank": 8, "k": 2})
     model(_x((3, 5, D)))
-    counts = np.asarray(model.blocks.mlp_in.counts[...])
+    fly = model.blocks.mlp_in
+    counts = np.asarray(fly.counts[...])
     assert counts.shape == (LAYERS, 8)
+    a = np.asarray(fly.A[...])
+    assert a.shape == (LAYERS, 8, D) and not np.array_equal(a[0], a[1])  # one independent A per layer
+    np.testing.assert_array_equal(a, sparse_projection(fly.seed, 8, D, 2, (LAYERS,)))
     np.testing.assert_array_equal(counts.sum(-1), np.full(LAYERS, 3 * 5 * 2))
 
 

@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import inspect
+import io
 import json
 import os
 import re
@@ -320,7 +322,10 @@ def open_split(name: str, split: str, data_dir: str):
     metadata_path = os.path.join(directory, "metadata.json")
     metadata = _read_json(metadata_path) if os.path.exists(metadata_path) else {}
     try:
-        source = tfds.builder_from_directory(directory).as_data_source(split=split)
+        # TFDS prints a TensorFlow install banner before failing on Video/Image features:
+        # TensorFlow is not needed here, so keep that banner off the user's screen.
+        with contextlib.redirect_stdout(io.StringIO()):
+            source = tfds.builder_from_directory(directory).as_data_source(split=split)
     except ImportError:
         # Features whose TFDS decoder needs TensorFlow (Video, Image): parse records ourselves.
         source = EncodedExampleSource(directory, split)

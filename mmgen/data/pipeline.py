@@ -1,0 +1,434 @@
+"""Input pipeline: a grain ``DataLoader`` over a prepared TFDS dataset -> numpy batches.
+
+``make_iterator(cfg.dataset, split=..., global_batch_size=..., seed=..., train=...)``
+gives an iterator of host-local batches (``global_batch_size // process_count``
+examples) following docs/CONVENTIONS.md::
+
+    video      uint8   [B, T, R, R, 3]      T = dataset.frames, R = dataset.resolution
+    audio      float32 [B, S] in [-1, 1]    S = round(T / fps * sample_rate)
+    label      int32   [B]
+    has_audio  bool    [B]
+    (+ any ``dataset.extra_features``, e.g. moving_shapes_av's ``main_y`` [B, T])
+
+Order of work, per example: read (ArrayRecord, random access) -> map the dataset's
+feature names onto ours -> temporal window (a random start on the source frame grid
+when ``augment.temporal_jitter`` and the stored clip is longer than needed; the
+first frames otherwise; frames resampled from the stored rate to ``fps`` by
+sample-and-hold; the sound cut with the same times and resampled to
+``sample_rate``) -> spatial (training: a random square crop of
+``[min_crop_scale, 1]`` times the short side, resized to R, and a random horizontal
+flip; evaluation: centre square crop resized to R) -> batch (drop remainder).
+
+Determinism and resumption. Epoch ``e`` visits the records in the permutation
+``default_rng([seed, e]).permutation(N)``, truncated to a multiple of the process
+count; global position ``i`` of the stream goes to process ``i % process_count``, so
+processes see disjoint slices covering each epoch (a global shuffle, re-drawn every
+epoch). Example ``i``'s augmentation draws from ``default_rng([seed, i])``. The
+iterator is grain's ``DataLoaderIterator``: ``get_state()`` (bytes, stored in
+checkpoints beside the model) and ``set_state()`` resume at exactly the next batch.
+Same seed, same process layout and same ``num_workers`` -> same batches.
+
+If ``moving_shapes_av`` (or a ``video_folder`` with ``dataset.path`` set) is not
+prepared in ``data_dir`` it is built first (it needs no download); any other dataset
+must be prepared already (one clear error line says how).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from fractions import Fraction
+
+import grain.python as grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+from scipy import signal
+
+from mmgen.data import media
+from mmgen.data.builders import sources
+from mmgen.parallel.sharding import batch_sharding
+
+# Feature names other datasets use for our modalities, tried in order when
+# ``dataset.features.<ours>`` is empty.
+FEATURE_ALIASES = {
+    "video": ("video", "image_main", "frames", "rgb", "images", "image"),
+    "audio": ("audio", "sound", "waveform", "audio_waveform"),
+    "label": ("label", "label_id", "class", "action_label"),
+    "has_audio": ("has_audio",),
+}
+
+
+def default_dataset_config() -> ml_collections.ConfigDict:
+    """The ``dataset`` block of every training config (defaults: tiny moving_shapes_av)."""
+    c = ml_collections.ConfigDict()
+    c.name = "moving_shapes_av"  # any prepared TFDS name; "name/config" picks a config
+    c.builder_config = "tiny"  # used when ``name`` has no "/config"; "" = the only/default one
+    c.builder_overrides = ml_collections.ConfigDict()  # our builders only: e.g. num_train=16
+    c.data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    c.path = ""  # video_folder: the folder of videos (built automatically when set)
+    c.auto_prepare = True  # build our datasets when missing
+    c.frames = 9
+    c.resolution = 32
+    c.fps = 8.0
+    c.sample_rate = 16000
+    c.source_fps = 0.0  # stored frame rate when the dataset does not record it (0: = fps)
+    c.source_sample_rate = 0  # stored audio rate when the dataset does not record it (0: = sample_rate)
+    c.features = ml_collections.ConfigDict({"video": "", "audio": "", "label": ""})  # "" = auto
+    c.extra_features = ""  # comma-separated extra features passed through, e.g. "main_y,bounce"
+    c.augment = ml_collections.ConfigDict(
+        {"random_crop": True, "min_crop_scale": 0.8, "random_flip": True, "temporal_jitter": True}
+    )
+    c.num_workers = 0  # grain worker processes; 0 = read and preprocess in this process
+    c.prefetch = 2  # batches each worker prepares ahead
+    c.read_threads = 4  # threads reading records
+    return c
+
+
+# --------------------------------------------------------------------------------
+# Opening a dataset (building ours when missing)
+# --------------------------------------------------------------------------------
+
+
+def dataset_name(dataset_cfg) -> str:
+    """Full TFDS name "ds/config" the config points at (overrides give a derived config)."""
+    name = dataset_cfg.name
+    overrides = _overrides(dataset_cfg)
+    if "/" in name:
+        base, config = name.split("/", 1)
+    else:
+        base, config = name, dataset_cfg.get("builder_config", "") or None
+    if overrides:
+        if base not in sources.OUR_BUILDERS:
+            raise ValueError(f"dataset.builder_overrides only apply to {sorted(sources.OUR_BUILDERS)}, not {base}")
+        config = sources.derived_config_name(config or sources.OUR_BUILDERS[base].DEFAULT_BUILDER_CONFIG_NAME, overrides)
+    elif config is None and base in sources.OUR_BUILDERS:
+        config = sources.OUR_BUILDERS[base].DEFAULT_BUILDER_CONFIG_NAME
+    return f"{base}/{config}" if config else base
+
+
+def _overrides(dataset_cfg) -> dict:
+    overrides = dataset_cfg.get("builder_overrides", None)
+    if overrides is None:
+        return {}
+    return overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+
+
+def open_dataset(dataset_cfg, split: str):
+    """(source, SourceInfo) for one split, preparing our datasets first when missing."""
+    name, data_dir = dataset_name(dataset_cfg), os.path.expanduser(dataset_cfg.data_dir)
+    base, config = sources.split_name(name)
+    buildable = base == "moving_shapes_av" or (base == "video_folder" and dataset_cfg.get("path", ""))
+    if dataset_cfg.get("auto_prepare", True) and buildable and sources.find_prepared(name, data_dir) is None:
+        base_config = dataset_cfg.name.split("/", 1)[1] if "/" in dataset_cfg.name else dataset_cfg.get("builder_config", "")
+        print(f"mmgen: {name} is not prepared in {data_dir}; building it now (no download needed)", flush=True)
+        try:
+            sources.build(base, data_dir, config=base_config or None, path=dataset_cfg.get("path", "") or None,
+                          overrides=_overrides(dataset_cfg))
+        except OSError:
+            # Another process (same data_dir) may have finished the same build first.
+            if sources.find_prepared(name, data_dir) is None:
+                raise
+    return sources.open_split(name, split, data_dir)
+
+
+# --------------------------------------------------------------------------------
+# Per-example preprocessing
+# --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    """Everything the per-example transform needs (picklable for grain workers)."""
+
+    frames: int
+    resolution: int
+    fps: float
+    sample_rate: int
+    source_fps: float
+    source_sample_rate: int
+    video_key: str
+    audio_key: str | None
+    label_key: str | None
+    has_audio_key: str | None
+    extra_features: tuple[str, ...] = ()
+    random_crop: bool = False
+    min_crop_scale: float = 1.0
+    random_flip: bool = False
+    temporal_jitter: bool = False
+
+    @property
+    def num_samples(self) -> int:
+        return round(self.frames / self.fps * self.sample_rate)
+
+
+def _pick_key(ours: str, wanted: str, features: list[str], name: str, required: bool) -> str | None:
+    if wanted:
+        if wanted not in features:
+            raise ValueError(f"dataset.features.{ours}={wanted!r} is not a feature of {name}; it has {features}")
+        return wanted
+    for alias in FEATURE_ALIASES[ours]:
+        if alias in features:
+            return alias
+    if required:
+        raise ValueError(f"dataset {name} has no {ours} feature among {features}; set dataset.features.{ours}")
+    return None
+
+
+def clip_spec(dataset_cfg, info: sources.SourceInfo, *, train: bool) -> ClipSpec:
+    features = sorted(info.features)
+    wanted = dataset_cfg.get("features", {}) or {}
+    extras = dataset_cfg.get("extra_features", "") or ()
+    if isinstance(extras, str):
+        extras = tuple(e.strip() for e in extras.split(",") if e.strip())
+    missing = [e for e in extras if e not in features]
+    if missing:
+        raise ValueError(f"dataset.extra_features {missing} are not features of {info.name}; it has {features}")
+    augment = dataset_cfg.get("augment", {}) or {}
+    return ClipSpec(
+        frames=int(dataset_cfg.frames),
+        resolution=int(dataset_cfg.resolution),
+        fps=float(dataset_cfg.fps),
+        sample_rate=int(dataset_cfg.sample_rate),
+        source_fps=float(info.fps or dataset_cfg.get("source_fps", 0) or dataset_cfg.fps),
+        source_sample_rate=int(info.sample_rate or dataset_cfg.get("source_sample_rate", 0) or dataset_cfg.sample_rate),
+        video_key=_pick_key("video", wanted.get("video", ""), features, info.name, required=True),
+        audio_key=_pick_key("audio", wanted.get("audio", ""), features, info.name, required=False),
+        label_key=_pick_key("label", wanted.get("label", ""), features, info.name, required=False),
+        has_audio_key=_pick_key("has_audio", "", features, info.name, required=False),
+        extra_features=tuple(extras),
+        random_crop=train and bool(augment.get("random_crop", False)),
+        min_crop_scale=float(augment.get("min_crop_scale", 1.0)),
+        random_flip=train and bool(augment.get("random_flip", False)),
+        temporal_jitter=train and bool(augment.get("temporal_jitter", False)),
+    )
+
+
+def _as_video(value) -> np.ndarray:
+    """A dataset's video value (array or encoded frames) -> uint8 [T, H, W, 3]."""
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
+        value = media.decode_images(list(value))
+    video = np.asarray(value)
+    if video.ndim == 3:
+        video = video[..., None]
+    if video.shape[-1] == 1:
+        video = np.repeat(video, 3, axis=-1)
+    elif video.shape[-1] == 4:
+        video = video[..., :3]
+    if video.dtype != np.uint8:
+        video = media.from_model(video.astype(np.float32) * 2.0 - 1.0) if video.max() <= 1.0 else video.clip(0, 255).astype(np.uint8)
+    return video
+
+
+def _as_mono(value) -> np.ndarray:
+    audio = np.asarray(value, np.float32)
+    if audio.ndim == 2:  # [S, C] or [C, S]
+        audio = audio.mean(axis=1 if audio.shape[1] <= audio.shape[0] else 0)
+    return audio.reshape(-1)
+
+
+def _resample_audio(audio: np.ndarray, src_rate: int, rate: int) -> np.ndarray:
+    if src_rate == rate:
+        return audio
+    ratio = Fraction(rate, src_rate).limit_denominator(1000)
+    return signal.resample_poly(audio, ratio.numerator, ratio.denominator).astype(np.float32)
+
+
+def _fit(audio: np.ndarray, length: int) -> np.ndarray:
+    out = np.zeros(length, np.float32)
+    out[: min(length, len(audio))] = audio[:length]
+    return out
+
+
+def _resize_frames(video: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T, h, w, 3] -> [T, size, size, 3] (Pillow bilinear, antialiased when shrinking)."""
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in video])
+
+
+def preprocess(example: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """One stored example -> one clip of the batch contract (``rng`` None = evaluation)."""
+    video = _as_video(example[spec.video_key])
+    total = len(video)
+
+    # Temporal window, on the stored frame grid so that pictures and sound stay aligned.
+    span = spec.frames * spec.source_fps / spec.fps  # stored frames covered by one clip
+    spare = int(np.floor(total - span + 1e-6))
+    start = int(rng.integers(0, spare + 1)) if (rng is not None and spec.temporal_jitter and spare > 0) else 0
+    times = start / spec.source_fps + np.arange(spec.frames) / spec.fps
+    index = np.clip(np.floor(times * spec.source_fps + 1e-6).astype(int), 0, total - 1)
+    video = video[index]
+
+    if spec.audio_key is not None:
+        audio = _as_mono(example[spec.audio_key])
+        first = round(start / spec.source_fps * spec.source_sample_rate)
+        count = round(spec.frames / spec.fps * spec.source_sample_rate)
+        piece = _fit(audio[first : first + count], count)
+        audio = _fit(_resample_audio(piece, spec.source_sample_rate, spec.sample_rate), spec.num_samples)
+        has_audio = bool(example[spec.has_audio_key]) if spec.has_audio_key else True
+    else:
+        audio, has_audio = np.zeros(spec.num_samples, np.float32), False
+
+    # Square crop (random in training), resized to the output resolution.
+    _, h, w, _ = video.shape
+    side = min(h, w)
+    if rng is not None and spec.random_crop:
+        side = max(1, round(side * rng.uniform(spec.min_crop_scale, 1.0)))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    else:
+        top, left = (h - side) // 2, (w - side) // 2
+    video = video[:, top : top + side, left : left + side]
+    if side != spec.resolution:
+        video = _resize_frames(video, spec.resolution)
+    flip = rng is not None and spec.random_flip and rng.random() < 0.5
+    if flip:
+        video = video[:, :, ::-1]
+
+    out = {
+        "video": np.ascontiguousarray(video),
+        "audio": audio,
+        "label": np.int32(example[spec.label_key] if spec.label_key else 0),
+        "has_audio": np.bool_(has_audio),
+    }
+    for key in spec.extra_features:
+        value = np.asarray(example[key])
+        if value.ndim >= 1 and value.shape[0] == total:  # per-frame metadata follows the window
+            value = value[index]
+        # Normalised coordinates follow the crop and flip: names ending in _y / _x.
+        if key.endswith("_y") and value.dtype.kind == "f":
+            value = ((value * h - top) / side).astype(value.dtype)
+        elif key.endswith("_x") and value.dtype.kind == "f":
+            value = ((value * w - left) / side).astype(value.dtype)
+            if flip:
+                value = (1.0 - value).astype(value.dtype)
+        out[key] = value
+    return out
+
+
+class _TrainPreprocess(grain.RandomMapTransform):
+    def __init__(self, spec: ClipSpec):
+        self.spec = spec
+
+    def random_map(self, element, rng: np.random.Generator):
+        return preprocess(element, self.spec, rng)
+
+
+class _EvalPreprocess(grain.MapTransform):
+    def __init__(self, spec: ClipSpec):
+        self.spec = spec
+
+    def map(self, element):
+        return preprocess(element, self.spec, None)
+
+
+# --------------------------------------------------------------------------------
+# Sampling: global shuffle per epoch, strided over processes
+# --------------------------------------------------------------------------------
+
+
+class EpochShuffleSampler:
+    """Global stream position -> record (grain ``Sampler``; see the module docstring).
+
+    Each epoch holds ``num_records // process_count * process_count`` positions;
+    grain's ``DataLoader`` gives position ``i`` to process ``i % process_count``.
+    """
+
+    def __init__(self, num_records: int, *, shuffle: bool, seed: int, num_epochs: int | None, process_count: int):
+        self.num_records, self.shuffle, self.seed, self.num_epochs = num_records, shuffle, int(seed), num_epochs
+        self.per_epoch = num_records // process_count * process_count
+        if self.per_epoch == 0:
+            raise ValueError(f"{num_records} examples cannot be split over {process_count} processes")
+        self._cached_epoch, self._permutation = None, None
+
+    def __len__(self) -> int:
+        return sys.maxsize if self.num_epochs is None else self.num_epochs * self.per_epoch
+
+    def __repr__(self) -> str:
+        return (f"EpochShuffleSampler(num_records={self.num_records}, shuffle={self.shuffle}, seed={self.seed}, "
+                f"num_epochs={self.num_epochs}, per_epoch={self.per_epoch})")
+
+    def record_key(self, index: int) -> int:
+        epoch, position = divmod(index, self.per_epoch)
+        if not self.shuffle:
+            return position
+        if self._cached_epoch != epoch:
+            self._permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+            self._cached_epoch = epoch
+        return int(self._permutation[position])
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if index < 0 or index >= len(self):
+            raise IndexError(f"position {index} is past the end ({len(self)})")
+        rng = np.random.default_rng([self.seed, index])
+        return grain.RecordMetadata(index=index, record_key=self.record_key(index), rng=rng)
+
+
+# --------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------
+
+
+def make_iterator(
+    dataset_cfg,
+    *,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    train: bool,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+) -> grain.DataLoaderIterator:
+    """Iterator of host-local numpy batch dicts with ``get_state()`` / ``set_state()``.
+
+    Args:
+      dataset_cfg: ``default_dataset_config()`` or a config's ``dataset`` block.
+      split: "train", "test", ... (a split of the prepared dataset).
+      global_batch_size: examples per step over all processes; each process gets
+        ``global_batch_size // process_count``.
+      seed: shuffling and augmentation seed.
+      train: shuffle + augment (True) or fixed order + deterministic preprocessing.
+      process_index, process_count: this host's slice (default: JAX's).
+      num_epochs: passes over the split; None = forever when training, 1 otherwise.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+    local_batch = global_batch_size // process_count
+    if num_epochs is None and not train:
+        num_epochs = 1
+    source, info = open_dataset(dataset_cfg, split)
+    spec = clip_spec(dataset_cfg, info, train=train)
+    sampler = EpochShuffleSampler(len(source), shuffle=train, seed=seed, num_epochs=num_epochs,
+                                  process_count=process_count)
+    operations = [
+        _TrainPreprocess(spec) if train else _EvalPreprocess(spec),
+        grain.Batch(batch_size=local_batch, drop_remainder=True),
+    ]
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=int(dataset_cfg.get("num_workers", 0)),
+        worker_buffer_size=max(1, int(dataset_cfg.get("prefetch", 2))),
+        shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True),
+        read_options=grain.ReadOptions(num_threads=int(dataset_cfg.get("read_threads", 4)),
+                                       prefetch_buffer_size=max(1, 2 * local_batch)),
+    )
+    return iter(loader)
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax.Arrays sharded on the batch axis (data x fsdp).
+
+    Non-numeric entries (e.g. strings) stay on the host and are left out.
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            continue
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out

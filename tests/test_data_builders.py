@@ -1,0 +1,196 @@
+"""Specification of the TFDS builders: moving_shapes_av, video_folder, lookup by name."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from mmgen.data import media
+from mmgen.data.builders import moving_shapes_av as msav
+from mmgen.data.builders import sources, video_folder
+
+SMALL = {"frames": 5, "resolution": 16, "num_train": 16, "num_test": 8}
+
+
+def _clip(seed, **kw):
+    args = dict(frames=9, resolution=16, fps=8.0, sample_rate=16000)
+    args.update(kw)
+    return msav.generate_clip(np.random.default_rng(seed), **args)
+
+
+# --------------------------------------------------------------------------------
+# moving_shapes_av: the sound is tied to the picture
+# --------------------------------------------------------------------------------
+
+
+def test_height_to_pitch_is_monotone_two_octaves_and_inverted_exactly():
+    assert msav.height_to_pitch(0.0) == pytest.approx(880.0)  # top of the frame: high
+    assert msav.height_to_pitch(0.5) == pytest.approx(440.0)
+    assert msav.height_to_pitch(1.0) == pytest.approx(220.0)  # bottom: low
+    y = np.linspace(0, 1, 101)
+    f = msav.height_to_pitch(y)
+    assert np.all(np.diff(f) < 0)
+    np.testing.assert_allclose(msav.pitch_to_height(f), y, atol=1e-12)
+
+
+def test_same_seed_same_clip_and_other_seed_other_clip():
+    a, b, c = _clip((0, 0, 3)), _clip((0, 0, 3)), _clip((0, 0, 4))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["video"], c["video"])
+
+
+def _dominant_frequency(audio, centre, sample_rate, width=800):
+    lo = int(np.clip(centre - width // 2, 0, len(audio) - width))
+    window = audio[lo : lo + width] * np.hanning(width)
+    spectrum = np.abs(np.fft.rfft(window, 1 << 16))
+    freqs = np.fft.rfftfreq(1 << 16, 1 / sample_rate)
+    band = (freqs > 150) & (freqs < 1000)
+    return freqs[band][np.argmax(spectrum[band])]
+
+
+def test_tone_pitch_follows_main_shape_height():
+    errors = []
+    for i in range(6):
+        clip = _clip((1, 0, i))
+        for k, pitch in enumerate(clip["pitch_hz"]):
+            estimate = _dominant_frequency(clip["audio"], int(k / 8 * 16000), 16000)
+            errors.append(abs(np.log2(estimate / pitch)))
+        np.testing.assert_allclose(clip["pitch_hz"], msav.height_to_pitch(clip["main_y"]), rtol=1e-5)
+    assert np.median(errors) < 0.03  # within 3% of an octave
+    assert np.quantile(errors, 0.9) < 0.1
+
+
+def test_clicks_sound_at_bounces_only():
+    bounce_peak, quiet_peak, orbit_bounces = [], [], 0
+    for i in range(30):
+        clip = _clip((2, 0, i))
+        motion = msav.CLASS_NAMES[clip["label"]].split("_")[1]
+        if motion == "orbit":
+            orbit_bounces += int(clip["bounce"].sum())
+        # Peak of the high-passed sound (first difference) per frame: clicks are broadband
+        # bursts; the tone's sample-to-sample change stays below 0.35 * 2 pi * 880 / 16000.
+        per_frame = np.abs(np.diff(clip["audio"], append=0.0)).reshape(9, -1)[:, :-1].max(axis=1)
+        bounce_peak += list(per_frame[clip["bounce"]])
+        quiet_peak += list(per_frame[~clip["bounce"]])
+    assert orbit_bounces == 0
+    assert len(bounce_peak) >= 5
+    assert np.median(bounce_peak) > 0.3 > np.quantile(quiet_peak, 0.95)
+
+
+def test_labels_cover_all_nine_families():
+    labels = [_clip((3, 0, i), resolution=8, sample_rate=1000)["label"] for i in range(300)]
+    assert len(msav.CLASS_NAMES) == 9
+    assert np.bincount(labels, minlength=9).min() > 15
+
+
+def test_builder_produces_declared_features_and_is_reproducible(tmp_path):
+    for data_dir in (tmp_path / "a", tmp_path / "b"):
+        sources.build("moving_shapes_av", str(data_dir), config="tiny", overrides=SMALL)
+    name = "moving_shapes_av/" + sources.derived_config_name("tiny", SMALL)
+    ds = tfds.data_source(name, data_dir=str(tmp_path / "a"), download=False)
+    again = tfds.data_source(name, data_dir=str(tmp_path / "b"), download=False)
+    assert len(ds["train"]) == 16 and len(ds["test"]) == 8
+    audio_len = round(5 / 8 * 16000)
+    for i in range(len(ds["train"])):
+        ex = ds["train"][i]
+        assert ex["video"].shape == (5, 16, 16, 3) and ex["video"].dtype == np.uint8
+        assert ex["audio"].shape == (audio_len,) and ex["audio"].dtype == np.float32
+        assert np.abs(ex["audio"]).max() <= 1.0 and np.abs(ex["audio"]).max() > 0.1
+        assert 0 <= ex["label"] < 9 and bool(ex["has_audio"])
+        assert ex["main_y"].shape == ex["pitch_hz"].shape == ex["bounce"].shape == (5,)
+        other = again["train"][i]
+        for key in ("video", "audio", "main_y"):
+            np.testing.assert_array_equal(ex[key], other[key])
+    meta = ds["train"].dataset_info.metadata
+    assert meta["fps"] == 8.0 and meta["sample_rate"] == 16000
+    assert ds["train"].dataset_info.features["label"].names == list(msav.CLASS_NAMES)
+
+
+def test_train_and_test_splits_hold_different_clips(tmp_path):
+    sources.build("moving_shapes_av", str(tmp_path), config="tiny", overrides=SMALL)
+    src, _ = sources.open_split("moving_shapes_av/" + sources.derived_config_name("tiny", SMALL), "train", str(tmp_path))
+    test, _ = sources.open_split("moving_shapes_av/" + sources.derived_config_name("tiny", SMALL), "test", str(tmp_path))
+    train_hashes = {src[i]["video"].tobytes() for i in range(len(src))}
+    assert not train_hashes & {test[i]["video"].tobytes() for i in range(len(test))}
+    assert len(train_hashes) == 16
+
+
+# --------------------------------------------------------------------------------
+# video_folder: good files become clips, bad ones are skipped and reported
+# --------------------------------------------------------------------------------
+
+
+def _noise_video(t, h=24, w=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(np.cumsum(rng.integers(-6, 7, (t, h, w, 3)), axis=0) + 128, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def video_dir(tmp_path):
+    root = tmp_path / "videos"
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs").mkdir()
+    sound = 0.3 * np.sin(2 * np.pi * 330 * np.arange(40000) / 16000).astype(np.float32)
+    media.write_video(root / "cats" / "purr.mp4", _noise_video(20), fps=8, audio=sound[: 20 * 2000])
+    media.write_video(root / "dogs" / "run.mov", _noise_video(24, seed=1), fps=16)  # silent, 16 fps
+    good = (root / "cats" / "purr.mp4").read_bytes()
+    (root / "cats" / "cut.mp4").write_bytes(good[: len(good) // 2])
+    (root / "dogs" / "empty.mp4").write_bytes(b"")
+    (root / "dogs" / "readme.mp4").write_text("not a video\n")
+    return root
+
+
+def test_video_folder_builds_good_files_and_reports_bad_ones(video_dir, tmp_path, caplog):
+    data_dir = str(tmp_path / "data")
+    with caplog.at_level(logging.WARNING):
+        builder = sources.build("video_folder", data_dir, config="tiny", path=str(video_dir))
+    skipped = dict(builder.skipped)
+    assert set(skipped) == {os.path.join("cats", "cut.mp4"), os.path.join("dogs", "empty.mp4"),
+                            os.path.join("dogs", "readme.mp4")}
+    assert "empty" in skipped[os.path.join("dogs", "empty.mp4")]
+    assert sum("skipping" in r.message for r in caplog.records) == 3
+
+    directory = sources.find_prepared("video_folder/tiny", data_dir)
+    with open(os.path.join(directory, "metadata.json")) as f:
+        assert json.load(f)["num_skipped"] == 3
+    examples = []
+    for split in builder.info.splits:
+        src, info = sources.open_split("video_folder/tiny", split, data_dir)
+        examples += [src[i] for i in range(len(src))]
+    assert info.class_names == ["cats", "dogs"]
+    # purr.mp4: 20 frames at 8 fps -> clips at 0 and 9; run.mov: 24 frames at 16 fps = 12 at 8 fps -> 1 clip.
+    by_source = sorted((ex["source"].decode(), int(ex["start_frame"])) for ex in examples)
+    assert by_source == [("cats/purr.mp4", 0), ("cats/purr.mp4", 9), ("dogs/run.mov", 0)]
+    for ex in examples:
+        assert ex["video"].shape == (9, 32, 32, 3) and ex["audio"].shape == (18000,)
+        if ex["source"] == b"dogs/run.mov":
+            assert ex["label"] == 1 and not ex["has_audio"] and not ex["audio"].any()
+        else:
+            assert ex["label"] == 0 and ex["has_audio"] and np.abs(ex["audio"]).max() > 0.2
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.mp4").write_bytes(b"")
+    (root / "b.webm").write_text("text")
+    data_dir = str(tmp_path / "data")
+    with pytest.raises(video_folder.VideoFolderError, match="all 2 files were skipped"):
+        sources.build("video_folder", data_dir, config="tiny", path=str(root))
+    assert sources.find_prepared("video_folder/tiny", data_dir) is None
+    leftovers = [d for _, dirs, _ in os.walk(data_dir) for d in dirs if d.startswith("incomplete") or d == "1.0.0"]
+    assert leftovers == []
+    with pytest.raises(sources.DatasetNotPreparedError):
+        sources.open_split("video_folder/tiny", "train", data_dir)
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path):
+    with pytest.raises(sources.DatasetNotPreparedError) as info:
+        sources.open_split("ucf101", "train", str(tmp_path))
+    message = str(info.value)
+    assert "ucf101" in message and str(tmp_path) in message and "\n" not in message
+    assert "array_record" in message

@@ -64,8 +64,8 @@ FEATURE_ALIASES = {
 def default_dataset_config() -> ml_collections.ConfigDict:
     """The ``dataset`` block of every training config (defaults: tiny moving_shapes_av)."""
     c = ml_collections.ConfigDict()
-    c.name = "moving_shapes_av"  # any prepared TFDS name; "name/config" picks a config
-    c.builder_config = "tiny"  # used when ``name`` has no "/config"; "" = the only/default one
+    c.name = "moving_shapes_av/tiny"  # any prepared TFDS name, "name" or "name/config"
+    c.builder_config = ""  # config when ``name`` has none; "" = the only (or default) one
     c.builder_overrides = ml_collections.ConfigDict()  # our builders only: e.g. num_train=16
     c.data_dir = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
     c.path = ""  # video_folder: the folder of videos (built automatically when set)

@@ -1,0 +1,112 @@
+"""`mmgen plan`: AOT compile of the real train step, memory per device, clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import mmgen  # noqa: F401
+from mmgen import cli
+from mmgen import config as config_lib
+from mmgen.parallel import plan as plan_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(REPO, "configs", "toy.py")
+
+
+def toy(variant="small", *overrides):
+    return config_lib.load_config(f"{TOY}:{variant}", list(overrides))
+
+
+def test_fsdp8_divides_parameter_and_optimizer_bytes_by_eight():
+    replicated = plan_lib.make_plan(toy("small", "mesh.data=8", "mesh.fsdp=1"), 8)
+    sharded = plan_lib.make_plan(toy("small", "mesh.data=1", "mesh.fsdp=8"), 8)
+    dim, hidden = 64, 256
+    num_params = 2 * dim * hidden + hidden + dim
+    assert replicated.num_params == sharded.num_params == num_params
+    # Pure data parallelism keeps a full float32 copy (and two Adam moments) per device.
+    assert replicated.param_bytes == 4 * num_params
+    assert replicated.opt_bytes == 2 * 4 * num_params + 3 * 4  # mu, nu + two Adam counts + the step
+    # FSDP over 8: the kernels and the embed-named bias split 8 ways; the mlp-named bias
+    # (rule mlp -> tensor, tensor=1) stays whole, hence a little over 1/8.
+    ratio = (sharded.param_bytes + sharded.opt_bytes) / (replicated.param_bytes + replicated.opt_bytes)
+    assert 1 / 8 <= ratio < 1.1 / 8, ratio
+    assert sharded.param_bytes == 4 * (2 * dim * hidden // 8 + hidden + dim // 8)
+    # The compiler's own per-device argument size agrees with the sharding arithmetic.
+    assert sharded.argument_bytes == sharded.state_bytes + sharded.batch_bytes
+    assert replicated.argument_bytes == replicated.state_bytes + replicated.batch_bytes
+    # Per-device FLOPs are at least the model's share of 6*N*D.
+    assert sharded.flops_per_device >= sharded.model_flops_per_step / 8
+    assert sharded.fits and sharded.temp_bytes > 0
+
+
+def test_plan_allocates_no_parameters():
+    before = {id(a) for a in jax.live_arrays()}
+    p = plan_lib.make_plan(toy("small", "mesh.fsdp=4", "model.hidden=512"), 4)
+    new = [a for a in jax.live_arrays() if id(a) not in before]
+    assert p.num_params == 2 * 64 * 512 + 512 + 64
+    assert not [a.shape for a in new if a.size >= 64 * 512 // 4], "a parameter-sized array was allocated"
+
+
+def test_multislice_plan_puts_data_across_slices_and_fsdp_inside():
+    p = plan_lib.make_plan(toy("small", "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=-1"), 8)
+    assert p.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    fsdp4 = plan_lib.make_plan(toy("small", "mesh.data=2", "mesh.fsdp=4"), 8)
+    assert p.param_bytes == fsdp4.param_bytes and p.opt_bytes == fsdp4.opt_bytes
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(["plan", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_plan_flags_a_plan_that_does_not_fit(capsys):
+    # 2.1e9 float32 parameters on one device: ~25 GiB of parameters and Adam moments.
+    big = ["--config", f"{TOY}:small", "--devices", "1", "--config.model.hidden=16777216", "--config.mesh.data=1"]
+    rc, out, _ = run_cli(capsys, *big, "--accelerator", "v5e")
+    assert rc == 1
+    assert "DOES NOT FIT v5e" in out
+    params = int(re.search(r"^  parameters\s+([\d,]+) B", out, re.M).group(1).replace(",", ""))
+    assert params == 4 * (2 * 64 * 16777216 + 16777216 + 64)
+    rc, out, _ = run_cli(capsys, *big, "--accelerator", "H100")
+    assert rc == 0 and "fits h100" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "6", "--config.mesh.fsdp=4"], "does not divide 6"),
+    (["--devices", "8", "--accelerator", "b300"], "--accelerator 'b300' is unknown"),
+    (["--devices", "0"], "--devices 0 must be at least 1"),
+    (["--devices", "32"], "config.batch_size=16 does not divide over data x fsdp = 32 shards"),
+    (["--devices", "2", "--config.mesh.fsdq=2"], "config has no key 'mesh.fsdq'"),
+])
+def test_bad_plan_inputs_are_one_line(capsys, argv, message):
+    rc, out, err = run_cli(capsys, "--config", f"{TOY}:small", *argv)
+    assert rc == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmgen plan: error:") and message in lines[0], err
+
+
+def test_plan_reruns_itself_on_more_fake_devices_than_exist():
+    # This process has 8 devices (conftest); 16 needs a fresh process with the XLA flag set.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    res = subprocess.run(
+        [sys.executable, "-m", "mmgen", "plan", "--config", f"{TOY}:small", "--devices", "16",
+         "--config.batch_size=16", "--config.mesh.data=1", "--config.mesh.fsdp=16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "16 devices (cpu stand-ins for h100), mesh data=1 x fsdp=16 x tensor=1" in res.stdout
+    params = int(re.search(r"^  parameters\s+([\d,]+) B", res.stdout, re.M).group(1).replace(",", ""))
+    assert params == 4 * (2 * 64 * 256 // 16 + 256 + 64 // 16)
+
+
+def test_accelerator_names():
+    assert plan_lib.accelerator_spec("TPU v5e")[0] == "v5e"
+    assert plan_lib.accelerator_spec("tpu-v4")[1] == 32 * 1024**3
+    assert plan_lib.accelerator_spec("NVIDIA H200")[1] == 141 * 1024**3

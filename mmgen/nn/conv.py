@@ -35,7 +35,7 @@ from mmgen.parallel.sharding import logical_param
 _TEMPORAL_PADDING = ("constant", "edge")
 # LeCun scaling with an untruncated normal: same variance as flax's default, and far
 # cheaper to compile than truncated_normal's inverse-erf (one compile per kernel shape).
-_DEFAULT_KERNEL_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
+default_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
@@ -79,7 +79,7 @@ class CausalConv3d(nnx.Module):
         *,
         use_bias: bool = True,
         temporal_padding: str = "constant",
-        kernel_init=_DEFAULT_KERNEL_INIT,
+        kernel_init=default_kernel_init,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -126,7 +126,7 @@ class CausalConv1d(nnx.Module):
         dilation: int = 1,
         *,
         use_bias: bool = True,
-        kernel_init=_DEFAULT_KERNEL_INIT,
+        kernel_init=default_kernel_init,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,

@@ -42,6 +42,7 @@ from fractions import Fraction
 
 import grain.python as grain
 import jax
+from absl import flags as absl_flags
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -242,9 +243,13 @@ def _fit(audio: np.ndarray, length: int) -> np.ndarray:
     return out
 
 
-def _resize_frames(video: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, h, w, 3] -> [T, size, size, 3] (Pillow bilinear, antialiased when shrinking)."""
-    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in video])
+def _crop_resize(video: np.ndarray, top: int, left: int, side: int, size: int) -> np.ndarray:
+    """uint8 [T, h, w, 3] -> the square [top:top+side, left:left+side] of every frame, as
+    [T, size, size, 3] (Pillow bilinear, antialiased when shrinking; no copy when it fits)."""
+    if side == size:
+        return video[:, top : top + side, left : left + side]
+    box = (left, top, left + side, top + side)
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box=box)) for f in video])
 
 
 def preprocess(example: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
@@ -278,9 +283,7 @@ def preprocess(example: dict, spec: ClipSpec, rng: np.random.Generator | None) -
         top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
     else:
         top, left = (h - side) // 2, (w - side) // 2
-    video = video[:, top : top + side, left : left + side]
-    if side != spec.resolution:
-        video = _resize_frames(video, spec.resolution)
+    video = _crop_resize(video, top, left, side, spec.resolution)
     flip = rng is not None and spec.random_flip and rng.random() < 0.5
     if flip:
         video = video[:, :, ::-1]
@@ -407,6 +410,9 @@ def make_iterator(
         _TrainPreprocess(spec) if train else _EvalPreprocess(spec),
         grain.Batch(batch_size=local_batch, drop_remainder=True),
     ]
+    if int(dataset_cfg.get("num_workers", 0)) > 0 and not absl_flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; a program without absl.app has not parsed them.
+        absl_flags.FLAGS.mark_as_parsed()
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,

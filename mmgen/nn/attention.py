@@ -1,0 +1,214 @@
+"""Pre-norm bidirectional transformer blocks and a scanned stack of them.
+
+The building blocks of the masked generative transformer (MaskGIT / MAGVIT,
+"Masked multi-task transformer" in REFERENCE.md): multi-head self-attention through
+``jax.nn.dot_product_attention`` (no causal mask: every token sees every other,
+except keys marked absent), a GELU MLP, and pre-norm residual blocks
+
+    x = x + Dropout(Attention(Norm(x)))
+    x = x + Dropout(Mlp(Norm(x)))
+
+Every projection is an ``nnx.Linear`` named ``query``/``key``/``value``/``out`` and
+``mlp_in``/``mlp_out``, so adapters (LoRA, FlyLoRA) can wrap them by module path.
+Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``norm``); the
+``TransformerStack`` creates its layers with ``nnx.vmap`` (parameters gain a leading
+``layers`` axis) and runs them under ``nnx.scan`` with ``nnx.remat`` and a named
+``jax.checkpoint_policies`` policy, so compile time does not grow with depth.
+
+Dropout is applied with explicit PRNG keys (one per layer, split by the stack) so
+the forward pass stays a pure function of (params, inputs, key).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+_INIT = nnx.initializers.xavier_uniform()
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones
+
+
+def _linear(features_in, features_out, names, *, dtype, param_dtype, rngs):
+    """``nnx.Linear`` with logical names on the kernel (in, out) and bias (out)."""
+    return nnx.Linear(
+        features_in,
+        features_out,
+        kernel_init=nnx.with_partitioning(_INIT, names),
+        bias_init=nnx.with_partitioning(_ZEROS, (names[1],)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def make_norm(kind: str, width: int, *, dtype, param_dtype, rngs) -> nnx.Module:
+    """``rms`` (RMSNorm) or ``layer`` (LayerNorm) over the last axis, scale named ``norm``."""
+    if kind == "rms":
+        return nnx.RMSNorm(
+            width,
+            scale_init=nnx.with_partitioning(_ONES, ("norm",)),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    if kind == "layer":
+        return nnx.LayerNorm(
+            width,
+            scale_init=nnx.with_partitioning(_ONES, ("norm",)),
+            bias_init=nnx.with_partitioning(_ZEROS, ("norm",)),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+    raise ValueError(f"norm={kind!r} is not a known normalisation; use 'rms' or 'layer'")
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when ``key`` is None or ``rate`` is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Bidirectional multi-head self-attention, ``[B, S, D] -> [B, S, D]``.
+
+    ``key_mask`` (bool ``[B, S]``, True = may be attended to) removes absent tokens
+    from every query's view; the task and condition tokens are always valid, so no row is empty.
+    """
+
+    def __init__(self, width: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = _linear(width, width, ("embed", "heads"), **kw)
+        self.key = _linear(width, width, ("embed", "heads"), **kw)
+        self.value = _linear(width, width, ("embed", "heads"), **kw)
+        self.out = _linear(width, width, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        split = lambda t: rearrange(t, "b s (n h) -> b s n h", n=self.num_heads)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return self.out(rearrange(y, "b s n h -> b s (n h)"))
+
+
+class Mlp(nnx.Module):
+    """``mlp_out(gelu(mlp_in(x)))``, ``[B, S, D] -> [B, S, F] -> [B, S, D]``."""
+
+    def __init__(self, width: int, mlp_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_in = _linear(width, mlp_dim, ("embed", "mlp"), **kw)
+        self.mlp_out = _linear(mlp_dim, width, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.mlp_out(jax.nn.gelu(self.mlp_in(x)))
+
+
+class TransformerBlock(nnx.Module):
+    """One pre-norm block: attention then MLP, each ``x + Dropout(f(Norm(x)))``."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        norm: str = "layer",
+        dropout_rate: float = 0.0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention_norm = make_norm(norm, width, **kw)
+        self.attention = SelfAttention(width, num_heads, **kw)
+        self.mlp_norm = make_norm(norm, width, **kw)
+        self.mlp = Mlp(width, mlp_dim, **kw)
+        self.dropout_rate = dropout_rate
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        k_attn, k_mlp = (None, None) if rng is None else tuple(jax.random.split(rng))
+        x = x + dropout(self.attention(self.attention_norm(x), key_mask), self.dropout_rate, k_attn)
+        x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, k_mlp)
+        return x
+
+
+def checkpoint_policy(name: str):
+    """A ``jax.checkpoint_policies`` entry by name; ``"none"`` means no rematerialisation."""
+    if name == "none":
+        return None
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or not callable(policy):
+        known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
+        raise ValueError(f"remat_policy={name!r} is not in jax.checkpoint_policies; known: 'none', {', '.join(known)}")
+    # Factories (e.g. save_only_these_names) need arguments: only plain policies are nameable.
+    return policy
+
+
+class TransformerStack(nnx.Module):
+    """``depth`` identical blocks with stacked parameters (leading ``layers`` axis).
+
+    Created with ``nnx.vmap`` over split RNGs, applied with ``nnx.scan``; each layer
+    is wrapped in ``nnx.remat(policy=...)`` unless ``remat_policy == "none"``.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        width: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        norm: str = "layer",
+        dropout_rate: float = 0.0,
+        remat_policy: str = "nothing_saveable",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        checkpoint_policy(remat_policy)  # fail at construction, not inside jit
+        self.depth = depth
+        self.remat_policy = remat_policy
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create_layers(rngs: nnx.Rngs) -> TransformerBlock:
+            return TransformerBlock(
+                width,
+                num_heads,
+                mlp_dim,
+                norm=norm,
+                dropout_rate=dropout_rate,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+
+        self.layers = create_layers(rngs)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        """``[B, S, D] -> [B, S, D]``; ``rng`` (optional) drives dropout in every layer."""
+        layer_keys = None if rng is None else jax.random.split(rng, self.depth)
+
+        def apply_layer(x, layer, key):
+            return layer(x, key_mask, key)
+
+        policy = checkpoint_policy(self.remat_policy)
+        if self.remat_policy != "none":
+            apply_layer = nnx.remat(apply_layer, policy=policy, prevent_cse=False)
+
+        scan = nnx.scan(
+            lambda x, layer, key: (apply_layer(x, layer, key), None),
+            in_axes=(nnx.Carry, 0, None if layer_keys is None else 0),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
+        x, _ = scan(x, self.layers, layer_keys)
+        return x

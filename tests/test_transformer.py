@@ -1,0 +1,206 @@
+"""Specification of the masked multi-modal transformer: layout, factorisation, size, sharding.
+
+A small model (width 32, 2 layers) over video 3 x 4 x 4 with a 2^6 vocabulary split
+in 2 groups of 8, and audio 8 frames x 2 RVQ levels of 16 codes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import mmgen  # noqa: F401  (process-wide JAX settings)
+from mmgen.generative import masking, tasks
+from mmgen.generative import transformer as tr
+from mmgen.parallel.sharding import DEFAULT_RULES, batch_sharding, replicated, state_shardings
+
+B = 8
+
+
+def small_config(**overrides):
+    cfg = tr.model_config("tiny")
+    cfg.update(
+        dict(width=32, mlp_dim=64, num_heads=2, video_grid=(3, 4, 4), video_vocab=2**6, video_vocab_groups=2,
+             audio_len=8, audio_levels=2, audio_vocab=16, num_classes=5)
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def random_tokens(seed=0, batch=B):
+    rng = np.random.default_rng(seed)
+    return {
+        "video": jnp.asarray(rng.integers(0, 2**6, (batch, 3, 4, 4)), jnp.int32),
+        "audio": jnp.asarray(rng.integers(0, 16, (batch, 8, 2)), jnp.int32),
+    }
+
+
+def numpy_initialised(cfg, seed=0):
+    """The model with weights from a seeded numpy generator (no per-shape init compiles)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        if str(path[-1]) in ("scale",) or "scale" in jax.tree_util.keystr(path):
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.1, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return numpy_initialised(small_config())
+
+
+@pytest.fixture(scope="module")
+def forward_results(model):
+    """Logits with audio hidden for half the batch, and with audio left out of the sequence."""
+    tokens = random_tokens()
+    tokens["video"] = tokens["video"].at[:, 0].set(2**6)  # some [MASK]s
+    tokens["audio"] = tokens["audio"].at[:, :, 1].set(16)
+    ids = jnp.full((B,), tasks.task_id("audio_video"), jnp.int32)
+    labels = jnp.arange(B, dtype=jnp.int32) % 6
+    present = {"video": jnp.ones(B, bool), "audio": jnp.arange(B) % 2 == 0}
+
+    @nnx.jit
+    def both(model, tokens):
+        full = model(tokens, ids, {"label": labels}, present=present)
+        video_only = model({"video": tokens["video"]}, ids, {"label": labels})
+        return full, video_only
+
+    return both(model, tokens)
+
+
+def test_logits_have_token_shape_plus_groups_and_group_vocab(model, forward_results):
+    full, video_only = forward_results
+    assert full["video"].shape == (B, 3, 4, 4, 2, 8)  # 2^6 ids = 2 groups of 2^3
+    assert full["audio"].shape == (B, 8, 2, 1, 16)  # per-level heads, one position per frame
+    assert full["video"].dtype == jnp.float32 and set(video_only) == {"video"}
+    assert np.all(np.isfinite(np.asarray(full["video"])))
+    # Factorised embedding: one row per (level, group, digit), plus one [MASK] vector per level.
+    assert model.token_embeddings["video"].table.embedding.shape == (2 * 8, 32)
+    assert model.token_embeddings["audio"].table.embedding.shape == (2 * 16, 32)
+    assert model.token_embeddings["audio"].mask_embedding.shape == (2, 32)
+    assert model.heads["video"].head.kernel.shape == (32, 16)
+
+
+def test_absent_modality_gives_the_same_logits_as_leaving_it_out(forward_results):
+    full, video_only = forward_results
+    absent = np.arange(B) % 2 == 1
+    np.testing.assert_allclose(full["video"][absent], video_only["video"][absent], rtol=1e-5, atol=1e-5)
+    # ... while a present audio track does change the video logits
+    assert not np.allclose(full["video"][~absent], video_only["video"][~absent], atol=1e-4)
+
+
+def test_group_digits_are_least_significant_first_and_round_trip():
+    spec = tr.ModalitySpec("video", (4,), vocab=2**6, groups=2)
+    ids = jnp.asarray([0, 1, 8, 63])
+    digits = tr.group_digits(ids, spec)
+    assert digits.tolist() == [[0, 0], [1, 0], [0, 1], [7, 7]]
+    np.testing.assert_array_equal(tr.combine_digits(digits, spec), ids)
+
+
+def test_factorised_log_prob_is_the_sum_of_group_log_probs():
+    spec = tr.ModalitySpec("video", (5,), vocab=2**6, groups=2)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(5, 2, 8)), jnp.float32)
+    ids = jnp.asarray([0, 9, 17, 42, 63])
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    expected = [logp[i, 0, int(t) % 8] + logp[i, 1, int(t) // 8] for i, t in enumerate(ids)]
+    np.testing.assert_allclose(tr.token_log_prob(logits, ids, spec), expected, rtol=1e-6)
+    # and it is a proper distribution over the 64 ids
+    all_ids = jnp.arange(64)
+    total = jnp.exp(tr.token_log_prob(jnp.broadcast_to(logits[0], (64, 2, 8)), all_ids, spec)).sum()
+    assert float(total) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_vocabulary_that_does_not_split_into_groups_is_rejected():
+    with pytest.raises(ValueError, match="cannot be split into 4 equal groups"):
+        tr.modality_specs(small_config(video_vocab=2**6, video_vocab_groups=4))
+
+
+def _linear_params(model) -> int:
+    return sum(
+        m.kernel.size + m.bias.size for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)
+    )
+
+
+def test_parameter_count_and_flops_formula_match_the_built_model(model):
+    cfg = small_config()
+    params = nnx.state(model, nnx.Param)
+    assert tr.param_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
+    assert tr.matmul_param_count(cfg) == _linear_params(model)
+    seq = 2 + 3 * 4 * 4 + 8
+    assert tr.sequence_length(cfg) == seq
+    assert tr.flops_per_token(cfg) == 6 * _linear_params(model) + 12 * 2 * seq * 32
+
+
+def test_size_presets():
+    b, l, xl = (tr.model_config(s) for s in ("B", "L", "XL"))
+    assert (b.depth, b.width, b.mlp_dim, b.num_heads) == (12, 768, 3072, 12)
+    assert (l.depth, l.width, l.mlp_dim, l.num_heads) == (24, 1024, 4096, 16)
+    assert 0.9e9 < tr.param_count(xl) < 1.3e9
+    # analytic count of a preset equals the abstract model's (LFQ 2^18 in 2 groups, 4 RVQ levels)
+    abstract = nnx.eval_shape(lambda: tr.MaskedTransformer(b, rngs=nnx.Rngs(0)))
+    assert tr.param_count(b) == sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert b.dtype == "bfloat16" and b.param_dtype == "float32"
+    with pytest.raises(ValueError, match="choose one of tiny, B, L, XL"):
+        tr.model_config("H")
+
+
+def test_parameters_carry_logical_names_and_compute_dtype_is_separate():
+    cfg = small_config(dtype="bfloat16")
+    abstract = nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))
+    layer = abstract.blocks.layers
+    assert layer.attention.query.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
+    assert layer.mlp.mlp_out.kernel.get_metadata()["out_sharding"] == ("layers", "mlp", "embed")
+    assert abstract.heads["video"].head.kernel.get_metadata()["out_sharding"] == ("embed", "vocab")
+    assert layer.attention.query.kernel.dtype == jnp.float32 and layer.attention.query.dtype == jnp.bfloat16
+
+
+def test_bad_inputs_fail_with_named_errors(model):
+    ids = jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match=r"video tokens have shape \(2, 3, 4\)"):
+        model({"video": jnp.zeros((2, 3, 4), jnp.int32)}, ids)
+    abstract = lambda cfg: nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="remat_policy='save_all'"):
+        abstract(small_config(remat_policy="save_all"))
+    with pytest.raises(ValueError, match="needs a dropout rng"):
+        abstract(small_config(dropout=0.1))(random_tokens(batch=2), ids, train=True)
+
+
+def test_sharded_train_step_matches_one_device_and_params_are_sharded(model):
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    graphdef, params = nnx.split(model)
+    shardings = state_shardings(params, mesh, DEFAULT_RULES)
+
+    names = ["class_conditional", "frame_prediction", "audio_video", "video_to_audio"] * 2
+    ids = jnp.asarray([tasks.task_id(n) for n in names], jnp.int32)
+    tokens = random_tokens(3)
+    example = jax.jit(
+        lambda tokens: masking.make_training_example(
+            small_config(), tokens, ids, jax.random.key(4), labels=ids % 5, mode="prefix", region_rng=jax.random.key(5)
+        )
+    )(tokens)
+
+    def loss(params, example):
+        return masking.loss_fn(nnx.merge(graphdef, params), example, label_smoothing=0.1)[0]
+
+    loss_1 = jax.jit(loss)(params, example)  # one device
+
+    sharded_params = jax.device_put(params, shardings)
+    sharded_example = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), example)
+    train_step = jax.jit(jax.value_and_grad(loss), out_shardings=(replicated(mesh), shardings))
+    loss_8, grads_8 = train_step(sharded_params, sharded_example)
+
+    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
+    kernel = lambda tree: tree["blocks"]["layers"]["mlp"]["mlp_in"]["kernel"][...]
+    assert np.all(np.isfinite(kernel(grads_8))) and float(jnp.abs(kernel(grads_8)).max()) > 0
+    # The kernel [layers, embed, mlp] really is split over fsdp x tensor: 4 distinct shards.
+    assert kernel(sharded_params).sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel(grads_8).sharding.spec == P(None, "fsdp", "tensor")
+    assert len({str(s.index) for s in kernel(sharded_params).addressable_shards}) == 4
+    table = sharded_params["token_embeddings"]["video"]["table"]["embedding"][...]
+    assert table.sharding.spec == P("tensor", "fsdp")

@@ -274,3 +274,9 @@ def test_registered_video_dataset_is_read_without_tensorflow(tmp_path):
     assert not batch["has_audio"].any() and not batch["audio"].any() and not batch["label"].any()
     values = {int(v) for v in batch["video"][:, :, 8, 8, 0].reshape(-1)}
     assert values == {10 * i + k for i, k in itertools.product(range(4), (0, 2, 4))}
+
+
+def test_asking_for_longer_clips_than_stored_is_a_clear_error(data_dir, stored):
+    cfg = _cfg(data_dir, frames=17)
+    with pytest.raises(ValueError, match="stores clips of 9 frames at 8 fps, too short for dataset.frames=17"):
+        pipeline.make_iterator(cfg, split="train", global_batch_size=8, seed=0, train=True)

@@ -120,7 +120,7 @@ def _overrides(dataset_cfg) -> dict:
 def open_dataset(dataset_cfg, split: str):
     """(source, SourceInfo) for one split, preparing our datasets first when missing."""
     name, data_dir = dataset_name(dataset_cfg), os.path.expanduser(dataset_cfg.data_dir)
-    base, config = sources.split_name(name)
+    base, _ = sources.split_name(name)
     buildable = base == "moving_shapes_av" or (base == "video_folder" and dataset_cfg.get("path", ""))
     if dataset_cfg.get("auto_prepare", True) and buildable and sources.find_prepared(name, data_dir) is None:
         base_config = dataset_cfg.name.split("/", 1)[1] if "/" in dataset_cfg.name else dataset_cfg.get("builder_config", "")
@@ -188,14 +188,25 @@ def clip_spec(dataset_cfg, info: sources.SourceInfo, *, train: bool) -> ClipSpec
     if missing:
         raise ValueError(f"dataset.extra_features {missing} are not features of {info.name}; it has {features}")
     augment = dataset_cfg.get("augment", {}) or {}
+    video_key = _pick_key("video", wanted.get("video", ""), features, info.name, required=True)
+    source_fps = float(info.fps or dataset_cfg.get("source_fps", 0) or dataset_cfg.fps)
+    stored = info.shapes.get(video_key)
+    if stored and len(stored) == 4 and stored[0] > 0:
+        needed = (int(dataset_cfg.frames) - 1) * source_fps / float(dataset_cfg.fps) + 1
+        if stored[0] + 1e-6 < needed:
+            raise ValueError(
+                f"dataset {info.name} stores clips of {stored[0]} frames at {source_fps:g} fps, too short for "
+                f"dataset.frames={dataset_cfg.frames} at dataset.fps={dataset_cfg.fps:g}; choose a dataset config "
+                f"with longer clips (e.g. moving_shapes_av/small or /default for 17 frames)"
+            )
     return ClipSpec(
         frames=int(dataset_cfg.frames),
         resolution=int(dataset_cfg.resolution),
         fps=float(dataset_cfg.fps),
         sample_rate=int(dataset_cfg.sample_rate),
-        source_fps=float(info.fps or dataset_cfg.get("source_fps", 0) or dataset_cfg.fps),
+        source_fps=source_fps,
         source_sample_rate=int(info.sample_rate or dataset_cfg.get("source_sample_rate", 0) or dataset_cfg.sample_rate),
-        video_key=_pick_key("video", wanted.get("video", ""), features, info.name, required=True),
+        video_key=video_key,
         audio_key=_pick_key("audio", wanted.get("audio", ""), features, info.name, required=False),
         label_key=_pick_key("label", wanted.get("label", ""), features, info.name, required=False),
         has_audio_key=_pick_key("has_audio", "", features, info.name, required=False),

@@ -51,6 +51,7 @@ class SourceInfo:
     directory: str  # data_dir/name/config/version
     num_examples: dict[str, int]  # per split
     features: dict[str, str]  # feature name -> TFDS feature class name
+    shapes: dict[str, tuple | None]  # feature name -> stored shape (-1 = varies), when known
     class_names: list[str] | None
     fps: float | None  # frames per second of the stored clips, when the dataset says
     sample_rate: int | None  # of the stored audio, when the dataset says
@@ -335,6 +336,7 @@ def open_split(name: str, split: str, data_dir: str):
         directory=directory,
         num_examples=num_examples,
         features={k: s["class"] for k, s in specs.items()},
+        shapes={k: s["shape"] for k, s in specs.items()},
         class_names=_class_names(directory, specs),
         fps=metadata.get("fps"),
         sample_rate=metadata.get("sample_rate") or (audio_rates[0] if audio_rates else None),

@@ -288,8 +288,8 @@ def task_probabilities(weights: Mapping[str, float]) -> np.ndarray:
 
 def sample_task_ids(rng: jax.Array, batch_size: int, weights: Mapping[str, float]) -> jax.Array:
     """int32 ``[B]`` task ids drawn independently with probability proportional to weight."""
-    logits = np.log(np.maximum(task_probabilities(weights), 1e-30)).astype(np.float32)
-    logits[task_probabilities(weights) == 0] = -np.inf
+    probs = task_probabilities(weights)
+    logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -np.inf).astype(np.float32)
     return jax.random.categorical(rng, jnp.asarray(logits), shape=(batch_size,)).astype(jnp.int32)
 
 

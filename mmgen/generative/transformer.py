@@ -65,7 +65,8 @@ _EMBED_INIT = nnx.initializers.normal(stddev=0.02)
 # ----------------------------------------------------------------------------
 
 # (depth, width, mlp_dim, num_heads, dropout). B and L are MAGVIT's / MaskGIT's sizes;
-# XL (20 x 2048 x 8192, 16 heads) has about 1.0e9 transformer parameters.
+# XL (20 x 2048 x 8192, 16 heads): 1.03e9 parameters with the default token layout
+# (B: 93M, L: 313M, counted by `param_count`).
 _SIZES = {
     "tiny": (2, 128, 512, 4, 0.0),
     "B": (12, 768, 3072, 12, 0.1),

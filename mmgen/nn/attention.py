@@ -78,7 +78,7 @@ class SelfAttention(nnx.Module):
     """Bidirectional multi-head self-attention, ``[B, S, D] -> [B, S, D]``.
 
     ``key_mask`` (bool ``[B, S]``, True = may be attended to) removes absent tokens
-    from every query's view; the task and condition tokens are always valid, so no row is empty.
+    from every query's view (the caller keeps at least one key valid per example).
     """
 
     def __init__(self, width: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -140,15 +140,29 @@ class TransformerBlock(nnx.Module):
         return x
 
 
+# Entries of jax.checkpoint_policies that build a policy from arguments rather than being one.
+_POLICY_FACTORIES = (
+    "offload_dot_with_no_batch_dims",
+    "save_and_offload_only_these_names",
+    "save_any_names_but_these",
+    "save_anything_except_these_names",
+    "save_from_both_policies",
+    "save_only_these_names",
+)
+
+
 def checkpoint_policy(name: str):
-    """A ``jax.checkpoint_policies`` entry by name; ``"none"`` means no rematerialisation."""
+    """A ``jax.checkpoint_policies`` policy by name; ``"none"`` means no rematerialisation.
+
+    ``nothing_saveable`` recomputes the whole layer in the backward pass (least
+    memory); ``dots_with_no_batch_dims_saveable`` keeps the weight matmuls (faster).
+    """
     if name == "none":
         return None
     policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None or not callable(policy):
-        known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
-        raise ValueError(f"remat_policy={name!r} is not in jax.checkpoint_policies; known: 'none', {', '.join(known)}")
-    # Factories (e.g. save_only_these_names) need arguments: only plain policies are nameable.
+    if policy is None or name.startswith("_") or name in _POLICY_FACTORIES:
+        known = sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_") and n not in _POLICY_FACTORIES)
+        raise ValueError(f"remat_policy={name!r} is not a jax.checkpoint_policies policy; use 'none' or one of {known}")
     return policy
 
 

@@ -1,0 +1,145 @@
+"""Specification of iterative MaskGIT decoding and classifier-free guidance.
+
+A small model (width 32, 2 layers; numpy-initialised weights) over video 3 x 4 x 4
+(2^6 ids in 2 groups) and audio 8 frames x 2 RVQ levels of 16 codes.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mmgen  # noqa: F401  (process-wide JAX settings)
+from mmgen.generative import sampling, tasks
+from mmgen.generative import transformer as tr
+
+B = 2
+V_MASK, A_MASK = 2**6, 16
+
+
+def small_config(**overrides):
+    cfg = tr.model_config("tiny")
+    cfg.update(
+        dict(width=32, mlp_dim=64, num_heads=2, video_grid=(3, 4, 4), video_vocab=2**6, video_vocab_groups=2,
+             audio_len=8, audio_levels=2, audio_vocab=16, num_classes=5)
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def numpy_initialised(cfg, seed=0):
+    """The model with weights from a seeded numpy generator (no per-shape init compiles)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        if "scale" in jax.tree_util.keystr(path):
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.1, x.shape), x.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+
+
+def random_tokens(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "video": jnp.asarray(rng.integers(0, 2**6, (B, 3, 4, 4)), jnp.int32),
+        "audio": jnp.asarray(rng.integers(0, 16, (B, 8, 2)), jnp.int32),
+    }
+
+
+@pytest.fixture(scope="module")
+def model():
+    return numpy_initialised(small_config())
+
+
+@pytest.fixture(scope="module")
+def prefix_frame_prediction(model):
+    cond = random_tokens(1)["video"]
+    out, trace = sampling.sample(
+        model, "frame_prediction", {"video": cond}, jax.random.key(0), steps=5, mode="prefix", return_trace=True
+    )
+    return cond, jax.device_get(out), jax.device_get(trace)
+
+
+def test_prefix_sampling_returns_the_condition_tokens_unchanged(prefix_frame_prediction):
+    cond, out, _ = prefix_frame_prediction
+    assert set(out) == {"video"}  # audio is absent from frame prediction
+    # 40% of 3 latent frames -> the first frame is given
+    np.testing.assert_array_equal(out["video"][:, :1], np.asarray(cond)[:, :1])
+    generated = out["video"][:, 1:]
+    assert generated.min() >= 0 and generated.max() < 2**6  # real ids, no [MASK] left
+
+
+def test_masked_count_follows_the_cosine_schedule_and_reaches_zero(prefix_frame_prediction):
+    _, _, trace = prefix_frame_prediction
+    assert trace["initial_masked"].tolist() == [32, 32]  # 2 of 3 frames x 16
+    # floor(32 * cos(pi/2 * k/5)) for k = 1..4, then nothing left
+    expected = [30, 25, 18, 9, 0]
+    assert [math.floor(32 * math.cos(math.pi / 2 * k / 5)) for k in range(1, 5)] == expected[:4]
+    for b in range(B):
+        assert trace["num_masked"][:, b].tolist() == expected
+    assert sampling.decoding_mask_counts(32, 5) == expected
+
+
+def test_at_least_one_token_is_revealed_per_step_when_steps_exceed_the_schedule():
+    # 3 masked tokens over 5 steps: the schedule alone would keep 2 masked twice.
+    assert sampling.decoding_mask_counts(3, 5) == [2, 1, 0, 0, 0]
+    for schedule in ("linear", "square", "exp"):
+        counts = sampling.decoding_mask_counts(100, 12, schedule)
+        assert counts[-1] == 0 and all(a > b for a, b in zip([100] + counts, counts) if a > 0)
+
+
+def test_guided_logits_follow_cond_plus_scale_times_difference(model):
+    tokens = random_tokens(2)
+    ids = jnp.full((B,), tasks.task_id("audio_to_video"), jnp.int32)
+    labels = jnp.asarray([1, 3], jnp.int32)
+    uncond_labels = jnp.full((B,), model.uncond_label, jnp.int32)
+    cond_inputs = {"video": jnp.full_like(tokens["video"], V_MASK), "audio": tokens["audio"]}
+    uncond_inputs = {"video": cond_inputs["video"], "audio": jnp.full_like(tokens["audio"], A_MASK)}
+
+    @nnx.jit
+    def run(model):
+        scale0 = sampling.guided_logits(model, cond_inputs, ids, labels, uncond_inputs, uncond_labels, 0.0)
+        scale2 = sampling.guided_logits(model, cond_inputs, ids, labels, uncond_inputs, uncond_labels, 2.0)
+        cond = model(cond_inputs, ids, {"label": labels})
+        uncond = model(uncond_inputs, ids, {"label": uncond_labels})
+        return scale0, scale2, cond, uncond
+
+    scale0, scale2, cond, uncond = run(model)
+    for m in ("video", "audio"):
+        np.testing.assert_allclose(scale0[m], cond[m], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scale2[m], 3 * cond[m] - 2 * uncond[m], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(cond["video"], uncond["video"], atol=1e-3)  # the audio condition matters
+
+
+def test_commit_sampling_with_guidance_decodes_everything_and_compiles_once(model):
+    cond = random_tokens(3)
+    before = sampling._decode._cache_size()
+    runs = [
+        sampling.sample(
+            model, "audio_video_continuation", cond, jax.random.key(seed), steps=4, guidance=scale, return_trace=True
+        )
+        for seed, scale in ((0, 1.5), (1, 3.0))
+    ]
+    assert sampling._decode._cache_size() == before + 1  # same task and shapes: one compile
+    for out, trace in runs:
+        assert out["video"].shape == (B, 3, 4, 4) and out["audio"].shape == (B, 8, 2)
+        assert int(out["video"].max()) < V_MASK and int(out["audio"].max()) < A_MASK
+        # commit mode decodes (refines) the condition region too: every element starts masked
+        assert trace["initial_masked"].tolist() == [48 + 16] * B
+        assert trace["num_masked"][-1].tolist() == [0] * B
+    assert not np.array_equal(runs[0][0]["video"], runs[1][0]["video"])
+
+
+def test_bad_sampling_requests_fail_before_compiling(model):
+    with pytest.raises(ValueError, match="unknown task 'outpaint'.*outpainting_central"):
+        sampling.sample(model, "outpaint", {}, jax.random.key(0), batch_size=2)
+    with pytest.raises(ValueError, match=r"conditions on \['video'\]"):
+        sampling.sample(model, "frame_prediction", {}, jax.random.key(0), batch_size=2)
+    video_only = nnx.eval_shape(lambda: tr.MaskedTransformer(small_config(audio_len=0), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"needs \['audio'\]"):
+        sampling.sample(video_only, "audio_video", {}, jax.random.key(0), batch_size=2)

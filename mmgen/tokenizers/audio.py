@@ -131,6 +131,8 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
             mel_weight=1.0,
             mel_fft_sizes=(2048, 1024, 512, 256, 128, 64),  # SoundStream s = 2^11 .. 2^6
             n_mels=64,
+            mel_linear_weight=1.0,  # linear-mel L1 inside the mel distance (SoundStream)
+            mel_log_weight=1.0,  # log-mel L1 inside the mel distance
             stft_weight=1.0,
             stft_fft_sizes=(1024, 2048, 512),  # Parallel WaveGAN resolutions
             stft_hop_sizes=(120, 240, 50),
@@ -525,7 +527,8 @@ def audio_reconstruction_loss(x: jax.Array, y: jax.Array, cfg: ml_collections.Co
     loss = jnp.zeros((), jnp.float32)
     if cfg.mel_weight:
         parts["mel_loss"] = multiscale_mel_distance(
-            x, y, int(cfg.sample_rate), fft_sizes=tuple(cfg.mel_fft_sizes), n_mels=cfg.n_mels
+            x, y, int(cfg.sample_rate), fft_sizes=tuple(cfg.mel_fft_sizes), n_mels=cfg.n_mels,
+            linear_weight=cfg.mel_linear_weight, log_weight=cfg.mel_log_weight,
         )
         loss = loss + cfg.mel_weight * parts["mel_loss"]
     if cfg.stft_weight:

@@ -47,22 +47,22 @@ class Family:
 
     create_state(cfg, rngs) -> nnx.Module: models + optimizers (+ EMA); called under
         ``nnx.eval_shape`` for shapes and inside ``jit(out_shardings=...)`` for values.
-    train_step(state, batch, rng) -> dict: mutates ``state`` in place, returns scalar
+    train_step(cfg, state, batch, rng) -> dict: mutates ``state`` in place, returns scalar
         metrics with at least ``loss``; traced once inside the loop's jit.
     make_data(cfg, *, split, train, seed, batch_size, process_index, process_count)
         -> iterator of host-local numpy batch dicts (``get_state``/``set_state`` to resume).
     validate(cfg): raise ``UserError`` for a bad config before anything compiles.
-    eval_step(state, batch, rng) -> dict of scalar metrics, averaged over eval batches.
+    eval_step(cfg, state, batch, rng) -> dict of scalar metrics, averaged over eval batches.
     on_eval(state, cfg, workdir, step, mesh) -> dict: host-side hook (samples, images).
     flops_per_example(cfg), tokens_per_example(cfg): for TFLOP/s, MFU and tokens/s.
     """
 
     name: str
     create_state: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module]
-    train_step: Callable[[nnx.Module, dict, jax.Array], dict]
+    train_step: Callable[[ml_collections.ConfigDict, nnx.Module, dict, jax.Array], dict]
     make_data: Callable[..., Iterator[dict]]
     validate: Callable[[ml_collections.ConfigDict], None] | None = None
-    eval_step: Callable[[nnx.Module, dict, jax.Array], dict] | None = None
+    eval_step: Callable[[ml_collections.ConfigDict, nnx.Module, dict, jax.Array], dict] | None = None
     on_eval: Callable[..., dict] | None = None
     flops_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
     tokens_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
@@ -125,10 +125,10 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def make_train_step(family: Family, graphdef, shardings, batch_shardings, mesh):
+def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh):
     def step_fn(state, batch, rng):
         model = nnx.merge(graphdef, state)
-        metrics = family.train_step(model, batch, rng)
+        metrics = family.train_step(cfg, model, batch, rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return nnx.state(model), metrics
 
@@ -137,10 +137,10 @@ def make_train_step(family: Family, graphdef, shardings, batch_shardings, mesh):
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(family: Family, graphdef, shardings, batch_shardings, mesh):
+def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh):
     def eval_fn(state, batch, rng):
         model = nnx.merge(graphdef, state)
-        return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(model, batch, rng).items()}
+        return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(cfg, model, batch, rng).items()}
 
     return jax.jit(eval_fn, in_shardings=(shardings, batch_shardings, sharding_lib.replicated(mesh)),
                    out_shardings=sharding_lib.replicated(mesh))
@@ -224,8 +224,8 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     # --- the update step, compiled on the first batch
     first = next(train_iter)
     batch_sh = batch_shardings_for(first, mesh)
-    train_step = make_train_step(family, graphdef, shardings, batch_sh, mesh)
-    eval_step = make_eval_step(family, graphdef, shardings, batch_sh, mesh) if family.eval_step else None
+    train_step = make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh)
+    eval_step = make_eval_step(family, cfg, graphdef, shardings, batch_sh, mesh) if family.eval_step else None
     base_rng = jax.random.key(cfg.seed)
 
     writer = MetricsWriter(workdir, tensorboard=cfg.get("tensorboard", True))

@@ -37,7 +37,7 @@ class ToyState(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.model = MLP(cfg.model.dim, cfg.model.hidden, rngs=rngs)
         self.optimizer = optim.make_optimizer(self.model, cfg.optimizer, cfg.schedule, cfg.total_steps)
-        self.ema = nnx.clone(self.model) if cfg.get("ema_decay", 0) else None
+        self.ema = nnx.data(nnx.clone(self.model) if cfg.get("ema_decay", 0) else None)
 
 
 def create_state(cfg, rngs: nnx.Rngs) -> ToyState:
@@ -49,16 +49,16 @@ def _loss(model, batch):
     return jnp.mean((pred - batch["y"]) ** 2)
 
 
-def train_step(state: ToyState, batch, rng) -> dict:
+def train_step(cfg, state: ToyState, batch, rng) -> dict:
     del rng
     loss, grads = nnx.value_and_grad(_loss)(state.model, batch)
     state.optimizer.update(state.model, grads)
     if state.ema is not None:
-        optim.ema_update(state.ema, state.model, 0.99)
+        optim.ema_update(state.ema, state.model, cfg.ema_decay)
     return {"loss": loss, "grad_norm": optim.global_norm(grads)}
 
 
-def eval_step(state: ToyState, batch, rng) -> dict:
+def eval_step(cfg, state: ToyState, batch, rng) -> dict:
     return {"loss": _loss(state.ema if state.ema is not None else state.model, batch)}
 
 

@@ -1,0 +1,279 @@
+"""Tokenizer training (video and audio): reconstruction + quantizer + GAN, one family.
+
+One update step (MAGVIT-v2 / SoundStream recipes, shared/REFERENCE.md):
+
+1. Generator (the tokenizer): ``L_G = w_rec * rec(x, x_hat) [+ w_perc * perceptual]
+   + quantizer losses (commitment, entropy / codebook) + gate * w_adv * G_adv(D(x_hat))
+   [+ gate * w_fm * feature matching (audio)]``; one optimizer step on the tokenizer.
+2. Discriminator: ``L_D = gate * (D_loss(D(x), D(sg(x_hat))) + w_lecam * LeCAM [+ R1])``;
+   one optimizer step on the discriminator (Adam b1 = 0, b2 = 0.99).
+3. Weight EMA of the generator (decay 0.999), used for eval, sampling and ``load``.
+
+``gate`` is 0 before ``gan.start_step`` (discriminator warm-up), so one compiled step
+serves the whole run. Video uses the 3D StyleGAN discriminator; audio the
+multi-resolution STFT discriminator with feature matching.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmgen.data import pipeline
+from mmgen.errors import UserError
+from mmgen.tokenizers import audio as audio_lib
+from mmgen.tokenizers import losses
+from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D
+from mmgen.tokenizers.quantizers import QuantizerState
+from mmgen.tokenizers.video import VideoTokenizer
+from mmgen.train import optim
+from mmgen.train.loop import Family
+
+
+def build_tokenizer(cfg, rngs: nnx.Rngs):
+    if cfg.modality == "video":
+        return VideoTokenizer(cfg.model, rngs=rngs)
+    if cfg.modality == "audio":
+        return audio_lib.AudioTokenizer(cfg.model, rngs=rngs)
+    raise UserError(f"config.modality={cfg.modality!r} must be 'video' or 'audio'")
+
+
+def model_input(cfg, batch) -> jax.Array:
+    """The batch's signal in model range: video float32 [-1, 1] or audio [B, S]."""
+    if cfg.modality == "video":
+        return batch["video"].astype(jnp.float32) / 127.5 - 1.0
+    return batch["audio"].astype(jnp.float32)
+
+
+def gan_enabled(cfg) -> bool:
+    return float(cfg.loss.generator_weight) > 0
+
+
+class TokenizerState(nnx.Module):
+    """Tokenizer + optimizer, discriminator + optimizer + LeCAM, and the EMA tokenizer."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.model = build_tokenizer(cfg, rngs)
+        self.optimizer = optim.make_optimizer(self.model, cfg.optimizer, cfg.schedule, cfg.total_steps)
+        disc = disc_optimizer = lecam = None
+        if gan_enabled(cfg):
+            if cfg.modality == "video":
+                disc = StyleGANDiscriminator3D(cfg.discriminator, rngs=rngs)
+            else:
+                disc = audio_lib.STFTDiscriminator(cfg.model.discriminator, rngs=rngs)
+            disc_optimizer = optim.make_optimizer(disc, cfg.disc_optimizer, cfg.disc_schedule, cfg.total_steps)
+            lecam = losses.LeCAMRegularizer(cfg.loss.lecam_decay)
+        self.disc = nnx.data(disc)
+        self.disc_optimizer = nnx.data(disc_optimizer)
+        self.lecam = nnx.data(lecam)
+        self.ema = nnx.data(nnx.clone(self.model) if cfg.ema_decay else None)
+
+
+def create_state(cfg, rngs: nnx.Rngs) -> TokenizerState:
+    return TokenizerState(cfg, rngs)
+
+
+def _disc_logits(cfg, disc, x):
+    """(list of logits, list of feature lists) for either discriminator."""
+    if cfg.modality == "video":
+        return [disc(x)], []
+    return disc(x)
+
+
+def reconstruction_terms(cfg, x, recon, perceptual=None) -> tuple[jax.Array, dict]:
+    if cfg.modality == "video":
+        rec = losses.reconstruction_loss(recon, x, cfg.loss.reconstruction)
+        parts = {"rec_loss": rec}
+        total = cfg.loss.reconstruction_weight * rec
+        if perceptual is not None:
+            parts["perceptual_loss"] = perceptual(recon, x)
+            total = total + cfg.loss.perceptual_weight * parts["perceptual_loss"]
+        return total, parts
+    total, parts = audio_lib.audio_reconstruction_loss(x, recon, cfg.model.loss)
+    return total, parts
+
+
+def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
+    x = model_input(cfg, batch)
+    step = state.optimizer.step[...]
+    gate = (step >= cfg.gan.start_step).astype(jnp.float32)
+    use_gan = state.disc is not None
+
+    def generator_loss(model, disc):
+        recon, tokens, aux = model(x, train=True, step=step)
+        loss, parts = reconstruction_terms(cfg, x, recon)
+        loss = loss + aux["loss"]
+        metrics = {**parts, "quantizer_loss": aux["loss"]}
+        for k in ("commit_loss", "entropy_loss", "codebook_loss", "perplexity", "usage"):
+            if k in aux:
+                metrics[k] = aux[k]
+        if use_gan:
+            fake_logits, fake_feats = _disc_logits(cfg, disc, recon)
+            adv = jnp.mean(jnp.stack([losses.generator_loss(lg, cfg.loss.generator_loss) for lg in fake_logits]))
+            loss = loss + gate * cfg.loss.generator_weight * adv
+            metrics["g_adv_loss"] = adv
+            if fake_feats:
+                _, real_feats = _disc_logits(cfg, disc, x)
+                fm = audio_lib.feature_matching_loss(real_feats, fake_feats)
+                loss = loss + gate * cfg.loss.feature_matching_weight * fm
+                metrics["feature_matching_loss"] = fm
+        return loss, (recon, metrics)
+
+    (loss, (recon, metrics)), grads = nnx.value_and_grad(generator_loss, has_aux=True)(state.model, state.disc)
+    metrics["grad_norm"] = optim.global_norm(grads)
+    state.optimizer.update(state.model, grads)
+
+    if use_gan:
+        fake = jax.lax.stop_gradient(recon)
+
+        def discriminator_loss(disc, lecam):
+            real_logits, _ = _disc_logits(cfg, disc, x)
+            fake_logits, _ = _disc_logits(cfg, disc, fake)
+            d = jnp.mean(jnp.stack([losses.discriminator_loss(r, f, cfg.loss.discriminator_loss)
+                                    for r, f in zip(real_logits, fake_logits)]))
+            total = d
+            if cfg.loss.lecam_weight:
+                reg = jnp.mean(jnp.stack([lecam(jnp.mean(r), jnp.mean(f)) for r, f in zip(real_logits, fake_logits)]))
+                total = total + cfg.loss.lecam_weight * reg
+            if cfg.loss.r1_weight:
+                total = total + losses.r1_penalty(lambda v: _disc_logits(cfg, disc, v)[0][0].reshape(v.shape[0], -1)
+                                                  .mean(-1), x, cfg.loss.r1_weight)
+            return gate * total, (d, jnp.mean(real_logits[0]), jnp.mean(fake_logits[0]))
+
+        (_, (d, real_mean, fake_mean)), d_grads = nnx.value_and_grad(discriminator_loss, has_aux=True)(
+            state.disc, state.lecam)
+        state.disc_optimizer.update(state.disc, d_grads)
+        metrics.update(d_loss=d, d_real_logit=real_mean, d_fake_logit=fake_mean, gan_gate=gate)
+
+    if state.ema is not None:
+        optim.ema_update(state.ema, state.model, cfg.ema_decay)
+        nnx.update(state.ema, nnx.state(state.model, QuantizerState))  # EMA codebooks are not weights
+    metrics["loss"] = loss
+    metrics["lr"] = optim.learning_rate(cfg.optimizer, cfg.schedule, cfg.total_steps, step)
+    return metrics
+
+
+def inference_model(state: TokenizerState):
+    return state.ema if state.ema is not None else state.model
+
+
+def eval_step(cfg, state: TokenizerState, batch, rng) -> dict:
+    model = inference_model(state)
+    x = model_input(cfg, batch)
+    recon, tokens, aux = model(x, train=False)
+    loss, parts = reconstruction_terms(cfg, x, recon)
+    out = {"loss": loss, **parts}
+    if cfg.modality == "video":
+        mse = jnp.mean(jnp.square((recon - x) / 2.0), axis=tuple(range(1, x.ndim)))
+        out["psnr"] = jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+    return out
+
+
+# ------------------------------------------------------------------------ data
+class _SelectKeys:
+    """Keeps only the batch entries a tokenizer needs; forwards resume state."""
+
+    def __init__(self, iterator, keys):
+        self.iterator, self.keys = iterator, keys
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        return {k: batch[k] for k in self.keys}
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state):
+        self.iterator.set_state(state)
+
+
+def make_data(cfg, *, split, train, seed, batch_size, process_index, process_count):
+    it = pipeline.make_iterator(cfg.dataset, split=split, global_batch_size=batch_size, seed=seed, train=train,
+                                process_index=process_index, process_count=process_count)
+    return _SelectKeys(it, [cfg.modality])
+
+
+def input_shape(cfg) -> tuple[int, ...]:
+    d = cfg.dataset
+    if cfg.modality == "video":
+        return (1, int(d.frames), int(d.resolution), int(d.resolution), 3)
+    return (1, audio_lib.audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate)))
+
+
+def validate(cfg) -> None:
+    model = nnx.eval_shape(lambda: build_tokenizer(cfg, nnx.Rngs(0)))
+    shape = input_shape(cfg)
+    if cfg.modality == "video":
+        model.check_video_shape(shape)
+        if gan_enabled(cfg):
+            d = cfg.discriminator
+            if (d.frames, d.height, d.width) != shape[1:4]:
+                raise UserError(
+                    f"discriminator clip {d.frames}x{d.height}x{d.width} differs from the data "
+                    f"{shape[1]}x{shape[2]}x{shape[3]}: set config.discriminator.frames/height/width")
+    else:
+        if int(cfg.model.sample_rate) != int(cfg.dataset.sample_rate):
+            raise UserError(f"config.model.sample_rate={cfg.model.sample_rate} differs from "
+                            f"config.dataset.sample_rate={cfg.dataset.sample_rate}")
+
+
+def flops_per_example(cfg) -> float:
+    """Model FLOPs of one training example (fwd + bwd = 3 x fwd) from XLA's cost model."""
+    shape = input_shape(cfg)
+    model = nnx.eval_shape(lambda: build_tokenizer(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x, train=False)[0]
+
+    lowered = jax.jit(forward).lower(state, jax.ShapeDtypeStruct(shape, jnp.float32))
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return 3.0 * float(cost.get("flops", 0.0))
+
+
+def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
+    """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio)."""
+    if jax.process_index() != 0:
+        return {}
+    from mmgen.data import media
+
+    n = int(cfg.get("num_samples", 4))
+    it = pipeline.make_iterator(cfg.dataset, split=cfg.eval_split, global_batch_size=n, seed=0, train=False,
+                                process_index=0, process_count=1)
+    batch = next(it)
+    model = inference_model(state)
+    x = np.asarray(batch[cfg.modality])
+    recon = np.asarray(jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(model_input(cfg, {cfg.modality: x}))))
+    out_dir = os.path.join(workdir, "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    if cfg.modality == "video":
+        pairs = np.concatenate([x, media.from_model(recon)], axis=0)  # rows: originals, then reconstructions
+        media.save_png_grid(os.path.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
+        side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
+        media.write_video(os.path.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
+    else:
+        rate = int(cfg.dataset.sample_rate)
+        media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
+        media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
+    return {}
+
+
+FAMILY = Family(
+    name="tokenizer",
+    create_state=create_state,
+    train_step=train_step,
+    make_data=make_data,
+    validate=validate,
+    eval_step=eval_step,
+    on_eval=on_eval,
+    flops_per_example=flops_per_example,
+)

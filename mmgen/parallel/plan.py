@@ -219,7 +219,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
                  for k, v in batch.items()}
     rng_sds = jax.eval_shape(lambda: jax.random.key(0))
 
-    step = loop.make_train_step(family, graphdef, shardings, batch_sh, mesh)
+    step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh)
     compiled = step.lower(state_sds, batch_sds, rng_sds).compile()
 
     by_kind, num_params = state_bytes_by_kind(abstract, shardings)

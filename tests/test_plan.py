@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
+import numpy as np
 import pytest
 
 import mmgen  # noqa: F401
 from mmgen import cli
 from mmgen import config as config_lib
+from mmgen.errors import UserError
 from mmgen.parallel import plan as plan_lib
+from mmgen.train import get_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy.py")
@@ -110,3 +115,19 @@ def test_accelerator_names():
     assert plan_lib.accelerator_spec("TPU v5e")[0] == "v5e"
     assert plan_lib.accelerator_spec("tpu-v4")[1] == 32 * 1024**3
     assert plan_lib.accelerator_spec("NVIDIA H200")[1] == 141 * 1024**3
+
+
+def _no_data(*args, **kwargs):
+    raise FileNotFoundError("dataset toy_large is not prepared")
+
+
+def test_example_batch_hook_gives_the_shapes_without_reading_data():
+    toy_family = get_family("toy")
+    fields = {f.name: getattr(toy_family, f.name) for f in dataclasses.fields(toy_family)}
+    cfg = toy("small", "mesh.fsdp=2", "batch_size=32")
+    with pytest.raises(UserError, match="has no example_batch.*dataset toy_large is not prepared"):
+        plan_lib.make_plan(cfg, 2, family=types.SimpleNamespace(**{**fields, "make_data": _no_data}))
+    shapes = {"x": jax.ShapeDtypeStruct((32, 64), np.float32), "y": jax.ShapeDtypeStruct((32, 64), np.float32)}
+    hooked = types.SimpleNamespace(**{**fields, "make_data": _no_data, "example_batch": lambda cfg: shapes})
+    p = plan_lib.make_plan(cfg, 2, family=hooked)
+    assert p.batch_bytes == 2 * 32 * 64 * 4 // 2  # x and y, float32, split over data x fsdp = 2

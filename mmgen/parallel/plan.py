@@ -167,9 +167,16 @@ def example_batch(family, cfg) -> dict:
     hook = getattr(family, "example_batch", None)
     if hook is not None:
         return dict(hook(cfg))
-    it = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
-                          process_index=0, process_count=1)
-    return next(iter(it))
+    try:
+        it = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
+                              process_index=0, process_count=1)
+        return next(iter(it))
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any data failure means the same thing here
+        raise UserError(
+            f"family {family.name!r} has no example_batch(cfg) and one batch could not be read from its "
+            f"data ({type(e).__name__}: {e}); prepare config.dataset or give the family an example_batch") from None
 
 
 def plan_mesh(mesh_cfg, devices):
@@ -188,8 +195,12 @@ def plan_mesh(mesh_cfg, devices):
     return Mesh(grid, mesh_lib.AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.AXES))
 
 
-def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: str = "", devices=None) -> Plan:
-    """Compile ``cfg``'s train step for ``num_devices`` devices and measure it (in-process)."""
+def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: str = "", devices=None,
+              family=None) -> Plan:
+    """Compile ``cfg``'s train step for ``num_devices`` devices and measure it (in-process).
+
+    ``family`` defaults to ``cfg.family``'s; pass one to plan a family object directly.
+    """
     import jax
 
     from mmgen.parallel import sharding as sharding_lib
@@ -200,10 +211,11 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     if len(devices) < num_devices:
         raise UserError(f"{num_devices} devices asked for but only {len(devices)} exist in this process")
     devices = devices[:num_devices]
-    try:
-        family = get_family(cfg.get("family", ""))
-    except ModuleNotFoundError as e:
-        raise UserError(f"config.family={cfg.get('family')!r}: its trainer ({e.name}) is not built yet") from None
+    if family is None:
+        try:
+            family = get_family(cfg.get("family", ""))
+        except ModuleNotFoundError as e:
+            raise UserError(f"config.family={cfg.get('family')!r}: its trainer ({e.name}) is not built yet") from None
     loop.validate(family, cfg)
     mesh = plan_mesh(cfg.mesh, devices)
     loop.check_batch_divides(cfg, mesh)

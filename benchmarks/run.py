@@ -1,0 +1,302 @@
+"""One benchmark run: matmul peak, train steps (transformer, tokenizers), sampling, compile.
+
+    python -m benchmarks.run [--quick] [--out BENCHMARKS.md] [--json benchmarks/results.json]
+
+Everything is measured in this one process, so ratios (MFU = achieved model FLOP/s
+over the same run's matmul peak; sampling overhead; compile scaling) compare like
+with like. MFU counts model FLOPs only (6 * matmul params + attention per token for
+the transformer, REFERENCE "Scale, speed"; XLA's cost model of the forward x 3 for
+the tokenizers), so rematerialised recomputation lowers it, as it should.
+Timings come from wall clock after a warm-up step, with ``block_until_ready``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import mmgen
+from mmgen.generative import masking, sampling, tasks
+from mmgen.generative import transformer as tr
+from mmgen.train import optim
+
+
+def _block(tree):
+    return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def time_calls(fn, *args, warmup=1, iters=5):
+    """Best and median wall seconds per call of ``fn(*args)`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        _block(fn(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        _block(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.min(times)), float(np.median(times))
+
+
+def peak_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------ matmul peak
+def matmul_peak(dtype, n: int, iters: int) -> float:
+    """FLOP/s of a square n^3 matmul in ``dtype`` (best of ``iters``): the reference peak."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    best, _ = time_calls(f, a, b, warmup=2, iters=iters)
+    return 2.0 * n**3 / best
+
+
+# ------------------------------------------------------------------ transformer
+def transformer_config(width=512, depth=4, heads=8, grid=(4, 16, 16), vocab=1024, dtype="float32",
+                       remat="none") -> ml_collections.ConfigDict:
+    cfg = tr.model_config("tiny")
+    cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim = width, depth, heads, 4 * width
+    cfg.video_grid, cfg.video_vocab = tuple(grid), vocab
+    cfg.dtype, cfg.remat_policy, cfg.dropout = dtype, remat, 0.0
+    return cfg
+
+
+class _TrainState(nnx.Module):
+    def __init__(self, cfg, rngs):
+        self.model = tr.MaskedTransformer(cfg, rngs=rngs)
+        opt = optim.default_optimizer_config()
+        sched = optim.default_schedule_config(warmup_steps=10)
+        self.optimizer = optim.make_optimizer(self.model, opt, sched, 1000)
+
+
+def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
+    """Masked-token training step (masking + fwd + bwd + AdamW) on video tokens only."""
+    seq = 2 + int(np.prod(cfg.video_grid))  # task + condition + video; no audio in this benchmark
+    t0 = time.perf_counter()
+    state = nnx.jit(lambda: _TrainState(cfg, nnx.Rngs(0)))()
+    graphdef, st = nnx.split(state)
+    tokens = jax.random.randint(jax.random.key(1), (batch, *cfg.video_grid), 0, cfg.video_vocab)
+    task_ids = jnp.full((batch,), tasks.task_id("unconditional"), jnp.int32)
+
+    def step(st, tokens, rng):
+        s = nnx.merge(graphdef, st)
+        ex = masking.make_training_example(cfg, {"video": tokens}, task_ids, rng, mode="prefix")
+        (loss, _), grads = nnx.value_and_grad(lambda m: masking.loss_fn(m, ex, train=True), has_aux=True)(s.model)
+        s.optimizer.update(s.model, grads)
+        return nnx.state(s), loss
+
+    jstep = jax.jit(step, donate_argnums=0)
+    compiled = jstep.lower(st, tokens, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"st": st}
+
+    def run_once():
+        holder["st"], loss = compiled(holder["st"], tokens, jax.random.key(2))
+        return loss
+
+    best, median = time_calls(run_once, warmup=1, iters=iters)
+    flops = tr.flops_per_token(cfg, seq) * batch * seq
+    return {"seq_len": seq, "batch": batch, "params": tr.param_count(cfg), "step_s": best, "step_s_median": median,
+            "tokens_per_s": batch * seq / best, "flops_per_s": flops / best, "first_compile_s": compile_s,
+            "peak_bytes": peak_bytes(compiled)}
+
+
+def compile_time(cfg, batch: int) -> float:
+    t0 = time.perf_counter()
+    state = nnx.eval_shape(lambda: _TrainState(cfg, nnx.Rngs(0)))
+    graphdef, st = nnx.split(state)
+    tokens = jax.ShapeDtypeStruct((batch, *cfg.video_grid), jnp.int32)
+    task_ids = jnp.zeros((batch,), jnp.int32)
+
+    def step(st, tokens, rng):
+        s = nnx.merge(graphdef, st)
+        ex = masking.make_training_example(cfg, {"video": tokens}, task_ids, rng, mode="prefix")
+        (loss, _), grads = nnx.value_and_grad(lambda m: masking.loss_fn(m, ex, train=True), has_aux=True)(s.model)
+        s.optimizer.update(s.model, grads)
+        return nnx.state(s), loss
+
+    jax.jit(step).lower(st, tokens, jax.random.key(0)).compile()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ sampling
+def sampling_bench(cfg, batch: int, steps: int, iters: int) -> dict:
+    model = nnx.jit(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))()
+    rng = jax.random.key(0)
+    sampling.sample(model, "unconditional", None, rng, steps=steps, batch_size=batch)  # compile
+    sample_s, _ = time_calls(lambda: sampling.sample(model, "unconditional", None, rng, steps=steps,
+                                                     batch_size=batch)["video"], warmup=1, iters=iters)
+    tokens = jnp.full((batch, *cfg.video_grid), cfg.video_vocab, jnp.int32)
+    task_ids = jnp.full((batch,), tasks.task_id("unconditional"), jnp.int32)
+
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def twelve_forwards(params, tokens):
+        def body(i, carry):  # parameters ride in the carry, as in sampling's loop
+            params, tokens = carry
+            logits = nnx.merge(graphdef, params)({"video": tokens}, task_ids)["video"]
+            # Feed the prediction back so XLA cannot hoist the forward out of the loop.
+            return params, jnp.argmax(logits[..., 0, :], axis=-1).astype(jnp.int32)
+        return jax.lax.fori_loop(0, steps, body, (params, tokens))[1]
+
+    fwd_s, _ = time_calls(twelve_forwards, params, tokens, warmup=1, iters=iters)
+    return {"steps": steps, "batch": batch, "sample_s": sample_s, "bare_forwards_s": fwd_s,
+            "overhead": sample_s / fwd_s}
+
+
+# ------------------------------------------------------------------ tokenizers
+def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
+    from mmgen import config as config_lib
+    from mmgen.train import loop
+    from mmgen.train import tokenizer as tok
+
+    cfg = config_lib.load_config(spec, [f"batch_size={batch}", "gan.start_step=0"])
+    graphdef, abstract = loop.abstract_state(tok.FAMILY, cfg)
+    t0 = time.perf_counter()
+    st = jax.jit(lambda: nnx.state(tok.create_state(cfg, nnx.Rngs(0))))()
+    shape = tok.input_shape(cfg)
+    if cfg.modality == "video":
+        batch_np = {"video": np.random.default_rng(0).integers(0, 255, (batch, *shape[1:]), dtype=np.uint8)}
+    else:
+        batch_np = {"audio": np.random.default_rng(0).uniform(-0.5, 0.5, (batch, shape[1])).astype(np.float32)}
+
+    def step(st, b, rng):
+        s = nnx.merge(graphdef, st)
+        m = tok.train_step(cfg, s, b, rng)
+        return nnx.state(s), m["loss"]
+
+    compiled = jax.jit(step, donate_argnums=0).lower(st, batch_np, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"st": st}
+
+    def run_once():
+        holder["st"], loss = compiled(holder["st"], batch_np, jax.random.key(1))
+        return loss
+
+    best, median = time_calls(run_once, warmup=1, iters=iters)
+    flops = tok.flops_per_example(cfg) * batch
+    return {"config": spec, "batch": batch, "step_s": best, "step_s_median": median, "clips_per_s": batch / best,
+            "model_flops_per_s": flops / best, "first_compile_s": compile_s, "peak_bytes": peak_bytes(compiled)}
+
+
+# ------------------------------------------------------------------ report
+def _fmt_bytes(n):
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def write_markdown(results: dict, path: str) -> None:
+    r = results
+    peak = r["matmul_peak_flops"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure below was measured by `python -m benchmarks.run"
+        + (" --quick" if r["quick"] else "") + "` in one process; MFU is achieved model FLOP/s over the "
+        "matmul peak measured in the same run (CPU: fp32; GPU: bf16). Timing is the best of several calls "
+        "after a warm-up; the machine may have been shared, so compare ratios from one run.",
+        "",
+        f"- date: {r['date']}",
+        f"- machine: {r['machine']}",
+        f"- devices: {r['devices']}",
+        f"- versions: jax {r['versions']['jax']}, flax {r['versions']['flax']}, mmgen {r['versions']['mmgen']}",
+        f"- matmul peak ({r['peak_dtype']}, {r['matmul_n']}^3): **{peak / 1e9:.1f} GFLOP/s**",
+        "",
+        "## Transformer train step (masking + forward + backward + AdamW)",
+        "",
+        "| config | params | batch x seq | step (s) | tokens/s | GFLOP/s | MFU | first compile (s) | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in r["transformer"].items():
+        lines.append(f"| {name} | {t['params'] / 1e6:.1f}M | {t['batch']} x {t['seq_len']} | {t['step_s']:.3f} | "
+                     f"{t['tokens_per_s']:.0f} | {t['flops_per_s'] / 1e9:.1f} | {t['flops_per_s'] / peak:.1%} | "
+                     f"{t['first_compile_s']:.1f} | {_fmt_bytes(t['peak_bytes'])} |")
+    c = r["compile_scaling"]
+    lines += ["", "## Compile time vs depth (layers under `nnx.scan`)", "",
+              f"- 4 layers: {c['depth4_s']:.1f} s; 24 layers: {c['depth24_s']:.1f} s; ratio **{c['ratio']:.2f}x**", ""]
+    s = r["sampling"]
+    lines += ["## Sampling (MaskGIT, decoding loop inside one jit)", "",
+              f"- {s['steps']} decoding steps, batch {s['batch']}: {s['sample_s']:.3f} s; {s['steps']} bare forward "
+              f"passes: {s['bare_forwards_s']:.3f} s; overhead **{s['overhead']:.2f}x**", ""]
+    lines += ["## Tokenizer train steps (generator + discriminator + EMA)", "",
+              "| config | batch | step (s) | clips/s | model GFLOP/s | fraction of matmul peak | first compile (s) | peak memory |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, t in r["tokenizers"].items():
+        lines.append(f"| {t['config']} | {t['batch']} | {t['step_s']:.3f} | {t['clips_per_s']:.2f} | "
+                     f"{t['model_flops_per_s'] / 1e9:.2f} | {t['model_flops_per_s'] / peak:.1%} | "
+                     f"{t['first_compile_s']:.1f} | {_fmt_bytes(t['peak_bytes'])} |")
+    if os.path.exists(path):
+        old = open(path).read()
+        marker = "\n## Notes and history"
+        if marker in old:
+            lines += [old[old.index(marker) + 1:]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--json", default="benchmarks/results.json")
+    p.add_argument("--skip-tokenizers", action="store_true")
+    args = p.parse_args(argv)
+    iters = 2 if args.quick else 5
+    gpu = jax.default_backend() == "gpu"
+    peak_dtype = jnp.bfloat16 if gpu else jnp.float32
+    n = 8192 if gpu else 2048
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__, "mmgen": mmgen.__version__},
+        "quick": args.quick, "peak_dtype": jnp.dtype(peak_dtype).name, "matmul_n": n,
+    }
+    print("matmul peak ...", flush=True)
+    results["matmul_peak_flops"] = matmul_peak(peak_dtype, n, iters=max(iters, 5))
+    dt = "bfloat16" if gpu else "float32"
+    configs = {"tiny (128x2)": (transformer_config(128, 2, 4, (3, 8, 8), dtype=dt), 8),
+               "w512 x 4 layers, seq 1026": (transformer_config(512, 4, 8, (4, 16, 16), dtype=dt), 4)}
+    if gpu:
+        configs = {"B (768x12)": (transformer_config(768, 12, 12, (5, 16, 16), 2**10 * 16, dt, "none"), 32),
+                   "L (1024x24)": (transformer_config(1024, 24, 16, (5, 16, 16), 2**10 * 16, dt,
+                                                      "dots_with_no_batch_dims_saveable"), 32)}
+    results["transformer"] = {}
+    for name, (cfg, batch) in configs.items():
+        print(f"transformer {name} ...", flush=True)
+        results["transformer"][name] = transformer_step_bench(cfg, batch, iters)
+    print("compile scaling ...", flush=True)
+    d4 = compile_time(transformer_config(256, 4, 4, (3, 8, 8)), 2)
+    d24 = compile_time(transformer_config(256, 24, 4, (3, 8, 8)), 2)
+    results["compile_scaling"] = {"depth4_s": d4, "depth24_s": d24, "ratio": d24 / d4}
+    print("sampling ...", flush=True)
+    results["sampling"] = sampling_bench(transformer_config(256, 4, 4, (3, 8, 8), dtype=dt), 4, 12, iters)
+    results["tokenizers"] = {}
+    if not args.skip_tokenizers:
+        for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
+            print(f"tokenizer {spec} ...", flush=True)
+            results["tokenizers"][spec] = tokenizer_step_bench(spec, 8, max(2, iters // 2))
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    write_markdown(results, args.out)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -187,3 +187,23 @@ def test_override_types_and_mesh_fill():
     assert mesh_lib.mesh_shapes(cfg.mesh, 8) == ([4, 2, 1], [1, 1, 1])
     assert mesh_lib.mesh_shapes(config_lib.ml_collections.ConfigDict(
         {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2}), 8, num_slices=2) == ([1, 4, 1], [2, 1, 1])
+
+
+def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
+    import dataclasses
+
+    from flax import nnx
+
+    def given_fc1(cfg, abstract):
+        # What an adapter run does with its base workdir: values from elsewhere, in place.
+        return jax.tree.map(lambda a: jax.device_put(np.full(a.shape, 0.5, a.dtype), a.sharding), abstract)
+
+    frozen_family = dataclasses.replace(FAMILY, frozen=nnx.PathContains("fc1"), load_frozen=given_fc1)
+    cfg = toy_config("mesh.fsdp=2", "mesh.data=-1", "total_steps=5")
+    loop.run(frozen_family, cfg, str(tmp_path))
+    saved = os.listdir(tmp_path / "checkpoints" / "5" / "state")
+    meta = (tmp_path / "checkpoints" / "5" / "state" / "_METADATA").read_text() if "_METADATA" in saved else ""
+    assert "fc2" in meta and "fc1" not in meta  # only the trained part is written
+    model = loop.load_state(frozen_family, cfg, str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(model.model.fc1.kernel.get_value()), 0.5)
+    assert losses(tmp_path)[5] < losses(tmp_path)[1]  # fc2 still trains

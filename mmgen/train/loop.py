@@ -55,6 +55,10 @@ class Family:
     eval_step(cfg, state, batch, rng) -> dict of scalar metrics, averaged over eval batches.
     on_eval(state, cfg, workdir, step, mesh) -> dict: host-side hook (samples, images).
     flops_per_example(cfg), tokens_per_example(cfg): for TFLOP/s, MFU and tokens/s.
+    frozen: an nnx filter of variables that are not trained and not checkpointed
+        (a frozen base model under adapters); ``load_frozen(cfg, abstract)`` returns
+        their values (an ``nnx.State`` matching ``abstract``, sharded as it says),
+        e.g. from another workdir. The run's checkpoints then hold the rest only.
     """
 
     name: str
@@ -66,6 +70,8 @@ class Family:
     on_eval: Callable[..., dict] | None = None
     flops_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
     tokens_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
+    frozen: Any = None
+    load_frozen: Callable[[ml_collections.ConfigDict, nnx.State], nnx.State] | None = None
 
 
 # Dense bf16 peak per chip, FLOP/s (vendor figures) for MFU when cfg.peak_flops is unset.
@@ -120,30 +126,54 @@ def init_state(family: Family, cfg, mesh, shardings):
     return jax.jit(init, out_shardings=shardings)()
 
 
+def split_frozen(family: Family, state):
+    """(trained part, frozen part) of a state; the frozen part is empty without ``family.frozen``."""
+    if family.frozen is None:
+        return state, nnx.State({})
+    frozen, trained = nnx.split_state(state, family.frozen, ...)
+    return trained, frozen
+
+
+def load_frozen(family: Family, cfg, abstract_frozen, frozen_shardings):
+    if family.frozen is None:
+        return nnx.State({})
+    return family.load_frozen(cfg, with_shardings(abstract_frozen, frozen_shardings))
+
+
 def with_shardings(abstract, shardings):
     """ShapeDtypeStructs carrying the target shardings (for a resharding restore)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh):
-    def step_fn(state, batch, rng):
-        model = nnx.merge(graphdef, state)
+def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh, frozen_shardings=None):
+    """``step(state, batch, rng[, frozen]) -> (state, metrics)``, state donated.
+
+    With ``family.frozen`` the step takes the frozen variables as a fourth argument
+    (read-only: neither donated nor returned) and ``state`` is the trained rest.
+    """
+    replicated = sharding_lib.replicated(mesh)
+
+    def step_fn(state, batch, rng, frozen=None):
+        model = nnx.merge(graphdef, state if frozen is None else nnx.merge_state(state, frozen))
         metrics = family.train_step(cfg, model, batch, rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return nnx.state(model), metrics
+        return split_frozen(family, nnx.state(model))[0], metrics
 
-    replicated = sharding_lib.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_shardings, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
+    in_sh = (shardings, batch_shardings, replicated)
+    if family.frozen is not None:
+        in_sh = in_sh + (frozen_shardings,)
+    return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh):
-    def eval_fn(state, batch, rng):
-        model = nnx.merge(graphdef, state)
+def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh, frozen_shardings=None):
+    def eval_fn(state, batch, rng, frozen=None):
+        model = nnx.merge(graphdef, state if frozen is None else nnx.merge_state(state, frozen))
         return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(cfg, model, batch, rng).items()}
 
-    return jax.jit(eval_fn, in_shardings=(shardings, batch_shardings, sharding_lib.replicated(mesh)),
-                   out_shardings=sharding_lib.replicated(mesh))
+    in_sh = (shardings, batch_shardings, sharding_lib.replicated(mesh))
+    if family.frozen is not None:
+        in_sh = in_sh + (frozen_shardings,)
+    return jax.jit(eval_fn, in_shardings=in_sh, out_shardings=sharding_lib.replicated(mesh))
 
 
 def global_batch(batch: dict, mesh) -> dict:
@@ -206,8 +236,11 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                                   process_index=pi, process_count=pc)
 
     # --- state: abstract shapes -> shardings from logical names -> init or restore
+    #     (a frozen part, e.g. a base model under adapters, is loaded, never saved)
     graphdef, abstract = abstract_state(family, cfg)
+    abstract, abstract_frozen = split_frozen(family, abstract)
     shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+    frozen_shardings = sharding_lib.state_shardings(abstract_frozen, mesh, rules)
     ckpt = Checkpointer(workdir, keep_last=cfg.keep_checkpoints, keep_best=cfg.get("keep_best", 0),
                         best_metric=cfg.get("best_metric"), best_mode=cfg.get("best_mode", "min"),
                         async_save=cfg.get("async_checkpointing", True))
@@ -219,13 +252,17 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         _truncate_metrics(workdir, start)
         log.info("resumed from step %d", start)
     else:
-        state, start = init_state(family, cfg, mesh, shardings), 0
+        full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
+        state, start = split_frozen(family, init_state(family, cfg, mesh, full_shardings))[0], 0
+    frozen = load_frozen(family, cfg, abstract_frozen, frozen_shardings)
+    extra = () if family.frozen is None else (frozen,)
 
     # --- the update step, compiled on the first batch
     first = next(train_iter)
     batch_sh = batch_shardings_for(first, mesh)
-    train_step = make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh)
-    eval_step = make_eval_step(family, cfg, graphdef, shardings, batch_sh, mesh) if family.eval_step else None
+    train_step = make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
+    eval_step = (make_eval_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
+                 if family.eval_step else None)
     base_rng = jax.random.key(cfg.seed)
 
     writer = MetricsWriter(workdir, tensorboard=cfg.get("tensorboard", True))
@@ -268,7 +305,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         with _Preemption() as preempt:
             while step < cfg.total_steps:
                 rng = jax.random.fold_in(base_rng, step)
-                state, metrics = train_step(state, global_batch(batch, mesh), rng)
+                state, metrics = train_step(state, global_batch(batch, mesh), rng, *extra)
                 step += 1
                 steps_since += 1
                 bar.update(1)
@@ -290,7 +327,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                     pending = None
                 eval_metrics = {}
                 if want_eval:
-                    eval_metrics = _evaluate(family, cfg, graphdef, state, eval_step, mesh, workdir, step)
+                    eval_metrics = _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step)
                     writer.write(step, eval_metrics)
                 if want_ckpt or preempted:
                     ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True)
@@ -309,7 +346,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     return {"step": step, **last_metrics}
 
 
-def _evaluate(family, cfg, graphdef, state, eval_step, mesh, workdir, step) -> dict:
+def _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step) -> dict:
     out: dict[str, float] = {}
     if eval_step is not None:
         it = family.make_data(cfg, split=cfg.get("eval_split", "test"), train=False, seed=cfg.seed,
@@ -320,13 +357,13 @@ def _evaluate(family, cfg, graphdef, state, eval_step, mesh, workdir, step) -> d
         for i, batch in enumerate(it):
             if i >= cfg.get("eval_batches", 4):
                 break
-            m = jax.device_get(eval_step(state, global_batch(batch, mesh), jax.random.key(i)))
+            m = jax.device_get(eval_step(state, global_batch(batch, mesh), jax.random.key(i), *extra))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
         out.update({f"eval/{k}": v / max(n, 1) for k, v in sums.items()})
     if family.on_eval is not None:
-        model = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state, *extra)
         out.update(family.on_eval(model, cfg, workdir, step, mesh) or {})
     return out
 
@@ -357,12 +394,17 @@ def _truncate_metrics(workdir: str, step: int) -> None:
 def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """Restore a trained state for sampling/eval on any mesh. Returns the NNX module."""
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, abstract = abstract_state(family, cfg)
-    shardings = sharding_lib.state_shardings(abstract, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
+    abstract, abstract_frozen = split_frozen(family, abstract)
+    shardings = sharding_lib.state_shardings(abstract, mesh, rules)
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
     state, _ = ckpt.restore(step, with_shardings(abstract, shardings))
     ckpt.close()
+    if family.frozen is not None:
+        frozen = load_frozen(family, cfg, abstract_frozen, sharding_lib.state_shardings(abstract_frozen, mesh, rules))
+        return nnx.merge(graphdef, state, frozen)
     return nnx.merge(graphdef, state)

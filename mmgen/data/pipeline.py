@@ -50,7 +50,7 @@ from scipy import signal
 
 from mmgen.data import media
 from mmgen.data.builders import sources
-from mmgen.parallel.sharding import batch_sharding
+from mmgen.parallel.sharding import global_batch as to_global_batch  # noqa: F401  (re-exported)
 
 # Feature names other datasets use for our modalities, tried in order when
 # ``dataset.features.<ours>`` is empty.
@@ -435,17 +435,3 @@ def make_iterator(
                                        prefetch_buffer_size=max(1, 2 * local_batch)),
     )
     return iter(loader)
-
-
-def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global jax.Arrays sharded on the batch axis (data x fsdp).
-
-    Non-numeric entries (e.g. strings) stay on the host and are left out.
-    """
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.dtype.kind not in "biuf":
-            continue
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
-    return out

@@ -123,3 +123,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis (data x fsdp).
+
+    Each process passes its own slice; non-numeric entries (e.g. strings) stay on the
+    host and are left out.
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype.kind not in "biuf":
+            continue
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out

@@ -176,14 +176,11 @@ def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, me
     return jax.jit(eval_fn, in_shardings=in_sh, out_shardings=sharding_lib.replicated(mesh))
 
 
-def global_batch(batch: dict, mesh) -> dict:
-    """Host-local numpy batch -> global jax.Arrays sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-            for k, v in batch.items()}
+global_batch = sharding_lib.global_batch
 
 
 def batch_shardings_for(batch: dict, mesh) -> dict:
-    return {k: sharding_lib.batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+    return {k: v.sharding for k, v in global_batch(batch, mesh).items()}
 
 
 # ---------------------------------------------------------------- preemption

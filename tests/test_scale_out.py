@@ -160,9 +160,6 @@ def test_data_axis_spans_processes_and_fsdp_stays_inside_one(two_process_meshes)
     assert_data_across_processes(two_process_meshes["ici"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mmgen/parallel/mesh.py: CPU devices report slice_index=0 in every process, so make_mesh "
-    "counts 1 slice and rejects dcn_data=2; it should fall back to processes as DCN granules"))
 def test_dcn_data_axis_spans_processes(two_process_meshes):
     assert_data_across_processes(two_process_meshes["dcn"])
 

@@ -5,6 +5,8 @@ multi-process:
 - explicit: ``MMGEN_COORDINATOR`` (host:port), ``MMGEN_NUM_PROCESSES`` and
   ``MMGEN_PROCESS_ID`` (what ``launch/cpu_multiprocess.sh`` sets for CPU processes,
   with gloo collectives);
+- ``MMGEN_DISTRIBUTED=1``: always, with no arguments (TPU VM pods on GCE set none
+  of the variables below; ``launch/tpu_pod.sh`` exports it);
 - SLURM with more than one task (``SLURM_NTASKS`` > 1) or a TPU pod slice
   (``TPU_WORKER_HOSTNAMES`` with several hosts, or ``MEGASCALE_*`` for multi-slice):
   no arguments, JAX detects everything itself.
@@ -21,6 +23,8 @@ _initialized = False
 
 
 def _is_cluster() -> bool:
+    if os.environ.get("MMGEN_DISTRIBUTED") == "1":
+        return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return True
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")

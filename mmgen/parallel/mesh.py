@@ -59,14 +59,18 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     dcn = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}
     multi = any(v != 1 for v in dcn.values())
-    num_slices = 1
+    num_slices, process_is_granule = 1, False
     if multi:
+        # DCN units are TPU slices when the devices know theirs; otherwise (GPU hosts,
+        # CPU processes, which all report slice 0) the processes.
         slice_ids = {getattr(d, "slice_index", None) for d in devices}
-        num_slices = len(slice_ids) if None not in slice_ids else len({d.process_index for d in devices})
+        num_slices = len(slice_ids)
+        if None in slice_ids or num_slices == 1:
+            num_slices = len({d.process_index for d in devices})
+            process_is_granule = True
     ici_shape, dcn_shape = mesh_shapes(mesh_cfg, len(devices), num_slices)
     shape = [i * d for i, d in zip(ici_shape, dcn_shape)]
     if math.prod(dcn_shape) > 1:
-        process_is_granule = getattr(devices[0], "slice_index", None) is None
         grid = mesh_utils.create_hybrid_device_mesh(
             ici_shape, dcn_shape, devices, process_is_granule=process_is_granule)
     else:

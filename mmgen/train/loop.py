@@ -59,6 +59,8 @@ class Family:
         (a frozen base model under adapters); ``load_frozen(cfg, abstract)`` returns
         their values (an ``nnx.State`` matching ``abstract``, sharded as it says),
         e.g. from another workdir. The run's checkpoints then hold the rest only.
+    example_batch(cfg) -> dict of ShapeDtypeStruct: one global batch's shapes, so
+        ``plan`` can compile the step without reading any data.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Family:
     tokens_per_example: Callable[[ml_collections.ConfigDict], float] | None = None
     frozen: Any = None
     load_frozen: Callable[[ml_collections.ConfigDict, nnx.State], nnx.State] | None = None
+    example_batch: Callable[[ml_collections.ConfigDict], dict] | None = None
 
 
 # Dense bf16 peak per chip, FLOP/s (vendor figures) for MFU when cfg.peak_flops is unset.
@@ -185,13 +188,20 @@ def batch_shardings_for(batch: dict, mesh) -> dict:
 
 # ---------------------------------------------------------------- preemption
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly."""
+    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly.
+
+    Single process only: with several processes a local flag could stop them at
+    different steps (and hang a collective), so there JAX's own preemption sync
+    (``Checkpointer.reached_preemption``, the same step everywhere) decides alone.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import os
 import re
 from collections.abc import Iterator

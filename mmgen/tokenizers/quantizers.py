@@ -39,7 +39,6 @@ global over every device, so no ``pmean`` is needed (see docs/CONVENTIONS.md).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax

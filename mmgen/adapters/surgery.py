@@ -177,8 +177,13 @@ def adapter_state(model: nnx.Module) -> nnx.State:
     return nnx.state(model, adapter_state_filter)
 
 
-def _canonical_path(path: tuple, adapter_paths: set[tuple]) -> tuple:
-    """A base parameter's path as it was before surgery.
+def adapter_module_paths(model: nnx.Module) -> set[tuple]:
+    """Paths of the adapter modules (LoRA, FlyLoRA, FlyLoRASum) in ``model``."""
+    return {tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, ADAPTER_MODULES)}
+
+
+def pre_surgery_path(path: tuple, adapter_paths: set[tuple]) -> tuple:
+    """A base parameter's path as it was before surgery (``adapter_paths`` from ``adapter_module_paths``).
 
     Drops the ``base`` step below an adapter (``query.base.kernel -> query.kernel``)
     and the ``branches.<i>`` steps of a ``FlyLoRASum``.
@@ -207,10 +212,10 @@ def base_fingerprint(model: nnx.Module) -> str:
     Covers every ``nnx.Param`` that is not an ``AdapterParam``, under its pre-surgery
     path, so the same base gives the same hash with or without adapters applied.
     """
-    adapter_paths = {tuple(p) for p, m in nnx.iter_modules(model) if isinstance(m, ADAPTER_MODULES)}
+    adapter_paths = adapter_module_paths(model)
     entries = []
     for path, var in nnx.to_flat_state(nnx.state(model, frozen_filter)):
-        entries.append((path_name(_canonical_path(tuple(path), adapter_paths)), var.get_value()))
+        entries.append((path_name(pre_surgery_path(tuple(path), adapter_paths)), var.get_value()))
     digest = hashlib.sha256()
     for name, value in sorted(entries, key=lambda e: e[0]):
         array = _host_array(value)

@@ -1,0 +1,69 @@
+"""Shared recipe of the adapter configs (``lora.py``, ``flylora.py``).
+
+An adapter config is the generative config of the same variant (this run's data,
+tasks, masking, steps) without the keys the base workdir decides (``model``,
+``tokenizers``, ``conditioning``: ``mmgen.train.adapters.BASE_KEYS``, copied from the
+base when the run starts), plus the base reference and an ``adapter`` block.
+
+Variant: ``size[,tasks=a+b][,data_source=tokenizers|random_tokens]`` with size ``tiny``
+(CPU) or ``B``/``L``/``XL`` (the base's size decides the model; this picks the recipe).
+"""
+
+import os
+
+from mmgen import config as config_lib
+from mmgen.train.adapters import BASE_KEYS
+
+GENERATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "generative", "multitask.py")
+
+# The attention projections: square (width x width) layers, so LoRA's A + B and
+# FlyLoRA's B have the same size when LoRA's rank is half FlyLoRA's.
+ATTENTION = r"blocks\.layers\.attention\.(query|key|value|out)"
+
+OPTIONS = ("tasks", "data_source")
+
+
+def parse_variant(arg):
+    parts = [p for p in (arg or "tiny").split(",") if p]
+    size, options = parts[0], {}
+    for p in parts[1:]:
+        if "=" not in p:
+            raise KeyError(f"variant option {p!r} must look like key=value")
+        key, value = p.split("=", 1)
+        if key not in OPTIONS:
+            raise KeyError(f"variant option {key!r} is not one of {list(OPTIONS)} (the model, tokenizers and "
+                           "conditioning are the base workdir's)")
+        options[key] = value
+    return size, options
+
+
+def adapter_config(adapter, arg):
+    """The run config around an ``adapter`` block (a ConfigDict with kind, targets, rank, ...)."""
+    size, options = parse_variant(arg)
+    cfg = config_lib.load_module(GENERATIVE).get_config(",".join([size] + [f"{k}={v}" for k, v in options.items()]))
+    for key in BASE_KEYS:
+        del cfg[key]
+    cfg.family = "adapters"
+    cfg.base_workdir = ""  # the trained generative workdir (required)
+    cfg.base_step = -1  # -1: its newest checkpoint, pinned when the run starts
+    cfg.base_fingerprint = ""  # sha256 of the base parameters, pinned when the run starts
+    cfg.adapter = adapter
+
+    # Adapters train with plain AdamW, no weight decay, a short warm-up.
+    cfg.optimizer.b2 = 0.999
+    cfg.optimizer.weight_decay = 0.0
+    cfg.ema_decay = 0.0
+    if size == "tiny":
+        cfg.total_steps = 300
+        cfg.log_every = 10
+        cfg.eval_every = 100
+        cfg.checkpoint_every = 100
+        cfg.optimizer.lr = 1e-3
+        cfg.schedule.warmup_steps = 30
+    else:
+        cfg.total_steps = 20_000
+        cfg.eval_every = 2_000
+        cfg.checkpoint_every = 2_000
+        cfg.optimizer.lr = 2e-4
+        cfg.schedule.warmup_steps = 500
+    return cfg

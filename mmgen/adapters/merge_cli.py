@@ -1,0 +1,282 @@
+"""``python -m mmgen adapters merge --workdirs A B ... --out DIR [--weights w ...] [--fold]``.
+
+Combines task adapters trained on one base (adapter workdirs of ``mmgen.train.adapters``)
+into one workdir that ``sample`` and ``eval`` read like any other (REFERENCE.md
+"Adapters"; LoRA merging, Hu et al. 2021 sec. 4.1; task arithmetic, Ilharco et al.
+2023; FlyLoRA's multi-task merging, 2025):
+
+* LoRA with ``--fold``: ``W' = W + sum_i w_i (alpha/r) B_i A_i`` folded into the base
+  weights (``merge_lora_adapters``). ``--out`` is a *generative* workdir holding the
+  whole merged model: it no longer needs the base workdir.
+* LoRA without ``--fold``: the same sum kept as one LoRA of rank ``N r`` over the
+  base, ``A = [A_1; ...; A_N]``, ``B = [w_1 B_1, ..., w_N B_N]`` (same scale
+  ``alpha / r``: alpha becomes ``N alpha``), equal to the folded model up to float
+  rounding. ``--out`` is an *adapters* workdir that loads the base like its inputs did.
+* FlyLoRA (never folded: its top-k gate depends on x), ``--out`` an adapters workdir:
+  adapters with independent A's (different seeds) become one ``FlyLoRASum`` per layer,
+  whose branch outputs add with weights ``w_i`` (default 1); adapters sharing A
+  (bit-identical, trained from one seed) become one FlyLoRA whose B is the weighted
+  sum of their B's (default weights 1/N, the average) and d the mean of their d's.
+
+``--weights`` default to 1 (the plain sum of task vectors / adapter outputs) except for
+the shared-A FlyLoRA average. The merged config takes its data and trainer keys from
+the first workdir and ``task_weights`` = the sum of every adapter's normalised task
+weights; ``DIR/merge.json`` records the inputs. The merged checkpoint's step is the
+largest input step. Adapters of different bases (base workdir, step or fingerprint),
+of different kinds or shapes, and ``--fold`` for FlyLoRA are one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmgen import config as config_lib
+from mmgen.adapters.flylora import FlyLoRA, RoutingCount
+from mmgen.adapters.lora import LoRA
+from mmgen.adapters.merge import merge_flylora_adapters, merge_lora_adapters
+from mmgen.adapters.surgery import adapter_state_filter
+from mmgen.errors import UserError
+from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import sharding as sharding_lib
+from mmgen.train import adapters as adapters_family
+from mmgen.train import generative, loop, optim
+from mmgen.train.checkpoint import Checkpointer
+
+FAMILY = adapters_family.FAMILY
+
+# Adapter settings that must agree for adapters to merge (the seed may differ).
+SHAPE_KEYS = ("kind", "targets", "rank", "alpha", "k", "select", "init")
+
+
+# ------------------------------------------------------------------------ inputs
+def read_adapter_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} is not a workdir (no config.json)")
+    cfg = config_lib.from_json_file(path)
+    if cfg.get("family") != "adapters":
+        raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not an adapter run (family 'adapters')")
+    if int(cfg.adapter.get("branches", 1)) > 1:
+        raise UserError(f"{workdir} is already a merge of {cfg.adapter.branches} adapters; merge the task "
+                        "adapters it came from instead")
+    return cfg
+
+
+def _base_of(cfg) -> str:
+    return f"{cfg.base_workdir} step {cfg.base_step} (fingerprint {str(cfg.base_fingerprint)[:12]})"
+
+
+def check_mergeable(workdirs, cfgs, weights, fold: bool) -> None:
+    """One line for every way the inputs cannot be merged."""
+    bases = {(c.base_workdir, int(c.base_step), c.base_fingerprint) for c in cfgs}
+    if len(bases) > 1:
+        listing = "; ".join(f"{w} on {_base_of(c)}" for w, c in zip(workdirs, cfgs))
+        raise UserError(f"the adapters were trained on different bases ({listing}): merge adapters of one base only")
+    first = cfgs[0].adapter
+    for w, c in zip(workdirs[1:], cfgs[1:]):
+        differ = [k for k in SHAPE_KEYS if c.adapter.get(k) != first.get(k)]
+        if differ:
+            raise UserError(f"{w} differs from {workdirs[0]} in adapter {', '.join(differ)} "
+                            f"({', '.join(f'{k}={c.adapter.get(k)!r} vs {first.get(k)!r}' for k in differ)}); "
+                            "only adapters of one kind and shape merge")
+    if fold and first.kind != "lora":
+        raise UserError("--fold needs LoRA adapters: FlyLoRA cannot be folded into the base weights (its top-k "
+                        "gate depends on the input); merge without --fold")
+    if weights is not None and len(weights) != len(workdirs):
+        raise UserError(f"--weights gives {len(weights)} weights for {len(workdirs)} workdirs")
+
+
+def merged_task_weights(cfgs) -> dict[str, float]:
+    """Sum over adapters of each adapter's task weights normalised to 1."""
+    out: dict[str, float] = {}
+    for c in cfgs:
+        w = {k: float(v) for k, v in c.task_weights.items()}
+        total = sum(v for v in w.values() if v > 0)
+        for k, v in w.items():
+            out[k] = out.get(k, 0.0) + (v / total if v > 0 else 0.0)
+    return out
+
+
+def restore_adapters(cfg, workdir: str, mesh) -> tuple[nnx.State, int]:
+    """The adapter workdir's trained model variables (no base) and its step."""
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    _, abstract = loop.abstract_state(FAMILY, cfg)
+    trained, _ = loop.split_frozen(FAMILY, abstract)
+    shardings = sharding_lib.state_shardings(trained, mesh, rules)
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"no checkpoint in {workdir}/checkpoints: train the adapters first")
+        state, _ = ckpt.restore(step, loop.with_shardings(trained, shardings))
+    finally:
+        ckpt.close()
+    return state["model"], int(step)
+
+
+# ------------------------------------------------------------------------ outputs
+def _flat(state) -> dict[tuple[str, ...], jax.Array]:
+    return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def check_fresh_optimizer_is_zeros(cfg) -> None:
+    """A fresh optimizer state is all zeros (moments, counts) for the configured optimizer."""
+    probe = optim.make_tx(cfg.optimizer, cfg.schedule, int(cfg.total_steps)).init({"w": jnp.ones((2,), jnp.float32)})
+    if any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(probe)):
+        raise UserError(f"optimizer.name={cfg.optimizer.name!r} starts from a non-zero state; the merged workdir "
+                        "cannot be given a fresh one")
+
+
+def fresh_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.State:
+    """``family``'s checkpointed state for ``cfg``: ``values`` under each prefix, zeros elsewhere.
+
+    Zeros elsewhere is exactly a fresh optimizer (checked) and FlyLoRA's empty routing
+    counts; any other variable without a value is an error. Built without compiling the
+    random initialisation.
+    """
+    check_fresh_optimizer_is_zeros(cfg)
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    _, abstract = loop.abstract_state(family, cfg)
+    trained, _ = loop.split_frozen(family, abstract)
+    shardings = nnx.to_flat_state(sharding_lib.state_shardings(trained, mesh, rules))
+    used, flat = set(), []
+    for (path, var), (_, sharding) in zip(nnx.to_flat_state(trained), shardings):
+        key = tuple(str(p) for p in path)
+        target, where = var.get_value(), sharding.get_value()
+        if key[0] in prefixes and key[1:] in values:
+            value = jnp.asarray(values[key[1:]])
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"merged {'.'.join(key)} has shape {value.shape}, the workdir expects {target.shape}")
+            used.add(key[1:])
+        elif key[0] == "optimizer" or isinstance(var, RoutingCount):
+            value = jnp.zeros(target.shape, target.dtype)
+        else:
+            raise ValueError(f"the merged state has no value for {'.'.join(key)}")
+        flat.append((path, var.replace(jax.device_put(value.astype(target.dtype), where))))
+    missing = set(values) - used
+    if missing:
+        raise ValueError(f"merged variables with no place in the output state: {sorted(missing)[:3]}")
+    return nnx.from_flat_state(flat)
+
+
+def write_workdir(family, cfg, out: str, step: int, values: dict, mesh, prefixes=("model",)) -> None:
+    """config.json + one checkpoint of ``family``'s state: ``values`` and a fresh optimizer."""
+    state = fresh_state(family, cfg, mesh, values, prefixes)
+    config_lib.write_config(cfg, out)
+    ckpt = Checkpointer(out, async_save=False)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+
+
+def generative_config(cfg, task_weights, step) -> ml_collections.ConfigDict:
+    """The adapter config as a generative run (what the folded model is)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in adapters_family.ADAPTER_KEYS}
+    d.update(family="generative", task_weights=task_weights, total_steps=step)
+    return ml_collections.ConfigDict(d)
+
+
+def adapter_run_config(cfg, task_weights, step, **adapter) -> ml_collections.ConfigDict:
+    d = cfg.to_dict()
+    d.update(task_weights=task_weights, total_steps=step)
+    d["adapter"] = {**d["adapter"], **adapter}
+    return ml_collections.ConfigDict(d)
+
+
+def lora_concat_values(model, flats, weights) -> dict:
+    """Per LoRA layer: A = [A_1; ...; A_N] (rank axis), B = [w_1 B_1, ..., w_N B_N]."""
+    values = {}
+    for path, module in nnx.iter_modules(model):
+        if not isinstance(module, LoRA):
+            continue
+        key = tuple(str(p) for p in path)
+        values[key + ("A",)] = jnp.concatenate([f[key + ("A",)] for f in flats], axis=-2)
+        values[key + ("B",)] = jnp.concatenate([w * f[key + ("B",)] for f, w in zip(flats, weights)], axis=-1)
+    return values
+
+
+def projections_shared(model, flats) -> bool:
+    """Whether every adapter holds the very same FlyLoRA A in every layer."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, FlyLoRA):
+            key = tuple(str(p) for p in path) + ("A",)
+            a0 = np.asarray(flats[0][key])
+            if not all(np.array_equal(a0, np.asarray(f[key])) for f in flats[1:]):
+                return False
+    return True
+
+
+# ------------------------------------------------------------------------ command
+def merge(workdirs, out: str, weights=None, fold: bool = False) -> dict:
+    """Merge ``workdirs`` into ``out``; returns what ``merge.json`` records."""
+    workdirs = [os.path.abspath(w) for w in workdirs]
+    out = os.path.abspath(out)
+    for w in workdirs:
+        if not os.path.isdir(w):
+            raise UserError(f"{w}: no such workdir")
+    cfgs = [read_adapter_config(w) for w in workdirs]
+    check_mergeable(workdirs, cfgs, weights, fold)
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"--out {out} exists and is not empty: give a new folder")
+
+    first = cfgs[0]
+    mesh = mesh_lib.make_mesh(first.mesh)
+    loop.check_batch_divides(first, mesh)
+    restored = [restore_adapters(c, w, mesh) for c, w in zip(cfgs, workdirs)]
+    states = [s for s, _ in restored]
+    flats = [_flat(s) for s in states]
+    step = max(s for _, s in restored)
+    tasks = merged_task_weights(cfgs)
+    # The first run's model with the base loaded and checked against its fingerprint.
+    model = loop.load_state(FAMILY, first, workdirs[0], mesh=mesh).model
+    n = len(workdirs)
+    kind = first.adapter.kind
+
+    if kind == "lora" and fold:
+        mode = "lora_fold"
+        model = merge_lora_adapters(model, states, weights)
+        cfg = generative_config(first, tasks, step)
+        write_workdir(generative.FAMILY, cfg, out, step, _flat(nnx.state(model, nnx.Param)), mesh,
+                      prefixes=("model",) + (("ema",) if float(cfg.get("ema_decay", 0.0)) > 0 else ()))
+    elif kind == "lora":
+        mode = "lora_concat"
+        w = [1.0] * n if weights is None else list(weights)
+        values = lora_concat_values(model, flats, w)
+        cfg = adapter_run_config(first, tasks, step, rank=n * int(first.adapter.rank),
+                                 alpha=n * float(first.adapter.alpha))
+        write_workdir(FAMILY, cfg, out, step, values, mesh)
+    elif projections_shared(model, flats):
+        mode = "flylora_shared_a"
+        model = merge_flylora_adapters(model, states, weights, shared_a=True)
+        cfg = adapter_run_config(first, tasks, step)
+        write_workdir(FAMILY, cfg, out, step, _flat(nnx.state(model, adapter_state_filter)), mesh)
+    else:
+        mode = "flylora_sum"
+        w = [1.0] * n if weights is None else [float(x) for x in weights]
+        model = merge_flylora_adapters(model, states, w)
+        cfg = adapter_run_config(first, tasks, step, branches=n, branch_weights=w)
+        write_workdir(FAMILY, cfg, out, step, _flat(nnx.state(model, adapter_state_filter)), mesh)
+
+    record = {"mode": mode, "workdirs": workdirs, "weights": None if weights is None else list(weights),
+              "fold": bool(fold), "base_workdir": first.base_workdir, "base_step": int(first.base_step),
+              "base_fingerprint": first.base_fingerprint, "step": step, "family": cfg.family}
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "merge.json"), "w") as f:
+            json.dump(record, f, indent=2)
+    return record
+
+
+def main(args, overrides) -> int:
+    if overrides:
+        raise UserError("adapters merge takes no --config overrides: the merged config comes from the workdirs")
+    record = merge(args.workdirs, args.out, args.weights, args.fold)
+    if jax.process_index() == 0:
+        print(f"merged {len(record['workdirs'])} adapters ({record['mode']}) into {args.out}: a {record['family']} "
+              f"workdir at step {record['step']}")
+    return 0

@@ -316,13 +316,16 @@ def build_condition_video(
     *,
     temporal_factor: int = 4,
     fill: float = 0.0,
+    region: jax.Array | None = None,
 ) -> jax.Array:
     """The COMMIT condition clip ``[B, T, H, W, C]`` of each example's task.
 
     ``video`` is float ``[-1, 1]``; kept pixels are those whose latent cell is in
     ``condition_region`` (same ``rng``); the rest of a partly kept frame is ``fill``
     and a frame with nothing kept repeats the last frame that had something kept
-    (``fill`` everywhere before the first one).
+    (``fill`` everywhere before the first one). ``region`` (bool ``[B, T', H', W']``)
+    replaces that ``condition_region`` call, e.g. with this host's rows of the region
+    drawn for the global batch, so that the train step's draw agrees.
     """
     frames, height, width = (int(n) for n in latent_grid)
     _, t_px, h_px, w_px, _ = video.shape
@@ -331,7 +334,8 @@ def build_condition_video(
             f"a {t_px}x{h_px}x{w_px} clip does not map onto the {frames}x{height}x{width} latent grid "
             f"(needs 1 + {temporal_factor}*(frames-1) frames and sides divisible by the latent sides)"
         )
-    region = condition_region(task_ids, "video", (frames, height, width), rng)  # [B, T', H', W']
+    if region is None:
+        region = condition_region(task_ids, "video", (frames, height, width), rng)  # [B, T', H', W']
     lt = latent_frame_of_pixel(jnp.arange(t_px), temporal_factor)
     keep = region[:, lt]  # [B, T, H', W']
     keep = jnp.repeat(jnp.repeat(keep, h_px // height, axis=2), w_px // width, axis=3)[..., None]

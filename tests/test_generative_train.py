@@ -1,0 +1,266 @@
+"""Specification of the generative trainer (mmgen/train/generative.py) and its configs.
+
+Tiny shapes: a 1-layer transformer of width 32 over the tiny tokenizers' layout
+(video 3x8x8 of 1024 ids, audio 57 frames x 4 RVQ levels of 256). Tokenizer
+workdirs hold numpy-initialised weights (no tokenizer training compiles).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+import mmgen  # noqa: F401  (process-wide JAX settings)
+from mmgen import config as config_lib
+from mmgen.errors import UserError
+from mmgen.generative import tasks as tasks_lib
+from mmgen.train import generative as gen
+from mmgen.train import get_family, loop
+from mmgen.train.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "generative", "multitask.py")
+SMALL_DATA = "{'num_train': 16, 'num_test': 8}"
+
+
+def small_model_overrides():
+    return ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2", "model.remat_policy='none'"]
+
+
+def generative_config(variant="tiny", extra=(), data_dir=None, tokenizers=None):
+    overrides = small_model_overrides() + ["batch_size=8", "log_every=1", "eval_every=0", "progress=False",
+                                           "tensorboard=False", "async_checkpointing=False"]
+    if data_dir:
+        overrides += [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}"]
+    if tokenizers:
+        overrides += [f"tokenizers.video_workdir={tokenizers['video']}", f"tokenizers.audio_workdir={tokenizers['audio']}"]
+    return config_lib.load_config(f"{CONFIG}:{variant}", overrides + list(extra))
+
+
+def write_numpy_initialised(family, cfg, workdir, seed=0, std=0.05, step=1):
+    """A workdir (config.json + one checkpoint) whose weights come from a seeded numpy generator."""
+    config_lib.write_config(cfg, workdir)
+    _, abstract = loop.abstract_state(family, cfg)
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        name = jax.tree_util.keystr(path)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(seed), x.shape) if x.shape else jax.random.key(seed)
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.zeros(x.shape, x.dtype)
+        if "scale" in name:
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
+
+    state = jax.tree_util.tree_map_with_path(init, abstract)
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    return workdir
+
+
+def make_tiny_workdirs(root, data_dir):
+    """Video + audio tokenizer workdirs (numpy weights) and the dataset config they share."""
+    base = [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}", "async_checkpointing=False"]
+    vcfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/video.py:tiny,gan=0"),
+                                  base + ["model.base_channels=8"])
+    acfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/audio.py:tiny,gan=0"), base)
+    family = get_family("tokenizer")
+    return {"video": write_numpy_initialised(family, vcfg, os.path.join(root, "video_tokenizer")),
+            "audio": write_numpy_initialised(family, acfg, os.path.join(root, "audio_tokenizer"), seed=1)}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory, data_dir):
+    return make_tiny_workdirs(str(tmp_path_factory.mktemp("tokenizers")), data_dir)
+
+
+# ---------------------------------------------------------------- configs
+def test_tiny_layout_is_the_tiny_tokenizers_and_large_sizes_use_magvit_v2():
+    tiny = config_lib.load_config(f"{CONFIG}:tiny")
+    assert tiny.family == "generative" and tiny.data_source == "tokenizers"
+    assert tuple(tiny.model.video_grid) == (3, 8, 8) and tiny.model.video_vocab == 1024
+    assert (tiny.model.audio_len, tiny.model.audio_levels, tiny.model.audio_vocab) == (57, 4, 256)
+    assert (tiny.optimizer.name, tiny.optimizer.b1, tiny.optimizer.b2) == ("adamw", 0.9, 0.96)
+    assert (tiny.optimizer.weight_decay, tiny.optimizer.grad_clip) == (0.045, 1.0)
+    assert set(gen.task_weights(tiny)) == set(tasks_lib.TASK_NAMES)  # every task trains
+    for size, (depth, width) in {"B": (12, 768), "L": (24, 1024), "XL": (20, 2048)}.items():
+        cfg = config_lib.load_config(f"{CONFIG}:{size}")
+        assert (cfg.model.depth, cfg.model.width) == (depth, width)
+        assert tuple(cfg.model.video_grid) == (5, 16, 16)
+        assert (cfg.model.video_vocab, cfg.model.video_vocab_groups) == (2**18, 2)
+        assert (cfg.model.audio_len, cfg.model.audio_levels, cfg.model.audio_vocab) == (107, 4, 1024)
+        assert (cfg.dataset.frames, cfg.dataset.resolution) == (17, 128)
+
+
+def test_variant_options_for_ablations():
+    prefix = config_lib.load_config(f"{CONFIG}:tiny,conditioning=prefix")
+    assert prefix.conditioning == "prefix"
+    single = config_lib.load_config(f"{CONFIG}:tiny,tasks=frame_prediction")
+    assert gen.task_weights(single) == {"frame_prediction": 1.0}
+    video_only = config_lib.load_config(f"{CONFIG}:tiny,modalities=video")
+    assert video_only.model.audio_len == 0
+    assert all(tasks_lib.get_task(t).audio.kind == "absent" for t in gen.task_weights(video_only))
+    assert len(gen.task_weights(video_only)) == 10
+    random = config_lib.load_config(f"{CONFIG}:B,data_source=random_tokens")
+    assert random.data_source == "random_tokens"
+    with pytest.raises(UserError, match="unknown variant options"):
+        config_lib.load_config(f"{CONFIG}:tiny,conditionning=prefix")
+    with pytest.raises(UserError, match="frame_predictoin"):
+        config_lib.load_config(f"{CONFIG}:tiny,tasks=frame_predictoin")
+
+
+def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir):
+    gen.validate(generative_config(data_dir=data_dir, tokenizers=tokenizers))  # the tiny layout fits
+    cases = [
+        (generative_config(), "tokenizers.video_workdir is empty.*random_tokens"),
+        (generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=["model.video_grid=(3, 4, 4)"]),
+         r"3x8x8 tokens.*--config.model.video_grid=\(3, 8, 8\)"),
+        (generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=["model.audio_vocab=1024"]),
+         "256 codes per level.*--config.model.audio_vocab=256"),
+        (generative_config("tiny,modalities=video", extra=["data_source='random_tokens'",
+                                                            "task_weights.audio_to_video=1.0"]),
+         "task 'audio_to_video' has weight 1 but needs"),
+        (generative_config(extra=["data_source='random_tokens'", "conditioning='prefx'"]),
+         "conditioning='prefx' is not one of commit, prefix"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(UserError, match=message) as info:
+            gen.validate(cfg)
+        assert "\n" not in str(info.value)
+
+
+def test_flops_and_tokens_per_example_count_the_whole_sequence():
+    cfg = generative_config(extra=["data_source='random_tokens'"])
+    seq = 2 + 3 * 8 * 8 + 57  # task + condition tokens, video positions, audio frames (levels share one)
+    assert gen.tokens_per_example(cfg) == seq
+    from mmgen.generative.transformer import flops_per_token
+
+    assert gen.flops_per_example(cfg) == pytest.approx(flops_per_token(cfg.model) * seq)
+
+
+# ---------------------------------------------------------------- training
+def test_sharded_random_token_steps_fit_a_fixed_batch():
+    """8 fake devices (data 2 x fsdp 4): the loss on one repeated batch is finite and falls."""
+    from mmgen.parallel import mesh as mesh_lib
+    from mmgen.parallel import sharding as sharding_lib
+
+    cfg = generative_config(extra=["data_source='random_tokens'", "mesh.data=2", "mesh.fsdp=4",
+                                   "schedule.name='constant'", "optimizer.lr=3e-3", "total_steps=100"])
+    gen.validate(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    graphdef, abstract = loop.abstract_state(gen.FAMILY, cfg)
+    shardings = sharding_lib.state_shardings(abstract, mesh, tuple(tuple(r) for r in cfg.sharding_rules))
+    state = loop.init_state(gen.FAMILY, cfg, mesh, shardings)
+    batch = next(gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
+                               process_count=1))
+    step = loop.make_train_step(gen.FAMILY, cfg, graphdef, shardings, loop.batch_shardings_for(batch, mesh), mesh)
+    embed = state["model"]["token_embeddings"]["video"]["table"]["embedding"]
+    assert embed.shape == (1024, 32) and embed.addressable_shards[0].data.shape == (1024, 8)  # embed over fsdp=4
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, loop.global_batch(batch, mesh), jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses)) and np.isfinite(float(metrics["grad_norm"]))
+    assert np.log(256) - 0.5 < losses[0] < np.log(1024) + 0.5, losses  # near chance at init
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_random_token_batches_follow_the_task_weights_and_resume():
+    cfg = generative_config("tiny,tasks=frame_prediction+audio_video", extra=["data_source='random_tokens'"])
+    it = gen.make_data(cfg, split="train", train=True, seed=3, batch_size=64, process_index=0, process_count=1)
+    first = next(it)
+    assert set(np.unique(first["task_id"])) == {tasks_lib.task_id("frame_prediction"), tasks_lib.task_id("audio_video")}
+    assert first["video_tokens"].max() < 1024 and first["audio_tokens"].max() < 256
+    assert (first["region_key"] == first["region_key"][0]).all()
+    saved = json.loads(json.dumps(it.get_state()))
+    expected = next(it)
+    again = gen.make_data(cfg, split="train", train=True, seed=3, batch_size=64, process_index=0, process_count=1)
+    again.set_state(saved)
+    resumed = next(again)
+    for key in expected:
+        np.testing.assert_array_equal(resumed[key], expected[key])
+
+
+def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, data_dir):
+    cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers)
+    make = lambda: gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
+                                 process_count=1)
+    it = make()
+    next(it)
+    saved = json.loads(json.dumps(it.get_state()))  # what the checkpoint stores
+    expected = [next(it) for _ in range(2)]
+    again = make()
+    again.set_state(saved)
+    for want in expected:
+        got = next(again)
+        assert set(got) == set(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    batch = expected[0]
+    assert batch["video_tokens"].shape == (8, 3, 8, 8) and batch["audio_tokens"].shape == (8, 57, 4)
+    ids, _ = gen.draw_tasks(cfg, 0, 1, 8)
+    np.testing.assert_array_equal(batch["task_id"], ids)
+    # The causal tokenizers encode a kept prefix exactly as the clip: frame prediction keeps
+    # latent frame 0, audio continuation the first half of the frames.
+    for name, modality, kept in (("frame_prediction", "video", 1), ("audio_continuation", "audio", 28)):
+        ids = np.full((8,), tasks_lib.task_id(name), np.int32)
+        clips = {"video": np.random.default_rng(0).integers(0, 256, (8, 9, 32, 32, 3), dtype=np.uint8),
+                 "audio": np.random.default_rng(1).uniform(-0.5, 0.5, (8, 18000)).astype(np.float32)}
+        loaded = gen.load_tokenizers(cfg)
+        out = gen.tokenize_clips(cfg, {modality: loaded[modality]}, clips["video"], clips["audio"], ids,
+                                 jax.random.key(0))
+        tok, cond = out[f"{modality}_tokens"], out[f"{modality}_condition"]
+        np.testing.assert_array_equal(cond[:, :kept], tok[:, :kept])
+        assert (cond[:, kept + 1:] != tok[:, kept + 1:]).any()  # the rest is not the clip
+
+
+def test_host_rows_of_condition_clips_match_the_global_batch():
+    """A host building its rows of a global batch gets the global batch's dynamic boxes."""
+    video = jax.random.uniform(jax.random.key(1), (8, 9, 16, 16, 3), minval=-1.0, maxval=1.0)
+    ids = jnp.asarray([tasks_lib.task_id("inpainting_dynamic")] * 4 + [tasks_lib.task_id("outpainting_dynamic")] * 4)
+    key = jax.random.key(7)
+    whole = gen._condition_video(video, ids, key, grid=(3, 4, 4), temporal_factor=4, start=0)
+    rows = gen._condition_video(video[4:], ids, key, grid=(3, 4, 4), temporal_factor=4, start=4)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(whole[4:]))
+    alone = tasks_lib.build_condition_video(video[4:], ids[4:], key, (3, 4, 4))  # a host-local draw differs
+    assert not np.array_equal(np.asarray(alone), np.asarray(whole[4:]))
+
+
+def test_train_resume_and_on_eval_samples(tokenizers, data_dir, tmp_path):
+    """loop.run: 2 steps, preempted after 1 and resumed; eval writes an mp4 and a PNG."""
+    workdir = str(tmp_path / "gen")
+    cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
+                            extra=["total_steps=2", "checkpoint_every=2", "eval_every=2", "eval_batches=1",
+                                   "sampling.eval_tasks='frame_prediction'", "sampling.eval_num=1",
+                                   "sampling.steps=2"])
+    loop.run(gen.FAMILY, cfg, workdir, stop_after=1)
+    out = loop.run(gen.FAMILY, cfg, workdir)
+    assert out["step"] == 2 and np.isfinite(out["loss"])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert any("eval/accuracy" in r for r in rows)
+    names = sorted(os.listdir(os.path.join(workdir, "samples")))
+    assert names == ["step000002_frame_prediction.png", "step000002_frame_prediction_000.mp4",
+                     "step000002_frame_prediction_tokens.npz"]
+
+
+def test_example_batch_matches_the_random_token_batches():
+    cfg = generative_config(extra=["data_source='random_tokens'"])
+    batch = next(gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
+                               process_count=1))
+    shapes = gen.example_batch(cfg)
+    assert {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in shapes.items()} == \
+        {k: (v.shape, v.dtype) for k, v in batch.items()}

@@ -1,0 +1,294 @@
+"""``python -m mmgen sample``: generate clips for one task from a generative workdir.
+
+    python -m mmgen sample --workdir runs/gen --task frame_prediction --num 4 --out samples/
+    python -m mmgen sample --workdir runs/gen --task audio_to_video --input song.wav --out samples/
+
+Writes into ``--out``: one ``<task>_<i>.mp4`` per sample (H.264 + AAC; the sound is
+the generated one, or the given one for ``audio_to_video``; a video-only task gives a
+silent mp4; an audio-only task a ``.wav``), ``<task>.png`` (rows: reference clip then
+sample, for conditional tasks; samples alone otherwise) and ``<task>_tokens.npz``
+(the sampled tokens per modality, the task and the labels).
+
+Conditional tasks take their condition from ``--input`` (any video or sound file
+FFmpeg reads; cut or padded to the config's clip length, centre-cropped and resized
+to its resolution; every sample shares it) or else from the first clips of the test
+split. ``class_conditional`` cycles through the labels ``0, 1, ...``. Flags are
+checked and the input is read before anything compiles; sampling is compiled once
+per (task, batch shape) and runs ``cfg.sampling.batch_size`` clips at a time.
+
+``Generator`` (model + tokenizers on one device: clips -> condition tokens -> MaskGIT
+sampling -> decoded media) is shared with the trainer's ``on_eval``, ``mmgen eval``
+and ``mmgen demo``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mmgen.data import media
+from mmgen.errors import UserError
+from mmgen.generative import sampling
+from mmgen.generative import tasks as tasks_lib
+
+GIVEN = ("condition", "partial")
+
+
+@dataclasses.dataclass
+class SampleResult:
+    """Sampled clips of one task (numpy, ``n`` examples).
+
+    ``tokens``: modality -> int32 tokens. ``video`` uint8 ``[n, T, H, W, 3]`` and
+    ``audio`` float32 ``[n, S]``: the clip to show, i.e. the generated modality or, for a
+    modality the task is given, the given one (None when the task lacks it).
+    ``reference``: the clips the conditions came from (``video``/``audio``/``label``/
+    extra features), or None for unconditional tasks.
+    """
+
+    task: str
+    tokens: dict
+    video: np.ndarray | None
+    audio: np.ndarray | None
+    labels: np.ndarray
+    reference: dict | None
+
+
+def conditioned_modalities(task: str) -> list[str]:
+    t = tasks_lib.get_task(task)
+    return [m for m in t.modalities() if t.role(m).kind in GIVEN]
+
+
+def check_task(cfg, task: str) -> None:
+    """Unknown task or one the model cannot do -> one-line ``UserError``."""
+    from mmgen.train.generative import specs_of
+
+    if task not in tasks_lib.TASKS:
+        raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(tasks_lib.TASK_NAMES)}")
+    have = list(specs_of(cfg))
+    missing = [m for m in tasks_lib.get_task(task).modalities() if m not in have]
+    if missing:
+        raise UserError(f"task {task!r} needs {missing} but this model only has {have}")
+
+
+def _fit_frames(video: np.ndarray, frames: int, resolution: int) -> np.ndarray:
+    """uint8 [t, h, w, 3] -> [frames, R, R, 3]: centre square crop, resize, cut or hold the last frame."""
+    from PIL import Image
+
+    _, h, w, _ = video.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    box = (left, top, left + side, top + side)
+    video = np.stack([np.asarray(Image.fromarray(f).resize((resolution, resolution), Image.BILINEAR, box=box))
+                      for f in video[:frames]])
+    if len(video) < frames:
+        video = np.concatenate([video, np.repeat(video[-1:], frames - len(video), axis=0)])
+    return video
+
+
+def read_input(path: str, cfg, task: str, num: int) -> dict:
+    """The condition clip of ``--input``, fitted to the config and repeated ``num`` times."""
+    from mmgen.tokenizers.audio import audio_samples_for_video
+
+    d = cfg.dataset
+    frames, resolution, fps, rate = int(d.frames), int(d.resolution), float(d.fps), int(d.sample_rate)
+    samples = audio_samples_for_video(frames, fps, rate)
+    given = conditioned_modalities(task)
+    try:
+        if "video" in given:
+            clip = media.read_video(path, fps=fps, sample_rate=rate, resize_short_side=resolution,
+                                    with_audio="audio" in given)
+            video, audio = _fit_frames(clip.video, frames, resolution), clip.audio
+        else:
+            video, audio = None, media.read_audio(path, sample_rate=rate)
+    except media.MediaError as e:
+        raise UserError(str(e)) from None
+    if "audio" in given and (audio is None or len(audio) == 0):
+        raise UserError(f"{path}: has no sound track, and task {task!r} is conditioned on sound")
+    out = {"label": np.zeros((num,), np.int32)}
+    if video is not None:
+        out["video"] = np.repeat(video[None], num, axis=0)
+    sound = np.zeros((samples,), np.float32)
+    if audio is not None:
+        sound[: min(samples, len(audio))] = audio[:samples]
+    out["audio"] = np.repeat(sound[None], num, axis=0)
+    return out
+
+
+def read_split(cfg, split: str, num: int, extra_features: str = "", start: int = 0) -> dict:
+    """The first ``num`` clips of ``split`` after ``start`` (evaluation preprocessing), numpy."""
+    from mmgen.data import pipeline
+    from mmgen.train.generative import clip_dataset_config
+
+    it = pipeline.make_iterator(clip_dataset_config(cfg, extra_features), split=split, global_batch_size=1, seed=0,
+                                train=False, process_index=0, process_count=1, num_epochs=10_000)
+    rows = []
+    for i, batch in enumerate(it):
+        if i >= start:
+            rows.append(batch)
+        if len(rows) == num:
+            break
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+class Generator:
+    """A generative model and its tokenizers on one device: clips -> samples -> media."""
+
+    def __init__(self, cfg, model, *, tokenizers: dict | None = None, device=None):
+        from mmgen.train.generative import load_tokenizers
+
+        self.cfg = cfg
+        self.device = device or jax.local_devices()[0]
+        graphdef, state = nnx.split(model)
+        self.model = nnx.merge(graphdef, jax.device_put(state, self.device))
+        self.tokenizers = tokenizers if tokenizers is not None else load_tokenizers(cfg, self.device)
+        d = cfg.dataset
+        self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, overrides=(), step: int | None = None) -> "Generator":
+        """The inference model (EMA when kept) of a generative workdir, on the first local device."""
+        from mmgen import config as config_lib
+        from mmgen.parallel import mesh as mesh_lib
+        from mmgen.train import generative as family_lib
+        from mmgen.train import loop
+
+        cfg = family_lib.read_config(workdir)
+        config_lib.apply_overrides(cfg, overrides)
+        device = jax.local_devices()[0]
+        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices=[device])
+        tokenizers = family_lib.load_tokenizers(cfg, device)
+        state = loop.load_state(family_lib.FAMILY, cfg, workdir, mesh=mesh, step=step)
+        return cls(cfg, family_lib.inference_model(state), tokenizers=tokenizers, device=device)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_task(self, task: str, num: int, *, seed: int = 0, clips: dict | None = None, split: str = "test",
+                    steps: int | None = None, guidance: float | None = None, temperature: float | None = None,
+                    progress: bool = False) -> SampleResult:
+        """``num`` samples of ``task``; conditions from ``clips`` or the first clips of ``split``."""
+        from mmgen.train.generative import tokenize_clips
+
+        check_task(self.cfg, task)
+        s = self.cfg.sampling
+        steps = int(s.steps if steps is None else steps)
+        guidance = float(s.guidance if guidance is None else guidance)
+        temperature = float(s.temperature if temperature is None else temperature)
+        given = conditioned_modalities(task)
+        if given and clips is None:
+            clips = read_split(self.cfg, split, num)
+        chunk = max(1, min(num, int(s.batch_size)))
+        task_obj = tasks_lib.get_task(task)
+        labels = np.arange(num, dtype=np.int32) % int(self.cfg.model.num_classes)
+        commit = self.cfg.conditioning == "commit"
+        pieces = []
+        for c, lo in enumerate(tqdm(range(0, num, chunk), desc=f"sample {task}", disable=not progress)):
+            rows = np.minimum(np.arange(lo, lo + chunk), num - 1)  # the last chunk repeats its last row
+            key = jax.random.fold_in(jax.random.key(seed), c)
+            k_sample, k_region = jax.random.split(key)
+            condition = {"label": jnp.asarray(labels[rows])}
+            if given:
+                ids = np.full((chunk,), task_obj.index, np.int32)
+                sub = {m: self.tokenizers[m] for m in given}
+                video = clips["video"][rows] if "video" in given else None
+                audio = clips["audio"][rows] if "audio" in given else None
+                toks = tokenize_clips(self.cfg, sub, video, audio, ids, k_region, 0, with_condition=commit)
+                for m in given:
+                    condition[m] = jnp.asarray(toks[f"{m}_condition" if commit else f"{m}_tokens"])
+            tokens = sampling.sample(self.model, task, condition, k_sample, steps, guidance, temperature=temperature,
+                                     choice_temperature=float(s.choice_temperature), schedule=s.schedule,
+                                     mode=self.cfg.conditioning, batch_size=chunk, region_rng=k_region)
+            pieces.append({m: np.asarray(t)[: min(chunk, num - lo)] for m, t in tokens.items()})
+        tokens = {m: np.concatenate([p[m] for p in pieces]) for m in pieces[0]}
+        video, audio = self.decode(tokens)
+        if clips is not None and task_obj.video.kind == "condition":
+            video = clips["video"][:num]
+        if clips is not None and task_obj.audio.kind == "condition":
+            audio = clips["audio"][:num]
+        reference = None if clips is None else {k: v[:num] for k, v in clips.items()}
+        return SampleResult(task, tokens, video, audio, labels, reference)
+
+    def decode(self, tokens: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Tokens -> (uint8 video ``[n, T, H, W, 3]`` or None, float32 audio ``[n, S]`` or None)."""
+        from mmgen.tokenizers.audio import audio_samples_for_video
+
+        video = audio = None
+        chunk = max(1, int(self.cfg.sampling.batch_size))
+        if "video" in tokens:
+            video = np.concatenate([media.from_model(np.asarray(self.tokenizers["video"].decode(tokens["video"][i:i + chunk])))
+                                    for i in range(0, len(tokens["video"]), chunk)])
+        if "audio" in tokens:
+            d = self.cfg.dataset
+            samples = audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate))
+            audio = np.concatenate([np.asarray(self.tokenizers["audio"].decode(tokens["audio"][i:i + chunk]))
+                                    for i in range(0, len(tokens["audio"]), chunk)])[:, :samples]
+        return video, audio
+
+    # ------------------------------------------------------------------ files
+    @staticmethod
+    def save_grid(result: SampleResult, path: str) -> str | None:
+        """PNG of the sampled videos (rows: reference then sample per clip when conditioned)."""
+        if result.video is None:
+            return None
+        rows, n = result.video, len(result.video)
+        ref = (result.reference or {}).get("video")
+        if ref is not None and tasks_lib.get_task(result.task).video.kind != "condition":
+            rows = np.stack([ref[:n], result.video], axis=1).reshape(-1, *result.video.shape[1:])
+        media.save_png_grid(path, rows, upscale=2)
+        return path
+
+    def save(self, result: SampleResult, out_dir: str, prefix: str | None = None) -> dict:
+        """mp4 (or wav) per sample, a PNG grid and the tokens; returns {"media": [...], "grid": path, "tokens": path}."""
+        prefix = prefix or result.task
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {"media": [], "grid": None, "tokens": os.path.join(out_dir, f"{prefix}_tokens.npz")}
+        n = len(result.labels)
+        for i in range(n):
+            if result.video is not None:
+                path = os.path.join(out_dir, f"{prefix}_{i:03d}.mp4")
+                audio = result.audio[i] if result.audio is not None else None
+                media.write_video(path, result.video[i], fps=self.fps, audio=audio, sample_rate=self.sample_rate)
+            else:
+                path = os.path.join(out_dir, f"{prefix}_{i:03d}.wav")
+                media.write_wav(path, result.audio[i], sample_rate=self.sample_rate)
+            paths["media"].append(path)
+        if result.video is not None:
+            paths["grid"] = self.save_grid(result, os.path.join(out_dir, f"{prefix}.png"))
+        np.savez(paths["tokens"], task=result.task, labels=result.labels,
+                 **{f"{m}_tokens": t for m, t in result.tokens.items()})
+        return paths
+
+
+def main(args, overrides) -> int:
+    """``mmgen sample``: flags and input checked first, then load, sample, decode, write."""
+    from mmgen import config as config_lib
+    from mmgen.train.generative import read_config
+
+    cfg = read_config(args.workdir)
+    config_lib.apply_overrides(cfg, overrides)
+    check_task(cfg, args.task)
+    if args.num < 1:
+        raise UserError(f"--num={args.num} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps={args.steps} must be at least 1")
+    clips = None
+    if args.input:
+        if conditioned_modalities(args.task):
+            clips = read_input(args.input, cfg, args.task, args.num)
+        else:
+            print(f"mmgen sample: note: task {args.task!r} takes no condition clip; --input is ignored")
+    generator = Generator.from_workdir(args.workdir, overrides)
+    result = generator.sample_task(args.task, args.num, seed=args.seed, clips=clips, steps=args.steps,
+                                   guidance=args.guidance, temperature=getattr(args, "temperature", None),
+                                   progress=True)
+    paths = generator.save(result, args.out)
+    kind = "videos" if result.video is not None else "sounds"
+    print(f"wrote {len(paths['media'])} {kind} of {args.task} to {os.path.abspath(args.out)}"
+          + (f" (grid {os.path.basename(paths['grid'])}" if paths["grid"] else " (")
+          + f", tokens {os.path.basename(paths['tokens'])})")
+    return 0

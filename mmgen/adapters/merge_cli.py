@@ -151,15 +151,17 @@ def fresh_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.Sta
         key = tuple(str(p) for p in path)
         target, where = var.get_value(), sharding.get_value()
         if key[0] in prefixes and key[1:] in values:
-            value = jnp.asarray(values[key[1:]])
+            value = values[key[1:]]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"merged {'.'.join(key)} has shape {value.shape}, the workdir expects {target.shape}")
             used.add(key[1:])
         elif key[0] == "optimizer" or isinstance(var, RoutingCount):
-            value = jnp.zeros(target.shape, target.dtype)
+            value = np.zeros(target.shape, target.dtype)
         else:
             raise ValueError(f"the merged state has no value for {'.'.join(key)}")
-        flat.append((path, var.replace(jax.device_put(value.astype(target.dtype), where))))
+        if value.dtype != target.dtype:
+            value = value.astype(target.dtype)
+        flat.append((path, var.replace(jax.device_put(value, where))))
     missing = set(values) - used
     if missing:
         raise ValueError(f"merged variables with no place in the output state: {sorted(missing)[:3]}")

@@ -39,10 +39,12 @@ Config keys besides the generative ones: ``base_workdir``, ``base_step``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -166,20 +168,38 @@ def _str_path(path) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
+@functools.lru_cache(maxsize=8)
+def _abstract_model(model_json: str, adapter_json: str | None):
+    """(graphdef, abstract state) of the base architecture, adapted when ``adapter_json`` is given.
+
+    Cached by the JSON of the configs: tracing the model's construction costs a
+    fraction of a second and every load asks for it more than once.
+    """
+    cfg = ml_collections.ConfigDict({"model": json.loads(model_json)})
+    if adapter_json is None:
+        return nnx.split(nnx.eval_shape(lambda: MaskedTransformer(cfg.model, rngs=nnx.Rngs(0))))
+    cfg.adapter = json.loads(adapter_json)
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+
+
+def abstract_model(model_cfg, adapter_cfg=None):
+    as_json = lambda c: json.dumps(_normalised(c), sort_keys=True)
+    return _abstract_model(as_json(model_cfg), None if adapter_cfg is None else as_json(adapter_cfg))
+
+
 def plain_model_fingerprint(model_cfg, values: dict[tuple[str, ...], jax.Array]) -> str:
     """``base_fingerprint`` of a ``MaskedTransformer`` whose parameters are ``values`` (by path)."""
-    abstract = nnx.eval_shape(lambda: MaskedTransformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(model_cfg)
     flat = [(p, v.replace(values[_str_path(p)]) if _str_path(p) in values else v)
             for p, v in nnx.to_flat_state(state)]
     return base_fingerprint(nnx.merge(graphdef, nnx.from_flat_state(flat)))
 
 
 def base_model_fingerprint(cfg) -> str:
-    """Fingerprint of the pinned base, read onto the host (``validate``, ``adapters merge``)."""
-    abstract = nnx.eval_shape(lambda: MaskedTransformer(cfg.model, rngs=nnx.Rngs(0)))
+    """Fingerprint of the pinned base, read onto the host (``validate``)."""
+    _, state = abstract_model(cfg.model)
     targets = {_str_path(p): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype)
-               for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+               for p, v in nnx.to_flat_state(nnx.filter_state(state, nnx.Param))}
     return plain_model_fingerprint(cfg.model, restore_base_params(cfg, targets, host=True))
 
 
@@ -237,7 +257,7 @@ def validate(cfg) -> None:
     _check_adapter(cfg)
     pin_base(cfg)
     try:
-        nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
+        abstract_model(cfg.model, cfg.adapter)
     except ValueError as e:  # targets that match nothing, ranks that do not fit
         raise UserError(f"config.adapter: {e}") from None
     generative.validate(cfg)
@@ -278,7 +298,7 @@ def train_step(cfg, state: AdapterState, batch, rng) -> dict:
 
 def load_frozen(cfg, abstract: nnx.State) -> nnx.State:
     """The base parameters of the pinned base checkpoint onto ``abstract``'s shardings, verified."""
-    adapter_paths = adapter_module_paths(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+    adapter_paths = adapter_module_paths(nnx.merge(*abstract_model(cfg.model, cfg.adapter)))
     where, targets = [], {}
     for path, var in nnx.to_flat_state(abstract):
         if path[0] != "model":

@@ -1,0 +1,47 @@
+"""Sizes of ``python -m mmgen demo``: the whole pipeline on 2 CPU cores in about 15 minutes.
+
+Each stage trains from its own tiny config (``stages``) with the changes below
+applied on top, into its own workdir under the demo's ``--workdir``. The tiny
+configs are sized for a real (if small) CPU run; the demo trades quality for time:
+no GAN for the tokenizers (the discriminators cost 3-6x a generator step on a CPU),
+a narrower video tokenizer, short schedules. Change any number from the command line:
+
+    python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
+
+Variant ``fast`` (the CLI's hidden ``--config.fast``) shrinks every stage to a few
+steps on a 16-clip dataset: it checks the plumbing, it learns nothing.
+"""
+
+import ml_collections
+
+STAGES = {  # stage -> the config it starts from (relative to configs/)
+    "video_tokenizer": "tokenizer/video.py:tiny,gan=0",
+    "audio_tokenizer": "tokenizer/audio.py:tiny,gan=0",
+    "generative": "generative/multitask.py:tiny",
+}
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.stages = ml_collections.ConfigDict(STAGES)
+    c.dataset = ml_collections.ConfigDict(dict(name="moving_shapes_av/tiny", builder_overrides={}))
+    # Every stage saves and evaluates once, at its last step.
+    common = dict(log_every=10, eval_batches=2, keep_checkpoints=1, keep_best=0, tensorboard=False)
+    c.video_tokenizer = ml_collections.ConfigDict(dict(
+        total_steps=240, batch_size=4, ema_decay=0.98, model=dict(base_channels=8),
+        schedule=dict(warmup_steps=20), **common))
+    c.audio_tokenizer = ml_collections.ConfigDict(dict(
+        total_steps=160, batch_size=8, ema_decay=0.98, schedule=dict(warmup_steps=20), **common))
+    c.generative = ml_collections.ConfigDict(dict(
+        total_steps=300, batch_size=8, schedule=dict(warmup_steps=30), sampling=dict(eval_tasks=""), **common))
+    c.samples = ml_collections.ConfigDict(dict(num=2, steps=12, seed=0))
+    if arg == "fast":
+        c.dataset.builder_overrides = {"num_train": 16, "num_test": 8}
+        for stage in ("video_tokenizer", "audio_tokenizer", "generative"):
+            c[stage].total_steps = 2
+            c[stage].eval_batches = 1
+            c[stage].log_every = 1
+        c.samples.num, c.samples.steps = 1, 2
+    elif arg:
+        raise KeyError(f"unknown demo variant {arg!r}; the only one is 'fast'")
+    return c

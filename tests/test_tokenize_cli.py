@@ -1,0 +1,221 @@
+"""Specification of ``python -m mmgen tokenize`` and ``python -m mmgen eval`` on tokenizer workdirs.
+
+The workdirs hold the tiny configs shrunk to 5 frames of 16x16 (video) and 5/8 s of
+sound (audio) with a checkpoint of seeded random weights, built once for the module (the
+commands need a workdir, not a trained model); the commands run in-process through
+``mmgen.cli.main``.
+"""
+
+import json
+import os
+
+import av
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmgen import cli
+from mmgen import config as config_lib
+from mmgen.data import media
+from mmgen.tokenizers import tokenize_cli
+from mmgen.train import get_family, loop
+from mmgen.train.checkpoint import Checkpointer
+
+FAMILY = get_family("tokenizer")
+SMALL = ["async_checkpointing=False", "batch_size=2", "dataset.frames=5"]
+
+
+def _random_value(abstract, rng):
+    if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.zeros(abstract.shape + (2,), np.uint32))
+    if np.issubdtype(abstract.dtype, np.floating):
+        return (0.1 * rng.standard_normal(abstract.shape)).astype(abstract.dtype)
+    return np.zeros(abstract.shape, abstract.dtype)
+
+
+def _workdir(modality, overrides, data_dir, workdir):
+    """A workdir as ``train`` leaves it (config.json + an Orbax checkpoint of the whole
+    state) whose weights are seeded random numbers: these commands need a workdir, not a
+    trained model (training is tests/test_tokenizer_train.py's), and nothing compiles here."""
+    cfg = config_lib.load_config(f"configs/tokenizer/{modality}.py:tiny,gan=0", SMALL + overrides)
+    cfg.dataset.data_dir = data_dir
+    cfg.dataset.builder_overrides = {"num_train": 4, "num_test": 4}
+    _, abstract = loop.abstract_state(FAMILY, cfg)
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda a: _random_value(a, rng), abstract)
+    config_lib.write_config(cfg, workdir)
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    root = tmp_path_factory.mktemp("workdirs")
+    return {
+        "video": _workdir("video", ["dataset.resolution=16", "model.base_channels=8"], data_dir,
+                                      str(root / "video")),
+        "audio": _workdir("audio", [], data_dir, str(root / "audio")),
+    }
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _tone(seconds, rate, channels):
+    t = np.arange(round(seconds * rate)) / rate
+    left = 0.4 * np.sin(2 * np.pi * 440 * t)
+    return np.stack([left, 0.4 * np.sin(2 * np.pi * 660 * t)][:channels], axis=1).astype(np.float32)
+
+
+def _moving_square(frames=24, height=48, width=64):
+    video = np.full((frames, height, width, 3), 40, np.uint8)
+    for i in range(frames):
+        video[i, 10:30, 2 * i:2 * i + 20] = (220, 60, 30)
+    return video
+
+
+# ------------------------------------------------------------------ tokenize: audio
+
+
+def test_stereo_44k_wav_round_trips_to_mono_16k(workdirs, tmp_path, capsys):
+    src, out, tokens = tmp_path / "in.wav", tmp_path / "recon.wav", tmp_path / "tokens.npy"
+    media.write_wav(str(src), _tone(0.5, 44100, channels=2), sample_rate=44100)
+    code, stdout, err = _run(capsys, "tokenize", "--workdir", workdirs["audio"], "--input", str(src),
+                             "--out", str(out), "--save-tokens", str(tokens))
+    assert code == 0, err
+    with av.open(str(out)) as f:
+        stream = f.streams.audio[0]
+        assert (stream.codec_context.sample_rate, stream.codec_context.channels) == (16000, 1)
+    recon, rate = media.read_wav(str(out))
+    assert rate == 16000 and recon.shape == (8000,)
+    # 8000 samples / hop 320 = 25 frames x 4 RVQ levels of 256 codes: 50 Hz x 32 bits = 1.6 kbps.
+    saved = np.load(tokens)
+    assert saved.shape == (25, 4) and saved.dtype == np.int32 and saved.max() < 256
+    for text in ("SI-SNR", "mel distance", "200 tokens/s", "1.60 kbps"):
+        assert text in stdout, stdout
+
+
+def test_the_sound_track_of_an_mp4_is_read_as_mono_at_the_model_rate(tmp_path):
+    src = tmp_path / "clip.mp4"
+    media.write_video(str(src), _moving_square(frames=8), fps=16, audio=_tone(0.5, 22050, 1)[:, 0], sample_rate=22050)
+    audio = tokenize_cli.read_sound(str(src), 16000)
+    assert audio.ndim == 1 and 8000 <= audio.shape[0] <= 9100  # AAC pads to whole codec frames
+    spectrum = np.abs(np.fft.rfft(audio[1000:7000]))
+    assert abs(np.argmax(spectrum) * 16000 / 6000 - 440) < 5  # the tone survives resampling
+
+
+# ------------------------------------------------------------------ tokenize: video
+
+
+def test_mp4_round_trip_fits_the_clip_to_the_config(workdirs, tmp_path, capsys):
+    src, out, tokens = tmp_path / "in.mp4", tmp_path / "recon.mp4", tmp_path / "tokens.npy"
+    media.write_video(str(src), _moving_square(), fps=24)  # 1 s, 64x48 at 24 fps
+    code, stdout, err = _run(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(src),
+                             "--out", str(out), "--save-tokens", str(tokens))
+    assert code == 0, err
+    recon = media.read_video(str(out), with_audio=False)
+    assert recon.video.shape == (5, 16, 16, 3) and recon.fps == 8
+    compare = media.read_video(str(tmp_path / "recon_compare.mp4"), with_audio=False)
+    assert compare.video.shape == (5, 16, 32, 3)  # original | reconstruction
+    assert np.load(tokens).shape == (2, 4, 4)  # 5 frames -> 2 latent frames, 16 / 4 = 4
+    # 32 tokens x 10 bits over 5 x 16 x 16 pixels.
+    for text in ("PSNR", "SSIM", "2 x 4 x 4 grid", f"{32 * 10 / (5 * 16 * 16):.4f} bits per pixel"):
+        assert text in stdout, stdout
+
+
+def test_a_short_video_is_padded_with_its_last_frame_and_a_wide_one_centre_cropped(tmp_path):
+    src = tmp_path / "short.mp4"
+    video = _moving_square(frames=6)  # 0.25 s at 24 fps -> 2 frames at 8 fps
+    video[:, :, :4] = 255  # white bars at the sides fall outside the centre crop
+    video[:, :, -4:] = 255
+    media.write_video(str(src), video, fps=24)
+    clip = tokenize_cli.read_video_input(str(src), frames=5, resolution=16, fps=8.0)
+    assert (clip.real, clip.width, clip.height) == (2, 64, 48)
+    assert clip.video.shape == (5, 16, 16, 3)
+    np.testing.assert_array_equal(clip.video[2:], np.repeat(clip.video[1:2], 3, axis=0))
+    assert clip.video.max() < 250  # 64x48 -> 21x16, crop columns 2..17: the bars are gone
+
+
+# ------------------------------------------------------------------ tokenize: errors
+
+
+def _one_line_error(capsys, *argv):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_empty_corrupt_and_missing_inputs_are_one_line_errors(workdirs, tmp_path, capsys):
+    empty, corrupt = tmp_path / "empty.mp4", tmp_path / "corrupt.wav"
+    empty.write_bytes(b"")
+    corrupt.write_bytes(os.urandom(2048))
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(empty),
+                           "--out", str(tmp_path / "o.mp4"))
+    assert line.startswith("mmgen tokenize: error:") and "empty" in line
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["audio"], "--input", str(corrupt),
+                           "--out", str(tmp_path / "o.wav"))
+    assert str(corrupt) in line and "not a readable media file" in line
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["audio"], "--input", str(tmp_path / "nope.wav"),
+                           "--out", str(tmp_path / "o.wav"))
+    assert "no such file" in line
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.wav").exists()
+
+
+def test_wrong_workdir_and_output_kind_are_one_line_errors(workdirs, tmp_path, capsys):
+    src = tmp_path / "in.wav"
+    media.write_wav(str(src), _tone(0.1, 16000, 1), sample_rate=16000)
+    line = _one_line_error(capsys, "tokenize", "--workdir", str(tmp_path), "--input", str(src), "--out", "o.wav")
+    assert "not a workdir (no config.json)" in line
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["audio"], "--input", str(src), "--out", "o.mp4")
+    assert "audio tokenizer writes .wav" in line
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(src), "--out", "o.mp4")
+    assert "has no video stream" in line
+
+
+# ------------------------------------------------------------------ eval
+
+
+def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
+    code, stdout, err = _run(capsys, "eval", "--workdir", workdirs["video"], "--num", "4")
+    assert code == 0, err
+    result = json.load(open(os.path.join(workdirs["video"], "eval.json")))
+    assert result["split"] == "test" and result["num_examples"] == 4
+    assert result["vocab_size"] == 1024 and result["bits_per_token"] == 10.0
+    assert result["token_grid"] == [2, 4, 4]
+    # 4 clips x 32 tokens = 128 tokens can use at most 128 of the 1024 codes.
+    assert 0 < result["codebook_usage"] <= 128 / 1024
+    assert 1.0 <= result["perplexity"] <= 128
+    assert np.isfinite(result["psnr"]) and -1.0 <= result["ssim"] <= 1.0
+    with Image.open(result["files"]["recon_grid"]) as image:  # 8 rows (ref, recon) x 5 frames, 2x upscaled
+        assert image.size == (2 * (5 * 18 - 2), 2 * (8 * 18 - 2))
+    assert "psnr" in stdout and "wrote" in stdout
+
+
+def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(workdirs, capsys):
+    code, _, err = _run(capsys, "eval", "--workdir", workdirs["audio"], "--num", "2")
+    assert code == 0, err
+    result = json.load(open(os.path.join(workdirs["audio"], "eval.json")))
+    assert [d["levels_used"] for d in result["by_depth"]] == [1, 2, 3, 4]
+    assert [d["bitrate_bps"] for d in result["by_depth"]] == [400.0, 800.0, 1200.0, 1600.0]
+    assert result["si_snr"] == result["by_depth"][-1]["si_snr"]
+    assert len(result["codebook_usage"]) == 4 and all(0 < u <= 1 for u in result["codebook_usage"])
+    assert result["baseline_mulaw"]["sample_rate"] == 200.0
+    assert all(os.path.exists(p) for p in result["files"]["wavs"]) and len(result["files"]["wavs"]) == 4
+
+
+def test_eval_errors_are_one_line(workdirs, tmp_path, capsys):
+    line = _one_line_error(capsys, "eval", "--workdir", str(tmp_path / "missing"))
+    assert line == f"mmgen eval: error: {tmp_path / 'missing'}: no such workdir"
+    line = _one_line_error(capsys, "eval", "--workdir", workdirs["video"], "--split", "validation")
+    assert "validation" in line
+    line = _one_line_error(capsys, "eval", "--workdir", workdirs["video"], "--num", "5")
+    assert "has 4 clips" in line

@@ -83,8 +83,10 @@ def _banner(text: str, start: float) -> None:
 
 
 def train_stage(name: str, cfg, workdir: str, start: float) -> dict:
+    """Train (or resume, or reuse) one stage; returns its last eval metrics and its seconds."""
     from mmgen.train import get_family, loop
 
+    began = time.perf_counter()
     done = _trained_steps(workdir)
     if done >= cfg.total_steps:
         _banner(f"{name}: reusing {workdir} (trained to step {done})", start)
@@ -92,7 +94,7 @@ def train_stage(name: str, cfg, workdir: str, start: float) -> dict:
         _banner(f"{name}: training {cfg.total_steps} steps into {workdir}" + (f" (resuming at {done})" if done else ""),
                 start)
         loop.run(get_family(cfg.family), cfg, workdir)
-    return _last_eval(workdir)
+    return {**_last_eval(workdir), "seconds": round(time.perf_counter() - began, 1)}
 
 
 def main(args, overrides) -> int:
@@ -116,6 +118,7 @@ def main(args, overrides) -> int:
 
     results = {s: train_stage(s.replace("_", " "), cfgs[s], dirs[s], start) for s in dirs}
 
+    began = time.perf_counter()
     _banner(f"samples: every task into {os.path.join(root, 'samples')}", start)
     generator = Generator.from_workdir(dirs["generative"])
     have = list(generator.model.specs)
@@ -128,16 +131,19 @@ def main(args, overrides) -> int:
         written[task] = generator.save(result, os.path.join(root, "samples", task))
 
     elapsed = time.perf_counter() - start
-    summary = {"seconds": round(elapsed, 1), "workdirs": dirs, "samples": os.path.join(root, "samples"),
-               "eval": results}
+    summary = {"seconds": round(elapsed, 1), "sampling_seconds": round(time.perf_counter() - began, 1),
+               "workdirs": dirs, "samples": os.path.join(root, "samples"), "eval": results}
     with open(os.path.join(root, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     v, a, g = (results[s] for s in dirs)
     print(f"\ndemo finished in {elapsed / 60:.1f} min; everything is in {root}")
-    print(f"  video tokenizer  {dirs['video_tokenizer']}  eval PSNR {v.get('eval/psnr', float('nan')):.2f} dB")
-    print(f"  audio tokenizer  {dirs['audio_tokenizer']}  eval loss {a.get('eval/loss', float('nan')):.3f}")
-    print(f"  transformer      {dirs['generative']}  eval masked-token accuracy {g.get('eval/accuracy', float('nan')):.3f}")
-    print(f"  samples          {os.path.join(root, 'samples')}/<task>/: {len(written)} tasks, e.g.")
+    nan = float("nan")
+    print(f"  video tokenizer  {dirs['video_tokenizer']}  eval PSNR {v.get('eval/psnr', nan):.2f} dB  ({v['seconds']:.0f}s)")
+    print(f"  audio tokenizer  {dirs['audio_tokenizer']}  eval loss {a.get('eval/loss', nan):.3f}  ({a['seconds']:.0f}s)")
+    print(f"  transformer      {dirs['generative']}  eval masked-token accuracy {g.get('eval/accuracy', nan):.3f}"
+          f"  ({g['seconds']:.0f}s)")
+    print(f"  samples          {os.path.join(root, 'samples')}/<task>/: {len(written)} tasks "
+          f"({summary['sampling_seconds']:.0f}s), e.g.")
     for task in ("frame_prediction", "audio_video", "video_to_audio"):
         if task in written:
             print(f"                   {written[task]['media'][0]}")

@@ -126,7 +126,9 @@ def read_split(cfg, split: str, num: int, extra_features: str = "", start: int =
     from mmgen.data import pipeline
     from mmgen.train.generative import clip_dataset_config
 
-    it = pipeline.make_iterator(clip_dataset_config(cfg, extra_features), split=split, global_batch_size=1, seed=0,
+    dataset = clip_dataset_config(cfg, extra_features)
+    dataset.read_threads = 1  # one clip at a time
+    it = pipeline.make_iterator(dataset, split=split, global_batch_size=1, seed=0,
                                 train=False, process_index=0, process_count=1, num_epochs=10_000)
     rows = []
     for i, batch in enumerate(it):

@@ -1,0 +1,54 @@
+"""Specification of ``python -m mmgen demo``'s plumbing (mmgen/demo.py, configs/generative/demo.py).
+
+The demo itself trains three models (minutes); these tests check, without compiling
+anything, that every stage's config is the tiny one with the demo's changes, that the
+generative stage points at the tokenizer stages, and that overrides and mistakes
+behave as the CLI promises.
+"""
+
+import os
+
+import pytest
+
+from mmgen import cli, demo
+from mmgen import config as config_lib
+from mmgen.errors import UserError
+from mmgen.train import generative as gen
+
+
+def demo_config(arg=None, overrides=()):
+    spec = os.path.join(demo.configs_dir(), "generative", "demo.py") + (f":{arg}" if arg else "")
+    return config_lib.load_config(spec, overrides)
+
+
+def test_stage_configs_are_the_tiny_ones_with_the_demo_changes(tmp_path):
+    d = demo_config(overrides=["video_tokenizer.total_steps=7", "generative.batch_size=4"])
+    data = str(tmp_path / "data")
+    video = demo.stage_config(d, "video_tokenizer", data)
+    audio = demo.stage_config(d, "audio_tokenizer", data)
+    assert (video.family, video.modality, audio.modality) == ("tokenizer", "video", "audio")
+    assert video.total_steps == 7 and video.batch_size == 4 and video.model.base_channels == 8
+    assert video.loss.generator_weight == 0.0 and audio.loss.generator_weight == 0.0  # no GAN on a CPU
+    assert video.eval_every > 0 and audio.eval_every > 0  # the loop then evaluates at the last step
+    for cfg in (video, audio):
+        assert cfg.dataset.data_dir == data and cfg.dataset.name == "moving_shapes_av/tiny"
+    generative = demo.stage_config(d, "generative", data, ["tokenizers.video_workdir='V'",
+                                                          "tokenizers.audio_workdir='A'"])
+    assert generative.batch_size == 4 and generative.total_steps == d.generative.total_steps
+    assert (generative.tokenizers.video_workdir, generative.tokenizers.audio_workdir) == ("V", "A")
+    assert len(gen.task_weights(generative)) == 15  # every task is trained and sampled
+
+
+def test_fast_variant_is_a_few_steps_on_a_small_dataset():
+    d = demo_config("fast")
+    assert all(d[s].total_steps <= 3 for s in ("video_tokenizer", "audio_tokenizer", "generative"))
+    assert d.dataset.builder_overrides.to_dict() == {"num_train": 16, "num_test": 8}
+
+
+def test_bad_override_is_one_line_exit_2(tmp_path, capsys):
+    assert cli.main(["demo", "--workdir", str(tmp_path / "d"), "--config.video_tokenizer.total_stepz=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmgen demo: error: config has no key 'video_tokenizer.total_stepz'") and "\n" not in err
+    assert not os.path.exists(tmp_path / "d")  # nothing written before the configs are checked
+    with pytest.raises(UserError, match="no variant 'slow'"):
+        demo_config("slow")

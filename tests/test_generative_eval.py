@@ -1,0 +1,66 @@
+"""Specification of the generative evaluation (mmgen/eval/generative_eval.py).
+
+The height estimators are checked on real moving_shapes_av clips (numpy only); the
+whole evaluation runs once on a tiny video-only workdir with numpy-initialised weights.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import mmgen  # noqa: F401
+from mmgen.data.builders import moving_shapes_av as msav
+from mmgen.eval import generative_eval as ge
+from mmgen.train import generative as gen
+from test_generative_train import generative_config, make_tiny_workdirs, write_numpy_initialised
+
+
+@pytest.fixture(scope="module")
+def clips():
+    rows = [msav.generate_clip(np.random.default_rng((5, i)), frames=9, resolution=32, fps=8.0, sample_rate=16000)
+            for i in range(8)]
+    return {k: np.stack([r[k] for r in rows]) for k in ("video", "audio", "main_y")}
+
+
+def test_height_estimators_read_the_main_shape_from_pictures_and_pitch(clips):
+    from_video = ge.video_heights(clips["video"])
+    from_audio = ge.audio_heights(clips["audio"], 9, 8.0, 16000)
+    assert from_video.shape == from_audio.shape == (8, 9)
+    video = ge.agreement(from_video, clips["main_y"])
+    audio = ge.agreement(from_audio, clips["main_y"])
+    assert video["valid_frames"] == 1.0 and video["mae"] < 0.03 and video["corr"] > 0.95
+    assert audio["mae"] < 0.08 and audio["corr"] > 0.8
+    for scores in (video, audio):  # a shuffled pairing is far worse: this is what "chance" means
+        assert scores["mae_shuffled"] > 2 * scores["mae"] and scores["corr_shuffled"] < scores["corr"] - 0.3
+
+
+def test_blank_video_has_no_height_and_agreement_skips_it():
+    blank = np.full((2, 3, 16, 16, 3), 90, np.uint8)
+    assert np.isnan(ge.video_heights(blank)).all()
+    scores = ge.agreement(ge.video_heights(blank), np.zeros((2, 3)))
+    assert np.isnan(scores["mae"]) and scores["valid_frames"] == 0.0
+
+
+def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
+    root = str(tmp_path)
+    data_dir = os.path.join(root, "data")
+    tokenizers = make_tiny_workdirs(root, data_dir)
+    cfg = generative_config("tiny,modalities=video", data_dir=data_dir, extra=[
+        f"tokenizers.video_workdir={tokenizers['video']!r}", "sampling.steps=2", "evaluation.unigram_clips=4",
+        "sampling.batch_size=4"])
+    workdir = write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=3)
+    result = ge.evaluate(workdir, "test", num=4)
+    assert json.load(open(os.path.join(workdir, "eval.json"))) == json.loads(json.dumps(result))
+    rows = {r["task"]: r for r in result["token_accuracy"]}
+    assert len(rows) == 10 and "audio_to_video" not in rows  # the video-only model's tasks
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["unigram"] <= 1.0 and row["scored"] > 0
+    # Masked targets only: frame prediction scores the 2 generated latent frames of 3 (x 8 x 8), at most.
+    assert rows["frame_prediction"]["scored"] <= 4 * 2 * 8 * 8
+    fp = result["frame_prediction"]
+    assert fp["given_frames"] == 1 and fp["predicted_frames"] == 8
+    assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
+    assert "audio_visual" not in result
+    assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]

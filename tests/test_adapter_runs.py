@@ -21,7 +21,14 @@ from flax import nnx
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen import cli
 from mmgen import config as config_lib
-from mmgen.adapters import FlyLoRA, FlyLoRASum, LoRA, adapter_state, base_fingerprint, merge_flylora_adapters
+from mmgen.adapters import (
+    FlyLoRA,
+    FlyLoRASum,
+    LoRA,
+    adapter_state,
+    base_fingerprint,
+    merge_flylora_adapters,
+)
 from mmgen.errors import UserError
 from mmgen.generative import tasks as tasks_lib
 from mmgen.train import adapters as adapters_family
@@ -53,7 +60,8 @@ def load(workdir):
 
 
 def checkpoint_keys(workdir, step=2):
-    meta = json.loads(open(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")).read())
+    with open(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")) as f:
+        meta = json.load(f)
     return [tuple(eval(k)) for k in meta["tree_metadata"]]  # keys are tuple reprs, e.g. "('model', 'x', 'value')"
 
 
@@ -235,7 +243,8 @@ def test_flylora_merges_load_as_summed_branches_or_averaged_shared_a(runs, tmp_p
     # The same adapter twice shares A: the average of two equal B's is the adapter itself.
     same = str(tmp_path / "fly_same")
     assert cli.main(["adapters", "merge", "--workdirs", runs["flylora"], runs["flylora"], "--out", same]) == 0
-    assert json.load(open(os.path.join(same, "merge.json")))["mode"] == "flylora_shared_a"
+    with open(os.path.join(same, "merge.json")) as f:
+        assert json.load(f)["mode"] == "flylora_shared_a"
     assert_logits_close(logits_of(load(same).model, *probe_inputs),
                         logits_of(load(runs["flylora"]).model, *probe_inputs))
 

@@ -17,22 +17,22 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapter_common import ATTENTION, adapter_config  # noqa: E402
+from adapter_common import ATTENTION, adapter_config
 
 RANK, K = 32, 8
 
 
 def get_config(arg=None):
-    adapter = ml_collections.ConfigDict(dict(
-        kind="flylora",
-        targets=ATTENTION,
-        rank=RANK,
-        k=K,
-        alpha=2.0 * RANK,
-        seed=0,  # A's seed (per layer, mixed with the module path); different tasks: different seeds
-        select="abs",  # top-k of |A x + d| (the paper's minimal code); "signed": of A x + d
-        bias_lr=1e-3,  # u in d_i += u * sign(mean(c) - c_i)
-        branches=1,  # > 1 only in workdirs written by `mmgen adapters merge`
-        branch_weights=[1.0],
-    ))
+    adapter = ml_collections.ConfigDict({
+        "kind": "flylora",
+        "targets": ATTENTION,
+        "rank": RANK,
+        "k": K,
+        "alpha": 2.0 * RANK,
+        "seed": 0,  # A's seed (per layer, mixed with the module path); different tasks: different seeds
+        "select": "abs",  # top-k of |A x + d| (the paper's minimal code); "signed": of A x + d
+        "bias_lr": 1e-3,  # u in d_i += u * sign(mean(c) - c_i)
+        "branches": 1,  # > 1 only in workdirs written by `mmgen adapters merge`
+        "branch_weights": [1.0],
+    })
     return adapter_config(adapter, arg)

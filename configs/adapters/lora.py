@@ -19,21 +19,21 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from adapter_common import ATTENTION, adapter_config  # noqa: E402
+from adapter_common import ATTENTION, adapter_config
 
 FLYLORA_RANK = 32
 RANK = FLYLORA_RANK // 2  # equal trainable size on square layers (see the docstring)
 
 
 def get_config(arg=None):
-    adapter = ml_collections.ConfigDict(dict(
-        kind="lora",
-        targets=ATTENTION,
-        rank=RANK,
-        alpha=2.0 * RANK,
-        seed=0,
-        init="normal",  # A ~ N(0, 1/r^2); "he_uniform": U(+-sqrt(6/n))
-        branches=1,
-        branch_weights=[1.0],
-    ))
+    adapter = ml_collections.ConfigDict({
+        "kind": "lora",
+        "targets": ATTENTION,
+        "rank": RANK,
+        "alpha": 2.0 * RANK,
+        "seed": 0,
+        "init": "normal",  # A ~ N(0, 1/r^2); "he_uniform": U(+-sqrt(6/n))
+        "branches": 1,
+        "branch_weights": [1.0],
+    })
     return adapter_config(adapter, arg)

@@ -185,8 +185,8 @@ def run_seed(out: str, seed: int, base_steps: int, adapter_steps: int, log) -> l
         scores = {"base": load_model(base)}
         for task in (TASK_A, TASK_B):
             scores[task] = load_model(workdirs[task])
-        for label in merged:
-            scores[f"merged_{label}"] = load_model(merged[label])
+        for label, workdir in merged.items():
+            scores[f"merged_{label}"] = load_model(workdir)
         for task in (TASK_A, TASK_B):
             row = {"seed": seed, "method": kind, "task": task}
             for name, model in scores.items():
@@ -201,7 +201,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| method | task | seed | base | own adapter | merged (1+1) | merged (0.5+0.5) | other task's adapter |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        cell = lambda k: f"{r[k + '_loss']:.3f} ({100 * r[k + '_acc']:.0f}%)"
+        def cell(k, r=r):
+            return f"{r[k + '_loss']:.3f} ({100 * r[k + '_acc']:.0f}%)"
+
         lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | {cell('base')} | {cell('own_adapter')} | "
                      f"{cell('merged_sum')} | {cell('merged_mean')} | {cell('other_adapter')} |")
     return "\n".join(lines)
@@ -215,12 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--adapter-steps", type=int, default=800)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, "log.txt"), "a")
-
     def log(msg):
         print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+        with open(os.path.join(args.out, "log.txt"), "a") as f:
+            f.write(msg + "\n")
 
     rows = [r for seed in args.seeds for r in run_seed(args.out, seed, args.base_steps, args.adapter_steps, log)]
     with open(os.path.join(args.out, "results.json"), "w") as f:

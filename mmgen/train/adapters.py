@@ -63,7 +63,11 @@ from mmgen.adapters.flylora import SELECT_MODES
 from mmgen.adapters.lora import LORA_INITS
 from mmgen.adapters.surgery import ADAPTER_KINDS, adapter_module_paths, pre_surgery_path
 from mmgen.errors import UserError
-from mmgen.generative.transformer import MaskedTransformer, matmul_param_count, sequence_length
+from mmgen.generative.transformer import (
+    MaskedTransformer,
+    matmul_param_count,
+    sequence_length,
+)
 from mmgen.train import generative, optim
 from mmgen.train.checkpoint import Checkpointer
 

@@ -34,6 +34,8 @@ def read_config(workdir: str):
 
 def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
     """Mean ``eval_step`` metrics of the newest checkpoint over ``num`` batches of ``split``."""
+    import dataclasses
+
     import jax
     import numpy as np
     from flax import nnx
@@ -49,6 +51,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
     loop.check_batch_divides(cfg, mesh)
     state_module = loop.load_state(family, cfg, workdir, mesh=mesh)
     graphdef, state = nnx.split(state_module)
+    family = dataclasses.replace(family, frozen=None)  # the loaded state is whole, frozen part included
     shardings = jax.tree.map(lambda x: x.sharding, state)
     batches = int(num if num is not None else cfg.get("eval_batches", 4))
     if batches < 1:
@@ -109,7 +112,7 @@ def main(args, overrides) -> int:
         from mmgen.eval import tokenizer_eval
 
         result = tokenizer_eval.evaluate(args.workdir, args.split, args.num)
-    elif family == "generative":
+    elif family in ("generative", "adapters"):
         try:
             generative_eval = importlib.import_module("mmgen.eval.generative_eval")
         except ModuleNotFoundError as e:

@@ -166,7 +166,9 @@ class Generator:
         device = jax.local_devices()[0]
         mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices=[device])
         tokenizers = family_lib.load_tokenizers(cfg, device)
-        state = loop.load_state(family_lib.FAMILY, cfg, workdir, mesh=mesh, step=step)
+        from mmgen.train import get_family
+
+        state = loop.load_state(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)  # generative or adapters
         return cls(cfg, family_lib.inference_model(state), tokenizers=tokenizers, device=device)
 
     # ------------------------------------------------------------------ sampling

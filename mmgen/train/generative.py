@@ -212,7 +212,10 @@ def train_step(cfg, state: GenerativeState, batch, rng) -> dict:
     def loss_fn(model):
         return masking.loss_fn(model, example, label_smoothing=cfg.masking.label_smoothing, rng=k_dropout, train=True)
 
-    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(state.model)
+    # Gradients only for what the optimizer trains (all weights here; adapters only under
+    # the adapters family, so a frozen base costs no gradient memory).
+    wrt = nnx.DiffState(0, state.optimizer.wrt)
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)(state.model)
     metrics = dict(metrics)
     metrics["grad_norm"] = optim.global_norm(grads)
     step = state.optimizer.step[...]
@@ -484,8 +487,8 @@ def read_config(workdir: str):
     if not os.path.exists(path):
         raise UserError(f"{workdir} is not a workdir (no config.json): train first or check the path")
     cfg = config_lib.from_json_file(path)
-    if cfg.get("family") != "generative":
-        raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not a generative one")
+    if cfg.get("family") not in ("generative", "adapters"):
+        raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not a generative (or adapter) one")
     return cfg
 
 

@@ -103,3 +103,22 @@ def test_bad_task_and_bad_input_are_one_line_before_compiling(workdir, tmp_path,
     assert "is not a workdir (no config.json)" in one_line_error(capsys)
     assert sampling._decode._cache_size() == before + 1  # only the one valid run compiled
     assert not os.path.exists(tmp_path / "x" / "audio_to_video_000.mp4")
+
+
+def test_sample_works_on_an_adapter_workdir(workdir, tmp_path, capsys):
+    """An adapter run on this workdir's transformer samples through the same command."""
+    from mmgen import config as config_lib
+    from mmgen.train import get_family, loop
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = config_lib.load_config(
+        os.path.join(root, "configs", "adapters", "flylora.py:tiny,tasks=frame_prediction,data_source=random_tokens"),
+        ["batch_size=8", "total_steps=2", "log_every=1", "eval_every=0", "progress=False", "tensorboard=False",
+         "async_checkpointing=False", f"base_workdir={workdir}"])
+    adapter_dir = str(tmp_path / "adapter")
+    loop.run(get_family("adapters"), cfg, adapter_dir)
+    out = tmp_path / "fp"
+    assert run("--workdir", adapter_dir, "--task", "frame_prediction", "--num", 2, "--out", out, "--steps", 2) == 0
+    assert f"wrote 2 videos of frame_prediction to {out}" in capsys.readouterr().out
+    clip = media.read_video(str(out / "frame_prediction_000.mp4"), sample_rate=16000)
+    assert clip.video.shape == (9, 32, 32, 3)

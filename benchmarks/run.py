@@ -83,6 +83,19 @@ class _TrainState(nnx.Module):
         self.optimizer = optim.make_optimizer(self.model, opt, sched, 1000)
 
 
+def masked_token_step(cfg, graphdef, task_ids):
+    """``step(state, tokens, rng) -> (state, loss)``: masking + forward + backward + AdamW."""
+
+    def step(st, tokens, rng):
+        s = nnx.merge(graphdef, st)
+        ex = masking.make_training_example(cfg, {"video": tokens}, task_ids, rng, mode="prefix")
+        (loss, _), grads = nnx.value_and_grad(lambda m: masking.loss_fn(m, ex, train=True), has_aux=True)(s.model)
+        s.optimizer.update(s.model, grads)
+        return nnx.state(s), loss
+
+    return step
+
+
 def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
     """Masked-token training step (masking + fwd + bwd + AdamW) on video tokens only."""
     seq = 2 + int(np.prod(cfg.video_grid))  # task + condition + video; no audio in this benchmark
@@ -92,14 +105,7 @@ def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
     tokens = jax.random.randint(jax.random.key(1), (batch, *cfg.video_grid), 0, cfg.video_vocab)
     task_ids = jnp.full((batch,), tasks.task_id("unconditional"), jnp.int32)
 
-    def step(st, tokens, rng):
-        s = nnx.merge(graphdef, st)
-        ex = masking.make_training_example(cfg, {"video": tokens}, task_ids, rng, mode="prefix")
-        (loss, _), grads = nnx.value_and_grad(lambda m: masking.loss_fn(m, ex, train=True), has_aux=True)(s.model)
-        s.optimizer.update(s.model, grads)
-        return nnx.state(s), loss
-
-    jstep = jax.jit(step, donate_argnums=0)
+    jstep = jax.jit(masked_token_step(cfg, graphdef, task_ids), donate_argnums=0)
     compiled = jstep.lower(st, tokens, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
     holder = {"st": st}
@@ -122,14 +128,7 @@ def compile_time(cfg, batch: int) -> float:
     tokens = jax.ShapeDtypeStruct((batch, *cfg.video_grid), jnp.int32)
     task_ids = jnp.zeros((batch,), jnp.int32)
 
-    def step(st, tokens, rng):
-        s = nnx.merge(graphdef, st)
-        ex = masking.make_training_example(cfg, {"video": tokens}, task_ids, rng, mode="prefix")
-        (loss, _), grads = nnx.value_and_grad(lambda m: masking.loss_fn(m, ex, train=True), has_aux=True)(s.model)
-        s.optimizer.update(s.model, grads)
-        return nnx.state(s), loss
-
-    jax.jit(step).lower(st, tokens, jax.random.key(0)).compile()
+    jax.jit(masked_token_step(cfg, graphdef, task_ids)).lower(st, tokens, jax.random.key(0)).compile()
     return time.perf_counter() - t0
 
 

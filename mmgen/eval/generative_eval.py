@@ -25,7 +25,8 @@ checkpoint's inference model and its frozen tokenizers:
   true ones, ``video_to_audio`` the generated sound's, ``audio_video`` the generated
   video's with the generated sound's: mean absolute error and Pearson correlation,
   next to **chance** (the same numbers with the pairing shuffled: examples rolled by
-  one). The estimators' own errors on the real clips say how low the error can go.
+  one). The estimators' errors on the real clips and on the tokenizers' round trips of them
+  say how low the error can go.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -273,9 +274,18 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     if av:
         truth = clips["main_y"][:num]
         result["audio_visual"] = av
-        result["height_estimators_on_real_clips"] = {
-            "video_mae": agreement(video_heights(clips["video"]), truth)["mae"],
-            "audio_mae": agreement(audio_heights(clips["audio"], frames, fps, rate), truth)["mae"],
+        # How low the error can go: the estimators on the real clips and on the tokenizers' round trips.
+        ids = np.zeros((num,), np.int32)
+        chunks = [tokenize_clips(cfg, generator.tokenizers, clips["video"][lo:lo + chunk], clips["audio"][lo:lo + chunk],
+                                 ids[lo:lo + chunk], jax.random.key(0), with_condition=False)
+                  for lo in range(0, num, chunk)]
+        video_rt, audio_rt = generator.decode({m: np.concatenate([c[f"{m}_tokens"] for c in chunks])
+                                               for m in generator.tokenizers})
+        result["height_estimators"] = {
+            "video_mae_real": agreement(video_heights(clips["video"]), truth)["mae"],
+            "audio_mae_real": agreement(audio_heights(clips["audio"], frames, fps, rate), truth)["mae"],
+            "video_mae_round_trip": agreement(video_heights(video_rt), truth)["mae"],
+            "audio_mae_round_trip": agreement(audio_heights(audio_rt, frames, fps, rate), truth)["mae"],
         }
     result["grids"] = out_dir
     with open(os.path.join(workdir, "eval.json"), "w") as f:

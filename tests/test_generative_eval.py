@@ -9,12 +9,16 @@ import os
 
 import numpy as np
 import pytest
+from test_generative_train import (
+    generative_config,
+    make_tiny_workdirs,
+    write_numpy_initialised,
+)
 
 import mmgen  # noqa: F401
 from mmgen.data.builders import moving_shapes_av as msav
 from mmgen.eval import generative_eval as ge
 from mmgen.train import generative as gen
-from test_generative_train import generative_config, make_tiny_workdirs, write_numpy_initialised
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,8 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
         "sampling.batch_size=4"])
     workdir = write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=3)
     result = ge.evaluate(workdir, "test", num=4)
-    assert json.load(open(os.path.join(workdir, "eval.json"))) == json.loads(json.dumps(result))
+    with open(os.path.join(workdir, "eval.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
     rows = {r["task"]: r for r in result["token_accuracy"]}
     assert len(rows) == 10 and "audio_to_video" not in rows  # the video-only model's tasks
     for row in rows.values():

@@ -5,15 +5,14 @@ Tiny shapes: a 1-layer transformer of width 32 over the tiny tokenizers' layout
 workdirs hold numpy-initialised weights (no tokenizer training compiles).
 """
 
+import itertools
 import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen import config as config_lib
@@ -174,7 +173,7 @@ def test_sharded_random_token_steps_fit_a_fixed_batch():
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and np.isfinite(float(metrics["grad_norm"]))
     assert np.log(256) - 0.5 < losses[0] < np.log(1024) + 0.5, losses  # near chance at init
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert losses[-1] < losses[0] - 0.2, losses
 
 
@@ -248,9 +247,11 @@ def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, dat
                                    "sampling.steps=2"])
     out = loop.run(gen.FAMILY, cfg, workdir, devices=jax.devices()[:1])  # sharding: the test above
     assert out["step"] == 2 and np.isfinite(out["loss"]) and out["tokens_per_s"] > 0
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     assert any("eval/accuracy" in r for r in rows)
-    saved = json.load(open(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json")))
+    with open(os.path.join(workdir, "checkpoints", "2", "data", "process_0-of-1.json")) as f:
+        saved = json.load(f)
     assert saved["json"]["index"] == 2 and saved["json"]["clips"]  # resumes at batch 2 of the same stream
     names = sorted(os.listdir(os.path.join(workdir, "samples")))
     assert names == ["step000002_frame_prediction.png", "step000002_frame_prediction_000.mp4",

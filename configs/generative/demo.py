@@ -32,17 +32,18 @@ STAGES = {  # stage -> the config it starts from (relative to configs/)
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.stages = ml_collections.ConfigDict(STAGES)
-    c.dataset = ml_collections.ConfigDict(dict(name="moving_shapes_av/tiny", builder_overrides={}))
+    c.dataset = ml_collections.ConfigDict({"name": "moving_shapes_av/tiny", "builder_overrides": {}})
     # Every stage saves and evaluates once, at its last step.
-    common = dict(log_every=10, eval_batches=2, keep_checkpoints=1, keep_best=0, tensorboard=False)
-    c.video_tokenizer = ml_collections.ConfigDict(dict(
-        total_steps=200, batch_size=4, ema_decay=0.98, model=dict(base_channels=8),
-        schedule=dict(warmup_steps=20), **common))
-    c.audio_tokenizer = ml_collections.ConfigDict(dict(
-        total_steps=120, batch_size=8, ema_decay=0.98, schedule=dict(warmup_steps=20), **common))
-    c.generative = ml_collections.ConfigDict(dict(
-        total_steps=200, batch_size=8, schedule=dict(warmup_steps=30), sampling=dict(eval_tasks=""), **common))
-    c.samples = ml_collections.ConfigDict(dict(num=2, steps=12, seed=0))
+    common = {"log_every": 10, "eval_batches": 2, "keep_checkpoints": 1, "keep_best": 0, "tensorboard": False}
+    c.video_tokenizer = ml_collections.ConfigDict({
+        "total_steps": 200, "batch_size": 4, "ema_decay": 0.98, "model": {"base_channels": 8},
+        "schedule": {"warmup_steps": 20}, **common})
+    c.audio_tokenizer = ml_collections.ConfigDict({
+        "total_steps": 120, "batch_size": 8, "ema_decay": 0.98, "schedule": {"warmup_steps": 20}, **common})
+    c.generative = ml_collections.ConfigDict({
+        "total_steps": 200, "batch_size": 8, "schedule": {"warmup_steps": 30}, "sampling": {"eval_tasks": ""},
+        **common})
+    c.samples = ml_collections.ConfigDict({"num": 2, "steps": 12, "seed": 0})
     if arg == "fast":
         c.dataset.builder_overrides = {"num_train": 16, "num_test": 8}
         for stage in ("video_tokenizer", "audio_tokenizer", "generative"):

@@ -80,32 +80,32 @@ def get_config(arg=None):
     token_layout(cfg, size)
     cfg.model.num_classes = NUM_CLASSES
 
-    cfg.tokenizers = ml_collections.ConfigDict(dict(video_workdir="", audio_workdir=""))
+    cfg.tokenizers = ml_collections.ConfigDict({"video_workdir": "", "audio_workdir": ""})
     cfg.data_source = options.get("data_source", "tokenizers")
     cfg.dataset = default_dataset_config()
     cfg.task_weights = ml_collections.ConfigDict(dict(TASK_WEIGHTS))
     cfg.conditioning = options.get("conditioning", "commit")  # commit | prefix
-    cfg.masking = ml_collections.ConfigDict(dict(
-        schedule="cosine",  # r = cos(pi/2 u), u ~ U(0, 1]
-        loss_on="masked",  # masked | masked+cond | all
-        label_smoothing=0.1,
-        cfg_dropout=0.1,  # classifier-free guidance: condition dropped with this probability
-    ))
-    cfg.sampling = ml_collections.ConfigDict(dict(
-        steps=12,  # MaskGIT / MAGVIT
-        guidance=0.0,  # logits = cond + s * (cond - uncond); 0 = one pass
-        temperature=1.0,
-        choice_temperature=4.5,
-        schedule="cosine",
-        batch_size=16,  # clips decoded at once by `sample` and `eval`
-        eval_tasks="frame_prediction,audio_video",  # sampled into workdir/samples at every eval
-        eval_num=2,
-    ))
-    cfg.evaluation = ml_collections.ConfigDict(dict(
-        num=64,  # test clips per task
-        mask_ratio=0.5,  # fraction of target tokens masked for the masked-token accuracy
-        unigram_clips=64,  # train clips whose tokens give the unigram baseline
-    ))
+    cfg.masking = ml_collections.ConfigDict({
+        "schedule": "cosine",  # r = cos(pi/2 u), u ~ U(0, 1]
+        "loss_on": "masked",  # masked | masked+cond | all
+        "label_smoothing": 0.1,
+        "cfg_dropout": 0.1,  # classifier-free guidance: condition dropped with this probability
+    })
+    cfg.sampling = ml_collections.ConfigDict({
+        "steps": 12,  # MaskGIT / MAGVIT
+        "guidance": 0.0,  # logits = cond + s * (cond - uncond); 0 = one pass
+        "temperature": 1.0,
+        "choice_temperature": 4.5,
+        "schedule": "cosine",
+        "batch_size": 16,  # clips decoded at once by `sample` and `eval`
+        "eval_tasks": "frame_prediction,audio_video",  # sampled into workdir/samples at every eval
+        "eval_num": 2,
+    })
+    cfg.evaluation = ml_collections.ConfigDict({
+        "num": 64,  # test clips per task
+        "mask_ratio": 0.5,  # fraction of maskable elements masked for the masked-token accuracy
+        "unigram_clips": 64,  # train clips whose tokens give the unigram baseline
+    })
     cfg.ema_decay = 0.0  # MaskGIT keeps no weight EMA; > 0 samples from an EMA copy
 
     # MAGVIT's transformer recipe: AdamW b = (0.9, 0.96), weight decay 0.045, clip 1.0.

@@ -83,7 +83,7 @@ def audio_heights(audio, frames: int, fps: float, sample_rate: int) -> np.ndarra
     from mmgen.data.builders.moving_shapes_av import pitch_to_height
 
     audio = np.asarray(audio, np.float32)
-    window = int(round(sample_rate / fps))
+    window = round(sample_rate / fps)
     freqs = np.fft.rfftfreq(FFT_POINTS, 1.0 / sample_rate)
     band = (freqs >= PITCH_BAND_HZ[0]) & (freqs <= PITCH_BAND_HZ[1])
     out = np.full((len(audio), frames), np.nan)
@@ -216,7 +216,12 @@ def frame_prediction_psnr(generator, result, clips) -> dict:
 def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     """Evaluate the generative run in ``workdir`` (see the module docstring); writes eval.json."""
     from mmgen.generative.sample_cli import Generator, read_split
-    from mmgen.train.generative import read_config, specs_of, task_weights, tokenize_clips
+    from mmgen.train.generative import (
+        read_config,
+        specs_of,
+        task_weights,
+        tokenize_clips,
+    )
 
     cfg = read_config(workdir)
     e = cfg.get("evaluation", {})
@@ -238,8 +243,8 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
         ids = np.zeros((len(train["label"][lo:lo + chunk]),), np.int32)
         toks = tokenize_clips(cfg, generator.tokenizers, train["video"][lo:lo + chunk],
                               train["audio"][lo:lo + chunk], ids, jax.random.key(0), with_condition=False)
-        for m in train_tokens:
-            train_tokens[m].append(toks[f"{m}_tokens"])
+        for m, rows in train_tokens.items():
+            rows.append(toks[f"{m}_tokens"])
     train_tokens = {m: np.concatenate(v) for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))

@@ -121,8 +121,8 @@ def read_input(path: str, cfg, task: str, num: int) -> dict:
     return out
 
 
-def read_split(cfg, split: str, num: int, extra_features: str = "", start: int = 0) -> dict:
-    """The first ``num`` clips of ``split`` after ``start`` (evaluation preprocessing), numpy."""
+def read_split(cfg, split: str, num: int, extra_features: str = "") -> dict:
+    """The first ``num`` clips of ``split`` (evaluation preprocessing; cycling when it is shorter), numpy."""
     from mmgen.data import pipeline
     from mmgen.train.generative import clip_dataset_config
 
@@ -131,9 +131,8 @@ def read_split(cfg, split: str, num: int, extra_features: str = "", start: int =
     it = pipeline.make_iterator(dataset, split=split, global_batch_size=1, seed=0,
                                 train=False, process_index=0, process_count=1, num_epochs=10_000)
     rows = []
-    for i, batch in enumerate(it):
-        if i >= start:
-            rows.append(batch)
+    for batch in it:
+        rows.append(batch)
         if len(rows) == num:
             break
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -154,7 +153,7 @@ class Generator:
         self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
 
     @classmethod
-    def from_workdir(cls, workdir: str, overrides=(), step: int | None = None) -> "Generator":
+    def from_workdir(cls, workdir: str, overrides=(), step: int | None = None) -> Generator:
         """The inference model (EMA when kept) of a generative workdir, on the first local device."""
         from mmgen import config as config_lib
         from mmgen.parallel import mesh as mesh_lib
@@ -164,7 +163,7 @@ class Generator:
         cfg = family_lib.read_config(workdir)
         config_lib.apply_overrides(cfg, overrides)
         device = jax.local_devices()[0]
-        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices=[device])
+        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
         tokenizers = family_lib.load_tokenizers(cfg, device)
         from mmgen.train import get_family
 

@@ -44,7 +44,12 @@ from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
-from mmgen.generative.transformer import MaskedTransformer, flops_per_token, modality_specs, sequence_length
+from mmgen.generative.transformer import (
+    MaskedTransformer,
+    flops_per_token,
+    modality_specs,
+    sequence_length,
+)
 from mmgen.train import optim
 from mmgen.train.loop import Family
 
@@ -90,10 +95,6 @@ def _read_tokenizer_config(workdir: str, modality: str):
         raise UserError(f"config.tokenizers.{modality}_workdir={workdir!r} holds a {tcfg.get('family')!r} run "
                         f"for {tcfg.get('modality')!r}, not a {modality} tokenizer")
     return tcfg
-
-
-def expected_token_shape(cfg, modality: str) -> tuple[int, ...]:
-    return specs_of(cfg)[modality].shape
 
 
 def check_tokenizer_layout(cfg, modality: str, tokenizer_model) -> None:

@@ -8,9 +8,9 @@ a narrower video tokenizer, short schedules. Change any number from the command 
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
-Measured (2 shared CPU cores, load average ~8 from other jobs): 23.5 min wall, 13.9 min
-of CPU (video tokenizer 200 steps ~2.2 s each, audio 120 steps, transformer 200 steps
-~1.7 s each, most of it tokenizing on the fly; 15 tasks sampled in ~90 s). What it
+Measured on 2 CPU cores shared with other jobs: 15.3 min wall at load average ~4.5
+(12.7 min of CPU; video tokenizer 404 s, audio 206 s, transformer 242 s, most of it
+tokenizing on the fly, 15 tasks sampled in 56 s); 23.5 min at load ~8. What it
 reaches: the transformer's masked-token accuracy is 3-4% on video tokens against a 0.6%
 unigram baseline; the tokenizers are still near their start (video PSNR 15.6 dB,
 grey reconstructions; the audio pitch is not yet reproduced), so the samples are noise

@@ -98,7 +98,8 @@ def test_stereo_44k_wav_round_trips_to_mono_16k(workdirs, tmp_path, capsys):
     # 8000 samples / hop 320 = 25 frames x 4 RVQ levels of 256 codes: 50 Hz x 32 bits = 1.6 kbps.
     saved = np.load(tokens)
     assert saved.shape == (25, 4) and saved.dtype == np.int32 and saved.max() < 256
-    for text in ("SI-SNR", "mel distance", "200 tokens/s", "1.60 kbps"):
+    for text in ("2 channels at 44100 Hz -> 0.50 s, mono at 16000 Hz", "SI-SNR", "mel distance", "200 tokens/s",
+                 "1.60 kbps"):
         assert text in stdout, stdout
 
 

@@ -7,7 +7,8 @@ whole split by default) of the workdir's own ``cfg.dataset`` with the EMA weight
 
 Video (frames compared as uint8, what a viewer sees):
 
-* ``psnr``: mean over clips of the clip's PSNR (MSE over all its pixels, peak 255);
+* ``psnr``: mean over clips of the clip's PSNR (MSE over all its pixels, peak 255),
+  ``psnr_stderr`` its standard error over clips;
 * ``ssim``: mean over all frames (Wang et al. 2004, ``mmgen.eval.metrics.ssim``);
 * ``codebook_usage``: distinct codes among all the split's tokens / vocabulary;
   ``perplexity``: ``exp(H)`` of their empirical distribution (REFERENCE.md asks for both);
@@ -16,10 +17,10 @@ Video (frames compared as uint8, what a viewer sees):
 
 Audio:
 
-* ``si_snr`` (dB, mean over clips) and ``mel_distance`` (``mel_distance`` below), at
-  the full depth and, for RVQ, at every depth ``1..levels`` (the first ``d`` levels of
-  the same tokens: RVQ is greedy, so that is exactly ``num_levels_used=d``), each with
-  its bitrate;
+* ``si_snr`` (dB, mean over clips; ``si_snr_stderr`` its standard error) and
+  ``mel_distance`` (``mel_distance`` below), at the full depth and, for RVQ, at every
+  depth ``1..levels`` (the first ``d`` levels of the same tokens: RVQ is greedy, so
+  that is exactly ``num_levels_used=d``), each with its bitrate;
 * ``codebook_usage`` / ``perplexity`` per RVQ level;
 * ``baseline_mulaw``: the plain waveform codec at the tokenizer's bitrate -- 8-bit
   mu-law (G.711, mu = 255) PCM at ``bitrate / 8`` samples per second, band-limited
@@ -124,6 +125,11 @@ def _batches(cfg, split: str, num: int, modality: str):
         yield next(it)[modality]
 
 
+def _stderr(values: np.ndarray) -> float:
+    """Standard error of the mean over clips: how far two tokenizers' means may differ by chance."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
 def _code_statistics(tokens: np.ndarray, vocab_size: int) -> dict:
     return {"codebook_usage": metrics.codebook_usage(tokens, vocab_size),
             "perplexity": metrics.perplexity(tokens, vocab_size)}
@@ -147,8 +153,10 @@ def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     bpt = bits_per_token(tok.vocab_size, levels)
     grid = os.path.join(out_dir, "recon.png")
     media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
+    psnrs = np.concatenate(psnrs)
     return {
-        "psnr": float(np.mean(np.concatenate(psnrs))),
+        "psnr": float(np.mean(psnrs)),
+        "psnr_stderr": _stderr(psnrs),
         "ssim": float(np.mean(np.concatenate(ssims))),
         **_code_statistics(tokens, tok.vocab_size),
         "vocab_size": int(tok.vocab_size),
@@ -202,7 +210,8 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     w = np.asarray(weights, np.float64)
 
     def summary(s):
-        return {"si_snr": float(np.mean(np.concatenate(s["si_snr"]))),
+        values = np.concatenate(s["si_snr"])
+        return {"si_snr": float(np.mean(values)), "si_snr_stderr": _stderr(values),
                 "mel_distance": float(np.average(s["mel"], weights=w))}
 
     by_depth = [{"levels_used": d, "bitrate_bps": frame_rate * bits_per_token(tok.vocab_size, d),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import av
 import numpy as np
 
 from mmgen import config as config_lib
@@ -137,6 +138,13 @@ def read_sound(path: str, sample_rate: int) -> np.ndarray:
     return audio
 
 
+def _describe_sound(path: str) -> str:
+    """``"2 channels at 44100 Hz"``: what the file held before down-mixing and resampling."""
+    with av.open(path) as container:
+        ctx = container.streams.audio[0].codec_context
+        return f"{ctx.channels} channel{'s' if ctx.channels != 1 else ''} at {ctx.sample_rate} Hz"
+
+
 def tokenize_audio(tok, path: str, audio: np.ndarray, out: str, save_tokens: str | None) -> dict:
     rate = int(tok.cfg.model.sample_rate)
     tokens, _ = tok.encode(audio[None])
@@ -155,7 +163,7 @@ def tokenize_audio(tok, path: str, audio: np.ndarray, out: str, save_tokens: str
     media.write_wav(out, recon, sample_rate=rate)
     if save_tokens:
         np.save(save_tokens, tokens.astype(np.int32))
-    print(f"input   {path}: {audio.size / rate:.2f} s, mono at {rate} Hz")
+    print(f"input   {path}: {_describe_sound(path)} -> {audio.size / rate:.2f} s, mono at {rate} Hz")
     print(f"tokens  {' x '.join(map(str, tokens.shape))} ({frame_rate:g} frames/s x {levels} level(s) of "
           f"{tok.vocab_size} codes) = {result['tokens_per_second']:g} tokens/s, "
           f"{result['bitrate_bps'] / 1000:.2f} kbps")

@@ -1,4 +1,5 @@
-"""Specification of ``python -m mmgen tokenize`` and ``python -m mmgen eval`` on tokenizer workdirs.
+"""Specification of ``python -m mmgen tokenize`` and ``python -m mmgen eval`` (tokenizer workdirs, and
+the eval loss of other families).
 
 The workdirs hold the tiny configs shrunk to 5 frames of 16x16 (video) and 5/8 s of
 sound (audio) with a checkpoint of seeded random weights, built once for the module (the
@@ -220,3 +221,15 @@ def test_eval_errors_are_one_line(workdirs, tmp_path, capsys):
     assert "validation" in line
     line = _one_line_error(capsys, "eval", "--workdir", workdirs["video"], "--num", "5")
     assert "has 4 clips" in line
+
+
+def test_eval_of_another_family_reports_its_eval_loss(tmp_path, capsys):
+    cfg = config_lib.load_config("configs/toy.py:tiny", ["async_checkpointing=False", "tensorboard=False",
+                                                         "progress=False", "total_steps=2", "checkpoint_every=2"])
+    loop.run(get_family("toy"), cfg, str(tmp_path))
+    code, stdout, err = _run(capsys, "eval", "--workdir", str(tmp_path), "--num", "2")
+    assert code == 0, err
+    result = json.load(open(tmp_path / "eval.json"))
+    assert (result["family"], result["step"], result["split"], result["batches"]) == ("toy", 2, "test", 2)
+    assert np.isfinite(result["loss"]) and result["loss"] > 0
+    assert f"loss               {result['loss']:.4f}" in stdout

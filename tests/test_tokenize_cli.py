@@ -63,6 +63,11 @@ def workdirs(tmp_path_factory):
     }
 
 
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _run(capsys, *argv):
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -149,7 +154,7 @@ def test_a_short_video_is_padded_with_its_last_frame_and_a_wide_one_centre_cropp
 
 
 def _one_line_error(capsys, *argv):
-    code, out, err = _run(capsys, *argv)
+    code, _, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -189,7 +194,7 @@ def test_wrong_workdir_and_output_kind_are_one_line_errors(workdirs, tmp_path, c
 def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
     code, stdout, err = _run(capsys, "eval", "--workdir", workdirs["video"], "--num", "4")
     assert code == 0, err
-    result = json.load(open(os.path.join(workdirs["video"], "eval.json")))
+    result = _read_json(os.path.join(workdirs["video"], "eval.json"))
     assert result["split"] == "test" and result["num_examples"] == 4
     assert result["vocab_size"] == 1024 and result["bits_per_token"] == 10.0
     assert result["token_grid"] == [2, 4, 4]
@@ -205,7 +210,7 @@ def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
 def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(workdirs, capsys):
     code, _, err = _run(capsys, "eval", "--workdir", workdirs["audio"], "--num", "2")
     assert code == 0, err
-    result = json.load(open(os.path.join(workdirs["audio"], "eval.json")))
+    result = _read_json(os.path.join(workdirs["audio"], "eval.json"))
     assert [d["levels_used"] for d in result["by_depth"]] == [1, 2, 3, 4]
     assert [d["bitrate_bps"] for d in result["by_depth"]] == [400.0, 800.0, 1200.0, 1600.0]
     assert result["si_snr"] == result["by_depth"][-1]["si_snr"]
@@ -229,7 +234,7 @@ def test_eval_of_another_family_reports_its_eval_loss(tmp_path, capsys):
     loop.run(get_family("toy"), cfg, str(tmp_path))
     code, stdout, err = _run(capsys, "eval", "--workdir", str(tmp_path), "--num", "2")
     assert code == 0, err
-    result = json.load(open(tmp_path / "eval.json"))
+    result = _read_json(tmp_path / "eval.json")
     assert (result["family"], result["step"], result["split"], result["batches"]) == ("toy", 2, "test", 2)
     assert np.isfinite(result["loss"]) and result["loss"] > 0
     assert f"loss               {result['loss']:.4f}" in stdout

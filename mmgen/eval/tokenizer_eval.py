@@ -54,7 +54,7 @@ MULAW_MU = 255.0
 # ----------------------------------------------------------------------------- audio metrics
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mel_distance_fn(sample_rate: int, fft_sizes: tuple[int, ...], n_mels: int):
     return jax.jit(functools.partial(multiscale_mel_distance, sample_rate=sample_rate, fft_sizes=fft_sizes,
                                      n_mels=n_mels, log_weight=1.0, linear_weight=0.0))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmgen import cli
 from mmgen import config as config_lib
-from mmgen.data import media
+from mmgen.data import media, pipeline
 from mmgen.tokenizers import tokenize_cli
 from mmgen.train import get_family, loop
 from mmgen.train.checkpoint import Checkpointer
@@ -42,6 +42,7 @@ def _workdir(modality, overrides, data_dir, workdir):
     cfg = config_lib.load_config(f"configs/tokenizer/{modality}.py:tiny,gan=0", SMALL + overrides)
     cfg.dataset.data_dir = data_dir
     cfg.dataset.builder_overrides = {"num_train": 4, "num_test": 4}
+    pipeline.open_dataset(cfg.dataset, "test")  # prepared now, so no test sees it being built
     _, abstract = loop.abstract_state(FAMILY, cfg)
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda a: _random_value(a, rng), abstract)
@@ -232,9 +233,10 @@ def test_eval_of_another_family_reports_its_eval_loss(tmp_path, capsys):
     cfg = config_lib.load_config("configs/toy.py:tiny", ["async_checkpointing=False", "tensorboard=False",
                                                          "progress=False", "total_steps=2", "checkpoint_every=2"])
     loop.run(get_family("toy"), cfg, str(tmp_path))
-    code, stdout, err = _run(capsys, "eval", "--workdir", str(tmp_path), "--num", "2")
+    code, stdout, err = _run(capsys, "eval", "--workdir", str(tmp_path), "--num", "20")  # batches of 16
     assert code == 0, err
     result = _read_json(tmp_path / "eval.json")
-    assert (result["family"], result["step"], result["split"], result["batches"]) == ("toy", 2, "test", 2)
+    assert (result["family"], result["step"], result["split"]) == ("toy", 2, "test")
+    assert (result["batches"], result["examples"]) == (2, 32)
     assert np.isfinite(result["loss"]) and result["loss"] > 0
     assert f"loss               {result['loss']:.4f}" in stdout

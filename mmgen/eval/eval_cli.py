@@ -6,8 +6,9 @@ The workdir's ``config.json`` says which family trained it:
   video, SI-SNR/mel distance/usage per RVQ level for audio);
 * ``generative`` -> ``mmgen.eval.generative_eval.evaluate``;
 * any other family -> the mean of the family's ``eval_step`` metrics (its eval loss)
-  over ``num`` batches (default ``cfg.eval_batches``) of the split, the same numbers
-  the training loop logs as ``eval/...``.
+  over ``num`` examples of the split rounded up to whole batches of ``cfg.batch_size``
+  (default ``cfg.eval_batches`` batches), the same numbers the training loop logs as
+  ``eval/...``.
 
 Each writes ``workdir/eval.json``; the summary is printed as ``key value`` lines.
 A missing workdir, a folder without ``config.json`` or an unknown family is one line.
@@ -33,7 +34,7 @@ def read_config(workdir: str):
 
 
 def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
-    """Mean ``eval_step`` metrics of the newest checkpoint over ``num`` batches of ``split``."""
+    """Mean ``eval_step`` metrics of the newest checkpoint over ``num`` examples of ``split``."""
     import dataclasses
 
     import jax
@@ -53,9 +54,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
     graphdef, state = nnx.split(state_module)
     family = dataclasses.replace(family, frozen=None)  # the loaded state is whole, frozen part included
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    batches = int(num if num is not None else cfg.get("eval_batches", 4))
-    if batches < 1:
-        raise UserError(f"--num {batches} must be at least 1 (batches of {cfg.batch_size})")
+    batches = -(-int(num) // int(cfg.batch_size)) if num is not None else int(cfg.get("eval_batches", 4))
     it = family.make_data(cfg, split=split, train=False, seed=cfg.seed, batch_size=cfg.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
     sums, n, step_fn = {}, 0, None
@@ -76,7 +75,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.latest_step()
     ckpt.close()
-    result = {"family": family.name, "step": step, "split": split, "batches": n,
+    result = {"family": family.name, "step": step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_transformer import (
+    small_config,  # one tiny layout for the transformer and sampling specs
+)
 
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen.generative import sampling, tasks
@@ -20,14 +23,6 @@ B = 2
 V_MASK, A_MASK = 2**6, 16
 
 
-def small_config(**overrides):
-    cfg = tr.model_config("tiny")
-    cfg.update(
-        dict(width=32, mlp_dim=64, num_heads=2, video_grid=(3, 4, 4), video_vocab=2**6, video_vocab_groups=2,
-             audio_len=8, audio_levels=2, audio_vocab=16, num_classes=5)
-    )
-    cfg.update(overrides)
-    return cfg
 
 
 def numpy_initialised(cfg, seed=0):

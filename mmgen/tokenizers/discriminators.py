@@ -27,7 +27,7 @@ import ml_collections
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.nn.conv import BlurPool3d, default_kernel_init
+from mmgen.nn.conv import BlurPool3d, conv3d, default_kernel_init
 
 _CONV_NAMES = (None, None, None, "conv_in", "conv_out")
 
@@ -71,6 +71,7 @@ def _conv(features_in, features_out, kernel, *, use_bias=True, dtype, param_dtyp
         param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(default_kernel_init, _CONV_NAMES),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)),
+        conv_general_dilated=conv3d,
         rngs=rngs,
     )
 

@@ -19,14 +19,14 @@ from mmgen.errors import UserError
 
 
 def default_optimizer_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(
-        name="adamw", lr=1e-4, b1=0.9, b2=0.96, eps=1e-8, weight_decay=0.045, grad_clip=1.0))
+    cfg = ml_collections.ConfigDict({
+        "name": "adamw", "lr": 1e-4, "b1": 0.9, "b2": 0.96, "eps": 1e-8, "weight_decay": 0.045, "grad_clip": 1.0})
     cfg.update(overrides)
     return cfg
 
 
 def default_schedule_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=5000, end_lr_factor=0.0))
+    cfg = ml_collections.ConfigDict({"name": "warmup_cosine", "warmup_steps": 5000, "end_lr_factor": 0.0})
     cfg.update(overrides)
     return cfg
 
@@ -39,7 +39,12 @@ def make_schedule(opt_cfg, sched_cfg, total_steps: int) -> optax.Schedule:
     if name == "constant":
         return optax.constant_schedule(lr)
     if name == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, warmup + 1), end)
+        # Joined like warmup_linear (not optax.warmup_cosine_decay_schedule, which needs
+        # warmup_steps >= 1 and a decay of >= 1 step): warmup_steps=0 starts at the peak and
+        # total_steps=1 (a smoke test) trains its one step at the peak instead of crashing.
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, max(warmup, 1)),
+             optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1), end / lr if lr else 0.0)], [warmup])
     if name == "warmup_linear":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, max(warmup, 1)),

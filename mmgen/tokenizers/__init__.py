@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from mmgen.errors import UserError
 
@@ -63,9 +64,19 @@ class LoadedTokenizer:
         return input_shape(self.cfg)
 
 
-def load(workdir: str, step: int | None = None) -> LoadedTokenizer:
-    """The tokenizer trained in ``workdir`` (newest checkpoint unless ``step``)."""
+def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer:
+    """The tokenizer trained in ``workdir`` (newest checkpoint unless ``step``).
+
+    ``devices`` says where the weights go: ``None`` lays them out as the run was
+    trained (``cfg.mesh`` over every device); a ``jax.Device`` or a sequence of them
+    puts them on a ``data``-only mesh of those devices (replicated, unless the run's
+    sharding rules split weights over ``data``), e.g. a frozen tokenizer on one device
+    beside the training step; a ``jax.sharding.Mesh`` lays them out on that mesh by the
+    run's sharding rules.
+    Encoding and decoding then run where the weights are.
+    """
     from mmgen import config as config_lib
+    from mmgen.parallel import mesh as mesh_lib
     from mmgen.train import loop
     from mmgen.train import tokenizer as family_lib
 
@@ -75,7 +86,11 @@ def load(workdir: str, step: int | None = None) -> LoadedTokenizer:
     cfg = config_lib.from_json_file(path)
     if cfg.get("family") != "tokenizer":
         raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not a tokenizer")
-    state = loop.load_state(family_lib.FAMILY, cfg, workdir, step=step)
+    if devices is None or isinstance(devices, Mesh):
+        mesh = devices
+    else:
+        mesh = mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
+    state = loop.load_state(family_lib.FAMILY, cfg, workdir, mesh=mesh, step=step)
     from mmgen.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, read_only=True)

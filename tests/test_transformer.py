@@ -6,6 +6,7 @@ in 2 groups of 8, and audio 8 frames x 2 RVQ levels of 16 codes.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,7 +15,12 @@ from jax.sharding import PartitionSpec as P
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen.generative import masking, tasks
 from mmgen.generative import transformer as tr
-from mmgen.parallel.sharding import DEFAULT_RULES, batch_sharding, replicated, state_shardings
+from mmgen.parallel.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    replicated,
+    state_shardings,
+)
 
 B = 8
 
@@ -134,7 +140,46 @@ def test_parameter_count_and_flops_formula_match_the_built_model(model):
     assert tr.matmul_param_count(cfg) == _linear_params(model)
     seq = 2 + 3 * 4 * 4 + 8
     assert tr.sequence_length(cfg) == seq
-    assert tr.flops_per_token(cfg) == 6 * _linear_params(model) + 12 * 2 * seq * 32
+    # Blocks at every position, each head only at its modality's positions (48 video, 8 audio frames).
+    heads = {m: h.head.kernel.size + h.head.bias.size for m, h in model.heads.items()}
+    blocks = _linear_params(model) - sum(heads.values())
+    per_example = 6 * (blocks * seq + heads["video"] * 48 + heads["audio"] * 8) + 12 * 2 * seq * seq * 32
+    assert tr.flops_per_token(cfg) * seq == pytest.approx(per_example, rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", [
+    {},  # tiny: one 1024-way head per modality
+    {"width": 64, "mlp_dim": 256, "num_heads": 2, "video_grid": (2, 4, 4), "video_vocab": 2**12,
+     "video_vocab_groups": 2, "audio_len": 8, "audio_levels": 4, "audio_vocab": 256},  # factorised video, 4 RVQ levels
+], ids=["tiny", "factorised_rvq"])
+def test_flops_formula_matches_the_compiled_training_step(layout):
+    # One block: XLA's cost analysis counts a scanned body once, whatever the trip count.
+    cfg = tr.model_config("tiny")
+    cfg.update({"depth": 1, "remat_policy": "none", "dropout": 0.0, **layout})
+    specs = tr.modality_specs(cfg)
+    rng = np.random.default_rng(0)
+    tokens = {m: jnp.asarray(rng.integers(0, s.vocab, (2, *s.shape)), jnp.int32) for m, s in specs.items()}
+    example = masking.make_training_example(cfg, tokens, jnp.full((2,), tasks.task_id("audio_video"), jnp.int32),
+                                            jax.random.key(0), mode="prefix")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0))))
+
+    def loss(state, example):
+        return masking.loss_fn(nnx.merge(graphdef, state), example, train=True)[0]
+
+    cost = jax.jit(jax.value_and_grad(loss)).lower(state, example).compile().cost_analysis()
+    xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    assert xla_flops == pytest.approx(tr.flops_per_token(cfg) * tr.sequence_length(cfg) * 2, rel=0.1)
+
+
+
+def test_adapter_flops_are_the_frozen_base_forward_and_activation_gradients():
+    from mmgen.train import adapters
+
+    cfg = ml_collections.ConfigDict({"model": small_config()})
+    seq = tr.sequence_length(cfg.model)
+    attention = 12 * 2 * seq * seq * 32
+    dense = tr.flops_per_token(cfg.model) * seq - attention  # 6 N per token, heads on their positions
+    assert adapters.flops_per_example(cfg) == pytest.approx(4 / 6 * dense + attention, rel=1e-12)
 
 
 def test_size_presets():

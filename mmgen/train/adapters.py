@@ -65,7 +65,7 @@ from mmgen.adapters.surgery import ADAPTER_KINDS, adapter_module_paths, pre_surg
 from mmgen.errors import UserError
 from mmgen.generative.transformer import (
     MaskedTransformer,
-    matmul_param_count,
+    matmul_params_per_token,
     sequence_length,
 )
 from mmgen.train import generative, optim
@@ -326,7 +326,7 @@ def flops_per_example(cfg) -> float:
     The adapters' own FLOPs are below 1% of the base's and left out.
     """
     seq = sequence_length(cfg.model)
-    return (4.0 * matmul_param_count(cfg.model) + 12.0 * int(cfg.model.depth) * seq * int(cfg.model.width)) * seq
+    return (4.0 * matmul_params_per_token(cfg.model) + 12.0 * int(cfg.model.depth) * seq * int(cfg.model.width)) * seq
 
 
 # The generative family with the base frozen and the adapters trained: its data, eval

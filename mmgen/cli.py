@@ -106,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate a workdir on a split; writes eval.json")
     s.add_argument("--workdir", required=True)
     s.add_argument("--split", default="test")
-    s.add_argument("--num", type=int, default=None, help="examples to evaluate (default: config)")
+    s.add_argument("--num", type=int, default=None,
+                   help="examples (clips) of the split to evaluate; families scored by their eval loss round it "
+                        "up to whole batches of config.batch_size (default: the whole split for tokenizers, "
+                        "config.evaluation.num for generative and adapter runs, config.eval_batches batches otherwise)")
     s.set_defaults(fn=_delegate("mmgen.eval.eval_cli", "evaluation"))
 
     s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")

@@ -192,6 +192,16 @@ def test_wrong_workdir_and_output_kind_are_one_line_errors(workdirs, tmp_path, c
 # ------------------------------------------------------------------ eval
 
 
+def test_eval_help_says_num_counts_examples_rounded_up_to_whole_batches_for_loss_evals(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["eval", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "--num NUM examples (clips) of the split to evaluate;" in text
+    assert "round it up to whole batches of config.batch_size" in text
+    assert "default: the whole split for tokenizers" in text
+
+
 def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
     code, stdout, err = _run(capsys, "eval", "--workdir", workdirs["video"], "--num", "4")
     assert code == 0, err

@@ -7,6 +7,19 @@ import scipy.linalg
 
 from mmgen.eval import frechet, metrics
 
+
+def test_package_exports_exactly_the_metrics_frechet_and_i3d_api():
+    import mmgen.eval
+
+    # ``from mmgen.eval import *`` gives these names, not the submodules (frechet, i3d, metrics).
+    assert set(mmgen.eval.__all__) == {
+        "psnr", "ssim", "ssim_per_image", "si_snr", "codebook_usage", "perplexity", "masked_token_accuracy",
+        "unigram_baseline_accuracy", "feature_statistics", "frechet_distance", "frechet_distance_from_features",
+        "I3D", "fvd", "fvd_or_unavailable", "load_i3d", "save_i3d_npz"}
+    assert all(callable(getattr(mmgen.eval, name)) for name in mmgen.eval.__all__)
+    assert mmgen.eval.psnr is metrics.psnr and mmgen.eval.frechet_distance is frechet.frechet_distance
+
+
 # ------------------------------------------------------------------ PSNR / SSIM
 
 

@@ -48,7 +48,7 @@ def cmd_train(args, overrides) -> int:
 
     family = get_family(cfg.get("family", ""))
     try:
-        out = loop.run(family, cfg, args.workdir)
+        out = loop.run(family, cfg, args.workdir, stop_after=args.stop_after)
     except loop.TrainingDiverged as e:
         print(f"mmgen train: error: {e}", file=sys.stderr)
         return 1
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model (resumes from the newest checkpoint in --workdir)")
     s.add_argument("--config", help="configs/X.py[:variant]; omitted = the workdir's config.json")
     s.add_argument("--workdir", required=True)
+    s.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop with a checkpoint after N steps of this call (the schedule still runs to "
+                        "total_steps; run again to resume)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("sample", help="sample clips for a task from a generative (or adapter) workdir")

@@ -207,3 +207,16 @@ def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
     model = loop.load_state(frozen_family, cfg, str(tmp_path))
     np.testing.assert_array_equal(np.asarray(model.model.fc1.kernel.get_value()), 0.5)
     assert losses(tmp_path)[5] < losses(tmp_path)[1]  # fc2 still trains
+
+
+def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path):
+    work = tmp_path / "w"
+    args = ("--config", TOY + ":tiny", "--workdir", str(work), "--config.total_steps=6", "--config.log_every=1",
+            "--config.checkpoint_every=100", "--config.tensorboard=False")
+    res = cli("train", *args, "--stop-after", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Checkpointer(str(work), read_only=True).latest_step() == 4
+    assert max(losses(work)) == 4
+    res = cli("train", *args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Checkpointer(str(work), read_only=True).latest_step() == 6

@@ -148,6 +148,7 @@ def base_config(**overrides) -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.total_steps = 1000
     cfg.batch_size = 8
+    cfg.grad_accum_steps = 1  # micro-batches per update: batch_size / grad_accum_steps examples at once
     cfg.checkpoint_every = 500
     cfg.keep_checkpoints = 3
     cfg.keep_best = 0

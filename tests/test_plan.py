@@ -131,3 +131,29 @@ def test_example_batch_hook_gives_the_shapes_without_reading_data():
     hooked = types.SimpleNamespace(**{**fields, "make_data": _no_data, "example_batch": lambda cfg: shapes})
     p = plan_lib.make_plan(cfg, 2, family=hooked)
     assert p.batch_bytes == 2 * 32 * 64 * 4 // 2  # x and y, float32, split over data x fsdp = 2
+
+
+def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(tmp_path):
+    from test_adapter_runs import adapter_config, write_numpy_base
+
+    from mmgen.parallel import mesh as mesh_lib
+    from mmgen.parallel import sharding as sharding_lib
+    from mmgen.train import adapters as adapters_family
+
+    base = str(tmp_path / "base")
+    write_numpy_base(base)
+    cfg = adapter_config("lora", base, extra=["mesh.data=1", "mesh.fsdp=4", "batch_size=8"])
+    p = plan_lib.make_plan(cfg, 4)  # validate pins the base: cfg.model is the base's from here on
+    _, plain = adapters_family.abstract_model(cfg.model)
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:4])
+    base_bytes, base_count = plan_lib.state_bytes_by_kind(
+        plain, sharding_lib.state_shardings(plain, mesh, tuple(tuple(r) for r in cfg.sharding_rules)))
+    # The frozen part is exactly the base's parameters, sharded as in training.
+    assert p.num_frozen_params == base_count and p.frozen_bytes == base_bytes["parameters"]
+    # AdamW moments for the adapters only: none for the base.
+    assert 0 < p.param_bytes and p.opt_bytes < 2 * p.param_bytes + 1024
+    assert p.num_params > base_count
+    # The compiler sees the frozen base as an input of the step, as the arithmetic says.
+    assert p.argument_bytes == p.state_bytes + p.batch_bytes + 8  # + the step's PRNG key
+    assert p.peak_bytes >= p.frozen_bytes + p.param_bytes + p.opt_bytes
+    assert "frozen parameters (not trained)" in plan_lib.format_plan(p)

@@ -18,8 +18,9 @@ CPU numbers are the CPU compiler's: the sharded bytes of parameters and optimize
 state are exact on any backend; temporaries depend on the backend's fusion and
 scheduling and are an estimate of what a GPU/TPU compile reports.
 
-Reported per device: parameters, optimizer state and other state (from the
-shardings, exact), batch, temporaries (activations, gradients, workspace:
+Reported per device: parameters, optimizer state, other state and the frozen
+parameters of a family that has them (a base model under adapters: an input of the
+step, never trained) from the shardings, exact; batch, temporaries (activations, gradients, workspace:
 ``compiled.memory_analysis().temp_size_in_bytes``), outputs not donated, a peak
 estimate (arguments + temporaries + undonated outputs + code) and the step's FLOPs
 (``compiled.cost_analysis()``, per device). The peak is checked against the
@@ -101,10 +102,15 @@ class Plan:
     accelerator: str
     hbm_bytes: float
     peak_flops: float
+    # The family's frozen part (a base model under adapters): an input of every step,
+    # never trained, so neither gradients nor optimizer state; its parameters are
+    # counted in ``num_params``, not in ``param_bytes``.
+    frozen_bytes: int = 0
+    num_frozen_params: int = 0
 
     @property
     def state_bytes(self) -> int:
-        return self.param_bytes + self.opt_bytes + self.other_state_bytes
+        return self.param_bytes + self.opt_bytes + self.other_state_bytes + self.frozen_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -222,8 +228,12 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
 
     graphdef, abstract = loop.abstract_state(family, cfg)
+    abstract, abstract_frozen = loop.split_frozen(family, abstract)
     shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+    frozen_shardings = sharding_lib.state_shardings(abstract_frozen, mesh, rules)
     state_sds = loop.with_shardings(abstract, shardings)
+    frozen_args = () if getattr(family, "frozen", None) is None else (
+        loop.with_shardings(abstract_frozen, frozen_shardings),)
     batch = example_batch(family, cfg)
     batch_sh = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
     # Host numpy batches may hold float64; on devices they are canonical (float32 without x64).
@@ -231,10 +241,11 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
                  for k, v in batch.items()}
     rng_sds = jax.eval_shape(lambda: jax.random.key(0))
 
-    step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh)
-    compiled = step.lower(state_sds, batch_sds, rng_sds).compile()
+    step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
+    compiled = step.lower(state_sds, batch_sds, rng_sds, *frozen_args).compile()
 
     by_kind, num_params = state_bytes_by_kind(abstract, shardings)
+    frozen_by_kind, num_frozen = state_bytes_by_kind(abstract_frozen, frozen_shardings)
     batch_bytes = sum(_shard_bytes(s.shape, s.dtype, s.sharding) for s in batch_sds.values())
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -253,12 +264,12 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
         undonated = max(stat("output_size_in_bytes") - stat("alias_size_in_bytes"), 0)
     return Plan(
         config=config_name, family=family.name, devices=num_devices, platform=devices[0].platform,
-        mesh=dict(mesh.shape), num_params=num_params, param_bytes=by_kind["parameters"],
+        mesh=dict(mesh.shape), num_params=num_params + num_frozen, param_bytes=by_kind["parameters"],
         opt_bytes=by_kind["optimizer"], other_state_bytes=by_kind["other"], batch_bytes=batch_bytes,
         argument_bytes=stat("argument_size_in_bytes"), temp_bytes=stat("temp_size_in_bytes"),
         undonated_output_bytes=undonated, code_bytes=stat("generated_code_size_in_bytes"),
         flops_per_device=flops, model_flops_per_step=model_flops, accelerator=acc, hbm_bytes=hbm,
-        peak_flops=peak)
+        peak_flops=peak, frozen_bytes=sum(frozen_by_kind.values()), num_frozen_params=num_frozen)
 
 
 # ---------------------------------------------------------------- report
@@ -281,7 +292,7 @@ def format_plan(p: Plan) -> str:
     where = p.platform if p.platform != "cpu" else f"cpu stand-ins for {p.accelerator}"
     lines = [
         f"plan {p.config} (family {p.family}): {p.devices} devices ({where}), mesh {mesh}",
-        f"parameters: {p.num_params:,}",
+        f"parameters: {p.num_params:,}" + (f" ({p.num_frozen_params:,} frozen)" if p.num_frozen_params else ""),
         "per device:",
     ]
 
@@ -294,6 +305,8 @@ def format_plan(p: Plan) -> str:
     row("parameters", p.param_bytes)
     row("optimizer state", p.opt_bytes)
     row("other state", p.other_state_bytes)
+    if p.frozen_bytes:
+        row("frozen parameters (not trained)", p.frozen_bytes)
     row("batch", p.batch_bytes)
     row("arguments (compiler)", p.argument_bytes)
     row("temporaries (activations, grads)", p.temp_bytes)
@@ -314,8 +327,8 @@ def format_plan(p: Plan) -> str:
                      f"{usable} usable ({USABLE_FRACTION:.0%} of {human_bytes(p.hbm_bytes)})")
     else:
         lines.append(f"DOES NOT FIT {p.accelerator}: peak {human_bytes(p.peak_bytes)} > {usable} usable "
-                     f"({USABLE_FRACTION:.0%} of {human_bytes(p.hbm_bytes)}); raise mesh.fsdp, "
-                     f"turn on remat, or lower batch_size")
+                     f"({USABLE_FRACTION:.0%} of {human_bytes(p.hbm_bytes)}); raise mesh.fsdp or "
+                     f"grad_accum_steps, turn on remat, or lower batch_size")
     return "\n".join(lines)
 
 
@@ -324,14 +337,12 @@ def _check_before_compiling(cfg, num_devices: int) -> None:
     """Mesh and batch mistakes, found without touching JAX devices."""
     from mmgen.parallel import mesh as mesh_lib
     from mmgen.parallel.sharding import BATCH_AXES
+    from mmgen.train import loop
 
     ici, dcn = mesh_lib.mesh_shapes(cfg.mesh, num_devices, num_slices(cfg.mesh))
     sizes = dict(zip(mesh_lib.AXES, (i * d for i, d in zip(ici, dcn))))
     shards = math.prod(sizes[a] for a in BATCH_AXES)
-    if cfg.batch_size % shards:
-        raise UserError(
-            f"config.batch_size={cfg.batch_size} does not divide over data x fsdp = {shards} shards on "
-            f"{num_devices} devices; try --config.batch_size={shards * max(1, round(cfg.batch_size / shards))}")
+    loop.batch_divides(cfg, shards, f"{num_devices} devices")
 
 
 def _rerun_with_fake_devices(args, overrides, num_devices: int) -> int:

@@ -208,15 +208,28 @@ def training_example(cfg, batch: dict, rng: jax.Array, *, cfg_dropout: float | N
 
 def train_step(cfg, state: GenerativeState, batch, rng) -> dict:
     k_mask, k_dropout = jax.random.split(rng)
+    # Masks are drawn for the whole batch (the condition boxes must match the host's
+    # global draw), then the example is cut into ``cfg.grad_accum_steps`` micro-batches.
     example = training_example(cfg, batch, k_mask)
+    steps = optim.grad_accum_steps(cfg)
+    total_weight = jnp.maximum(sum(jnp.sum(w) for w in example.weights.values()), 1.0)
 
-    def loss_fn(model):
-        return masking.loss_fn(model, example, label_smoothing=cfg.masking.label_smoothing, rng=k_dropout, train=True)
+    def loss_fn(model, micro: masking.MaskedExample, rng):
+        loss, metrics = masking.loss_fn(model, micro, label_smoothing=cfg.masking.label_smoothing, rng=rng,
+                                        train=True)
+        if steps > 1:
+            # Each micro-batch's weighted mean, rescaled so that the mean over micro-batches
+            # is the whole batch's weighted mean: accumulated = one-pass gradients.
+            share = steps * jnp.maximum(metrics["weight"], 1.0) / total_weight
+            loss = loss * share
+            metrics = {**metrics, "loss": loss, "accuracy": metrics["accuracy"] * share,
+                       "weight": metrics["weight"] * steps}
+        return loss, (metrics, None)
 
     # Gradients only for what the optimizer trains (all weights here; adapters only under
     # the adapters family, so a frozen base costs no gradient memory).
-    wrt = nnx.DiffState(0, state.optimizer.wrt)
-    (loss, metrics), grads = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)(state.model)
+    loss, metrics, _, grads = optim.accumulate_gradients(cfg, loss_fn, (state.model,), example, k_dropout,
+                                                         wrt=state.optimizer.wrt)
     metrics = dict(metrics)
     metrics["grad_norm"] = optim.global_norm(grads)
     step = state.optimizer.step[...]

@@ -30,6 +30,7 @@ from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
+from mmgen.train import optim
 from mmgen.train.checkpoint import Checkpointer
 from mmgen.train.metrics_writer import MetricsWriter, read_metrics
 
@@ -105,11 +106,25 @@ def validate(family: Family, cfg) -> None:
 
 
 def check_batch_divides(cfg, mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % shards:
+    batch_divides(cfg, mesh.shape["data"] * mesh.shape["fsdp"], f"mesh {mesh_lib.describe(mesh)}")
+
+
+def batch_divides(cfg, shards: int, where: str) -> None:
+    """``batch_size`` must split into ``grad_accum_steps`` micro-batches, each over ``shards`` devices."""
+    steps = optim.grad_accum_steps(cfg)
+    if steps < 1:
+        raise UserError(f"config.grad_accum_steps={steps} must be at least 1 (1 = no accumulation)")
+    if cfg.batch_size % (shards * steps) == 0:
+        return
+    if steps == 1:
         raise UserError(
             f"config.batch_size={cfg.batch_size} does not divide over data x fsdp = {shards} shards "
-            f"(mesh {mesh_lib.describe(mesh)}); try {shards * max(1, round(cfg.batch_size / shards))}")
+            f"({where}); try {shards * max(1, round(cfg.batch_size / shards))}")
+    unit = shards * steps
+    raise UserError(
+        f"config.batch_size={cfg.batch_size} does not split into grad_accum_steps={steps} micro-batches over "
+        f"data x fsdp = {shards} shards ({where}): it must be a multiple of {unit}; try "
+        f"{unit * max(1, round(cfg.batch_size / unit))}")
 
 
 # ---------------------------------------------------------------- state on devices
@@ -157,7 +172,9 @@ def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, m
 
     def step_fn(state, batch, rng, frozen=None):
         model = nnx.merge(graphdef, state if frozen is None else nnx.merge_state(state, frozen))
-        metrics = family.train_step(cfg, model, batch, rng)
+        # The mesh in context lets a step constrain layouts by name (``optim.accumulate_gradients``).
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            metrics = family.train_step(cfg, model, batch, rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return split_frozen(family, nnx.state(model))[0], metrics
 

@@ -103,8 +103,11 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
     gate = (step >= cfg.gan.start_step).astype(jnp.float32)
     use_gan = state.disc is not None
 
-    def generator_loss(model, disc):
-        recon, tokens, aux = model(x, train=True, step=step)
+    # Both players see the same ``cfg.grad_accum_steps`` micro-batches: the generator's
+    # gradients are summed over them (keeping each micro-batch's reconstruction), then
+    # the discriminator's over the same micro-batches of (real, reconstruction).
+    def generator_loss(model, disc, x, rng):
+        recon, _, aux = model(x, train=True, step=step)
         loss, parts = reconstruction_terms(cfg, x, recon)
         loss = loss + aux["loss"]
         metrics = {**parts, "quantizer_loss": aux["loss"]}
@@ -121,16 +124,16 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
                 fm = audio_lib.feature_matching_loss(real_feats, fake_feats)
                 loss = loss + gate * cfg.loss.feature_matching_weight * fm
                 metrics["feature_matching_loss"] = fm
-        return loss, (recon, metrics)
+        return loss, (metrics, recon)
 
-    (loss, (recon, metrics)), grads = nnx.value_and_grad(generator_loss, has_aux=True)(state.model, state.disc)
+    loss, metrics, recon, grads = optim.accumulate_gradients(cfg, generator_loss, (state.model, state.disc), x, rng)
+    metrics = dict(metrics)
     metrics["grad_norm"] = optim.global_norm(grads)
     state.optimizer.update(state.model, grads)
 
     if use_gan:
-        fake = jax.lax.stop_gradient(recon)
-
-        def discriminator_loss(disc, lecam):
+        def discriminator_loss(disc, lecam, real_fake, rng):
+            x, fake = real_fake
             real_logits, _ = _disc_logits(cfg, disc, x)
             fake_logits, _ = _disc_logits(cfg, disc, fake)
             d = jnp.mean(jnp.stack([losses.discriminator_loss(r, f, cfg.loss.discriminator_loss)
@@ -142,12 +145,14 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
             if cfg.loss.r1_weight:
                 total = total + losses.r1_penalty(lambda v: _disc_logits(cfg, disc, v)[0][0].reshape(v.shape[0], -1)
                                                   .mean(-1), x, cfg.loss.r1_weight)
-            return gate * total, (d, jnp.mean(real_logits[0]), jnp.mean(fake_logits[0]))
+            logit_means = {"d_loss": d, "d_real_logit": jnp.mean(real_logits[0]),
+                           "d_fake_logit": jnp.mean(fake_logits[0])}
+            return gate * total, (logit_means, None)
 
-        (_, (d, real_mean, fake_mean)), d_grads = nnx.value_and_grad(discriminator_loss, has_aux=True)(
-            state.disc, state.lecam)
+        _, d_metrics, _, d_grads = optim.accumulate_gradients(
+            cfg, discriminator_loss, (state.disc, state.lecam), (x, jax.lax.stop_gradient(recon)), rng)
         state.disc_optimizer.update(state.disc, d_grads)
-        metrics.update(d_loss=d, d_real_logit=real_mean, d_fake_logit=fake_mean, gan_gate=gate)
+        metrics.update(d_metrics, gan_gate=gate)
 
     if state.ema is not None:
         optim.ema_update(state.ema, state.model, cfg.ema_decay)
@@ -205,6 +210,12 @@ def input_shape(cfg) -> tuple[int, ...]:
     if cfg.modality == "video":
         return (1, int(d.frames), int(d.resolution), int(d.resolution), 3)
     return (1, audio_lib.audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate)))
+
+
+def example_batch(cfg) -> dict:
+    """One global batch's shapes, as ``make_data`` yields them (``plan`` compiles the step from the config alone)."""
+    shape = (int(cfg.batch_size), *input_shape(cfg)[1:])
+    return {cfg.modality: jax.ShapeDtypeStruct(shape, jnp.uint8 if cfg.modality == "video" else jnp.float32)}
 
 
 def validate(cfg) -> None:
@@ -275,4 +286,5 @@ FAMILY = Family(
     eval_step=eval_step,
     on_eval=on_eval,
     flops_per_example=flops_per_example,
+    example_batch=example_batch,
 )

@@ -49,8 +49,8 @@ def _loss(model, batch):
 
 
 def train_step(cfg, state: ToyState, batch, rng) -> dict:
-    del rng
-    loss, grads = nnx.value_and_grad(_loss)(state.model, batch)
+    loss, _, _, grads = optim.accumulate_gradients(
+        cfg, lambda model, micro, rng: (_loss(model, micro), ({}, None)), (state.model,), batch, rng)
     state.optimizer.update(state.model, grads)
     if state.ema is not None:
         optim.ema_update(state.ema, state.model, cfg.ema_decay)

@@ -10,8 +10,11 @@ import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 import mmgen  # noqa: F401
 from mmgen import cli
@@ -157,3 +160,54 @@ def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(tmp_path):
     assert p.argument_bytes == p.state_bytes + p.batch_bytes + 8  # + the step's PRNG key
     assert p.peak_bytes >= p.frozen_bytes + p.param_bytes + p.opt_bytes
     assert "frozen parameters (not trained)" in plan_lib.format_plan(p)
+
+
+class _Layer(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(256, 256, rngs=rngs)
+        self.fc2 = nnx.Linear(256, 256, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jnp.tanh(self.fc2(jnp.tanh(self.fc1(x))))
+
+
+class _Chain(nnx.Module):
+    """Eight residual layers in a python loop (as the tokenizers' blocks), each under nnx.remat when asked."""
+
+    def __init__(self, remat, rngs):
+        self.layers = nnx.List([_Layer(rngs) for _ in range(8)])
+        self.remat = remat
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nnx.remat(_Layer.__call__)(layer, x) if self.remat else layer(x)
+        return x
+
+
+def test_remat_outside_a_loop_lowers_the_cpu_plan():
+    """XLA:CPU would merge the recomputed forward back into the saved one; the plan keeps
+    remat's barriers as GPU and TPU compilers do, so remat shows in its temporaries."""
+    toy_family = get_family("toy")
+
+    class State(nnx.Module):
+        def __init__(self, cfg, rngs):
+            self.model = _Chain(cfg.remat, rngs)
+            self.optimizer = nnx.Optimizer(self.model, optax.sgd(0.1), wrt=nnx.Param)
+
+    def train_step(cfg, state, batch, rng):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(batch["x"]) ** 2))(state.model)
+        state.optimizer.update(state.model, grads)
+        return {"loss": loss}
+
+    fields = {f.name: getattr(toy_family, f.name) for f in dataclasses.fields(toy_family)}
+    family = types.SimpleNamespace(**{
+        **fields, "create_state": State, "train_step": train_step, "validate": None, "flops_per_example": None,
+        "example_batch": lambda cfg: {"x": jax.ShapeDtypeStruct((4096, 256), np.float32)}})
+    temps = {}
+    for remat in (False, True):
+        cfg = toy("small", "mesh.data=1", "batch_size=4096")
+        cfg.remat = remat
+        temps[remat] = plan_lib.make_plan(cfg, 1, family=family).temp_bytes
+    activation = 4096 * 256 * 4
+    assert temps[False] > 16 * activation  # 8 layers keep ~3 activations each for the backward pass
+    assert temps[True] < temps[False] / 2, temps  # remat keeps each layer's input only

@@ -57,6 +57,11 @@ ACCELERATORS: dict[str, tuple[float, float]] = {
 # buffers and fragmentation.
 USABLE_FRACTION = 0.90
 GIB = 1024**3
+# XLA:CPU expands remat's optimization barriers early, before its later CSE passes,
+# which then merge the recomputed forward back into the saved one: remat (``jax.checkpoint``,
+# ``nnx.remat``) outside a loop saves nothing on CPU. GPU and TPU compilers expand them
+# only after scheduling. Plans on CPU stand-ins keep the barriers, as those do.
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 _CHILD_ENV = "MMGEN_PLAN_CHILD"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -107,6 +112,8 @@ class Plan:
     # counted in ``num_params``, not in ``param_bytes``.
     frozen_bytes: int = 0
     num_frozen_params: int = 0
+    batch_size: int = 0  # global
+    grad_accum_steps: int = 1
 
     @property
     def state_bytes(self) -> int:
@@ -210,7 +217,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     import jax
 
     from mmgen.parallel import sharding as sharding_lib
-    from mmgen.train import get_family, loop
+    from mmgen.train import get_family, loop, optim
 
     acc, hbm, peak = accelerator_spec(accelerator)
     devices = list(devices if devices is not None else jax.devices())
@@ -242,7 +249,8 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     rng_sds = jax.eval_shape(lambda: jax.random.key(0))
 
     step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
-    compiled = step.lower(state_sds, batch_sds, rng_sds, *frozen_args).compile()
+    options = CPU_COMPILER_OPTIONS if devices[0].platform == "cpu" else None
+    compiled = step.lower(state_sds, batch_sds, rng_sds, *frozen_args).compile(compiler_options=options)
 
     by_kind, num_params = state_bytes_by_kind(abstract, shardings)
     frozen_by_kind, num_frozen = state_bytes_by_kind(abstract_frozen, frozen_shardings)
@@ -269,7 +277,8 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
         argument_bytes=stat("argument_size_in_bytes"), temp_bytes=stat("temp_size_in_bytes"),
         undonated_output_bytes=undonated, code_bytes=stat("generated_code_size_in_bytes"),
         flops_per_device=flops, model_flops_per_step=model_flops, accelerator=acc, hbm_bytes=hbm,
-        peak_flops=peak, frozen_bytes=sum(frozen_by_kind.values()), num_frozen_params=num_frozen)
+        peak_flops=peak, frozen_bytes=sum(frozen_by_kind.values()), num_frozen_params=num_frozen,
+        batch_size=int(cfg.batch_size), grad_accum_steps=optim.grad_accum_steps(cfg))
 
 
 # ---------------------------------------------------------------- report
@@ -290,8 +299,12 @@ def human_flops(f: float) -> str:
 def format_plan(p: Plan) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in p.mesh.items())
     where = p.platform if p.platform != "cpu" else f"cpu stand-ins for {p.accelerator}"
+    per_device = p.batch_size // max(p.mesh.get("data", 1) * p.mesh.get("fsdp", 1), 1)
+    batch = f"global batch {p.batch_size} ({per_device} per data shard"
+    if p.grad_accum_steps > 1:
+        batch += f", in {p.grad_accum_steps} micro-batches of {per_device // p.grad_accum_steps}"
     lines = [
-        f"plan {p.config} (family {p.family}): {p.devices} devices ({where}), mesh {mesh}",
+        f"plan {p.config} (family {p.family}): {p.devices} devices ({where}), mesh {mesh}, {batch})",
         f"parameters: {p.num_params:,}" + (f" ({p.num_frozen_params:,} frozen)" if p.num_frozen_params else ""),
         "per device:",
     ]
@@ -318,6 +331,8 @@ def format_plan(p: Plan) -> str:
         lines.append(f"compute: {human_flops(p.flops_per_device)} per device per step, "
                      f"{human_flops(p.flops_per_device * p.devices)} in all; "
                      f"{t * 1e3:.3g} ms per step at the {p.accelerator}'s bf16 peak")
+        if p.grad_accum_steps > 1:
+            lines.append(f"  (XLA counts a loop body once: this is one of the {p.grad_accum_steps} micro-batches)")
     if p.model_flops_per_step is not None:
         lines.append(f"model FLOPs per step (family's count): {human_flops(p.model_flops_per_step)}")
     usable = human_bytes(p.usable_bytes)

@@ -124,3 +124,15 @@ def test_audio_tokenizer_trains_a_few_steps_with_its_ema_codebooks(data_dir, tmp
     codebooks, ema_codebooks = _flat(trained.model, QuantizerState), _flat(trained.ema, QuantizerState)
     assert codebooks and _max_change(codebooks, ema_codebooks) == 0.0
     assert _max_change(_flat(trained.model), _flat(trained.ema)) > 1e-5
+
+
+@pytest.mark.parametrize("modality", ["video", "audio"])
+def test_example_batch_is_what_the_pipeline_yields(data_dir, modality):
+    """``plan`` compiles the step from ``example_batch``: the shapes and dtypes the data has."""
+    cfg = _config(modality, "tiny", data_dir, "batch_size=4")
+    batch = next(FAMILY.make_data(cfg, split="train", train=True, seed=0, batch_size=4, process_index=0,
+                                  process_count=1))
+    shapes = FAMILY.example_batch(cfg)
+    assert sorted(shapes) == sorted(batch) == [modality]
+    assert shapes[modality].shape == batch[modality].shape
+    assert shapes[modality].dtype == batch[modality].dtype

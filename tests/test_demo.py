@@ -27,7 +27,8 @@ def test_stage_configs_are_the_tiny_ones_with_the_demo_changes(tmp_path):
     video = demo.stage_config(d, "video_tokenizer", data)
     audio = demo.stage_config(d, "audio_tokenizer", data)
     assert (video.family, video.modality, audio.modality) == ("tokenizer", "video", "audio")
-    assert video.total_steps == 7 and video.batch_size == 4 and video.model.base_channels == 8
+    assert video.total_steps == 7 and video.batch_size == 8 and video.optimizer.b1 == 0.9
+    assert video.model.base_channels == 16 and video.optimizer.b2 == 0.99  # the tiny config, b1 changed
     assert video.loss.generator_weight == 0.0 and audio.loss.generator_weight == 0.0  # no GAN on a CPU
     assert video.eval_every > 0 and audio.eval_every > 0  # the loop then evaluates at the last step
     for cfg in (video, audio):

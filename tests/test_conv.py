@@ -36,7 +36,7 @@ def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, group
 
 def test_layers_use_the_same_kernels_either_way(monkeypatch):
     """CausalConv3d and BlurPool3d give identical results through both implementations."""
-    import flax.nnx as nnx
+    from flax import nnx
 
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 8, 8, 3)), jnp.float32)
     conv = CausalConv3d(3, 5, 3, (2, 2, 2), rngs=nnx.Rngs(0))

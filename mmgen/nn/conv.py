@@ -22,9 +22,8 @@ Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import functools
+from collections.abc import Sequence
 
 import einops
 import jax

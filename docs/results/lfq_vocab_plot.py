@@ -7,23 +7,17 @@ draws test PSNR (with its standard error), SSIM and codebook usage against the n
 LFQ bits K (vocabulary 2^K).
 """
 
-import json
-import os
 import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from evals import read_evals
 
 
 def main(out: str, pairs: list[str]) -> None:
-    points = []
-    for pair in pairs:
-        bits, workdir = pair.split("=", 1)
-        with open(os.path.join(workdir, "eval.json")) as f:
-            points.append((int(bits), json.load(f)))
-    points.sort(key=lambda p: p[0])
+    points = sorted(((int(bits), e) for bits, e in read_evals(pairs)), key=lambda p: p[0])
     bits = [b for b, _ in points]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     axes[0].errorbar(bits, [e["psnr"] for _, e in points], yerr=[e["psnr_stderr"] for _, e in points],

@@ -7,8 +7,6 @@ any of them evaluated, one bar per workdir plus the unigram baseline of the firs
 workdir that scored the task.
 """
 
-import json
-import os
 import sys
 
 import matplotlib
@@ -16,14 +14,11 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from evals import read_evals
 
 
 def main(out: str, pairs: list[str]) -> None:
-    runs = []
-    for pair in pairs:
-        label, workdir = pair.split("=", 1)
-        with open(os.path.join(workdir, "eval.json")) as f:
-            runs.append((label, {r["task"]: r for r in json.load(f)["token_accuracy"]}))
+    runs = [(label, {r["task"]: r for r in e["token_accuracy"]}) for label, e in read_evals(pairs)]
     tasks = [t for t in dict.fromkeys(t for _, by_task in runs for t in by_task)
              if sum(t in by_task for _, by_task in runs) > 1]
     width = 0.8 / (len(runs) + 1)

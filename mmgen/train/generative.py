@@ -280,9 +280,7 @@ def load_tokenizers(cfg, device=None) -> dict:
         _read_tokenizer_config(workdir, m)
         key = (os.path.abspath(workdir), device)
         if key not in _LOADED_TOKENIZERS:
-            tok = tokenizers_lib.load(workdir)
-            nnx.update(tok.model, jax.device_put(nnx.state(tok.model), device))
-            _LOADED_TOKENIZERS[key] = tok
+            _LOADED_TOKENIZERS[key] = tokenizers_lib.load(workdir, devices=device)
         out[m] = _LOADED_TOKENIZERS[key]
         check_tokenizer_layout(cfg, m, out[m].model)
     return out

@@ -249,3 +249,27 @@ def test_sharded_train_step_matches_one_device_and_params_are_sharded(model):
     assert len({str(s.index) for s in kernel(sharded_params).addressable_shards}) == 4
     table = sharded_params["token_embeddings"]["video"]["table"]["embedding"][...]
     assert table.sharding.spec == P("tensor", "fsdp")
+
+
+def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradients():
+    from mmgen.nn.attention import attention
+
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 4))
+    k, v = jax.random.normal(kk, (2, 7, 3, 4)), jax.random.normal(kv, (2, 7, 3, 4))
+    mask = jnp.array([[True] * 7, [True, False, True, True, False, False, True]])[:, None, None, :]
+    ref = attention(q, k, v, mask, impl="dot_product_attention")
+    out = attention(q, k, v, mask, impl="heads_major")
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # A masked key changes nothing: perturbing it leaves the output alone.
+    np.testing.assert_allclose(attention(q, k.at[1, 1].add(5.0), v.at[1, 1].add(5.0), mask, impl="heads_major")[1],
+                               out[1], rtol=1e-5, atol=1e-5)
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, mask, impl=impl)))
+
+    for g, g_ref in zip(jax.grad(loss("heads_major"), (0, 1, 2))(q, k, v),
+                        jax.grad(loss("dot_product_attention"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="impl='flash'"):
+        attention(q, k, v, impl="flash")

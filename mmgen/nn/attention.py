@@ -1,9 +1,9 @@
 """Pre-norm bidirectional transformer blocks and a scanned stack of them.
 
 The building blocks of the masked generative transformer (MaskGIT / MAGVIT,
-"Masked multi-task transformer" in REFERENCE.md): multi-head self-attention through
-``jax.nn.dot_product_attention`` (no causal mask: every token sees every other,
-except keys marked absent), a GELU MLP, and pre-norm residual blocks
+"Masked multi-task transformer" in REFERENCE.md): multi-head self-attention (no
+causal mask: every token sees every other, except keys marked absent), a GELU MLP,
+and pre-norm residual blocks
 
     x = x + Dropout(Attention(Norm(x)))
     x = x + Dropout(Mlp(Norm(x)))
@@ -14,6 +14,12 @@ Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``norm``); t
 ``TransformerStack`` creates its layers with ``nnx.vmap`` (parameters gain a leading
 ``layers`` axis) and runs them under ``nnx.scan`` with ``nnx.remat`` and a named
 ``jax.checkpoint_policies`` policy, so compile time does not grow with depth.
+
+Attention runs through ``attention(..., impl=)``: ``jax.nn.dot_product_attention``
+(``"dot_product_attention"``; cuDNN's fused kernel on GPU) or, on CPU, the same sum
+with heads moved ahead of the sequence (``"heads_major"``: ``[B, N, T, H] @ [B, N, H, S]``
+scores), which XLA:CPU runs 1.7-2x faster than the other's ``BTNH,BSNH->BNTS`` einsum
+(BENCHMARKS.md). ``"auto"`` (the default) picks the second on CPU, the first elsewhere.
 
 Dropout is applied with explicit PRNG keys (one per layer, split by the stack) so
 the forward pass stays a pure function of (params, inputs, key).
@@ -66,6 +72,30 @@ def make_norm(kind: str, width: int, *, dtype, param_dtype, rngs) -> nnx.Module:
     raise ValueError(f"norm={kind!r} is not a known normalisation; use 'rms' or 'layer'")
 
 
+ATTENTION_IMPLS = ("auto", "dot_product_attention", "heads_major")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+              impl: str = "auto") -> jax.Array:
+    """``softmax(q k^T / sqrt(H)) v`` per head: ``q [B, T, N, H]``, ``k, v [B, S, N, H]`` -> ``[B, T, N, H]``.
+
+    ``mask`` (bool, broadcastable to ``[B, N, T, S]``, True = may attend) drops keys;
+    every query must keep at least one. ``impl``: see the module docstring.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}; choose one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        impl = "heads_major" if jax.default_backend() == "cpu" else "dot_product_attention"
+    if impl == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    q = jnp.swapaxes(q, 1, 2) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # [B, N, T, H]
+    scores = jnp.matmul(q, jnp.transpose(k, (0, 2, 3, 1)))  # [B, N, T, S]
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.swapaxes(jnp.matmul(weights, jnp.swapaxes(v, 1, 2)), 1, 2)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when ``key`` is None or ``rate`` is 0."""
     if key is None or rate == 0.0:
@@ -81,10 +111,14 @@ class SelfAttention(nnx.Module):
     from every query's view (the caller keeps at least one key valid per example).
     """
 
-    def __init__(self, width: int, num_heads: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, width: int, num_heads: int, *, impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl={impl!r}; choose one of {ATTENTION_IMPLS}")
         self.num_heads = num_heads
+        self.impl = impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = _linear(width, width, ("embed", "heads"), **kw)
         self.key = _linear(width, width, ("embed", "heads"), **kw)
@@ -95,7 +129,7 @@ class SelfAttention(nnx.Module):
         split = lambda t: rearrange(t, "b s (n h) -> b s n h", n=self.num_heads)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        y = attention(q, k, v, mask, impl=self.impl)
         return self.out(rearrange(y, "b s n h -> b s (n h)"))
 
 
@@ -122,13 +156,14 @@ class TransformerBlock(nnx.Module):
         *,
         norm: str = "layer",
         dropout_rate: float = 0.0,
+        attention_impl: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention_norm = make_norm(norm, width, **kw)
-        self.attention = SelfAttention(width, num_heads, **kw)
+        self.attention = SelfAttention(width, num_heads, impl=attention_impl, **kw)
         self.mlp_norm = make_norm(norm, width, **kw)
         self.mlp = Mlp(width, mlp_dim, **kw)
         self.dropout_rate = dropout_rate
@@ -183,6 +218,7 @@ class TransformerStack(nnx.Module):
         norm: str = "layer",
         dropout_rate: float = 0.0,
         remat_policy: str = "nothing_saveable",
+        attention_impl: str = "auto",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
@@ -200,6 +236,7 @@ class TransformerStack(nnx.Module):
                 mlp_dim,
                 norm=norm,
                 dropout_rate=dropout_rate,
+                attention_impl=attention_impl,
                 dtype=dtype,
                 param_dtype=param_dtype,
                 rngs=rngs,

@@ -69,3 +69,37 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
     assert "audio_visual" not in result
     assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
+
+
+def test_height_probe_reads_heights_that_the_features_carry_and_not_others():
+    rng = np.random.default_rng(0)
+    heights = rng.uniform(0, 1, (400, 9))
+    mixing = rng.normal(size=(9, 60))
+    carrying = heights @ mixing + 0.1 * rng.normal(size=(400, 60))  # heights linearly in the features, plus noise
+    probe = ge.HeightProbe(carrying[:300], heights[:300])
+    scores = ge.agreement(probe(carrying[300:]), heights[300:])
+    assert scores["mae"] < 0.05 and scores["corr"] > 0.95 and scores["mae_shuffled"] > 4 * scores["mae"]
+    assert probe.penalty in (1.0, 10.0, 100.0, 1000.0, 10000.0) and probe.holdout_mae < 0.05
+    unrelated = ge.HeightProbe(rng.normal(size=(300, 60)), heights[:300])  # features that say nothing
+    scores = ge.agreement(unrelated(rng.normal(size=(100, 60))), heights[300:])
+    assert abs(scores["mae"] - scores["mae_shuffled"]) < 0.05 and abs(scores["corr"]) < 0.2
+    assert unrelated.penalty == 10000.0  # held-out error prefers shrinking to the mean
+    with pytest.raises(ValueError, match="at least 8 clips"):
+        ge.HeightProbe(carrying[:4], heights[:4])
+
+
+def test_token_features_are_the_codes_the_decoder_sees():
+    from flax import nnx
+
+    from mmgen.tokenizers.quantizers import build_quantizer, default_quantizer_config
+
+    q = default_quantizer_config("lfq")
+    q.num_bits = 4
+
+    class Tok:
+        model = type("M", (), {"quantizer": build_quantizer(q, rngs=nnx.Rngs(0))})
+
+    tokens = np.array([[[0, 5], [15, 8]]])  # [n=1, 2, 2]
+    features = ge.token_features(Tok, tokens)
+    assert features.shape == (1, 2 * 2 * 4)
+    np.testing.assert_array_equal(features[0, 4:8], [1, -1, 1, -1])  # 5 = 0b0101, channel 0 = least significant bit

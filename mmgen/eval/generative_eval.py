@@ -27,6 +27,16 @@ checkpoint's inference model and its frozen tokenizers:
   next to **chance** (the same numbers with the pairing shuffled: examples rolled by
   one). The estimators' errors on the real clips and on the tokenizers' round trips of them
   say how low the error can go.
+* **Audio-visual agreement in token space** (same datasets). The pixel and pitch
+  estimators above need tokenizers that redraw a visible shape and an audible tone; the
+  token probes do not. Per modality, a ridge regression (``HeightProbe``) from a
+  clip's quantized latents (the codes its decoder would see, flattened) to the main
+  shape's height in every frame is fit on ``cfg.evaluation.probe_clips`` real training
+  clips (its penalty chosen on a held-out quarter of them) and then read out on the
+  generated tokens: ``audio_to_video`` (probe on the generated video vs the true
+  height), ``video_to_audio`` (generated sound vs true height), ``audio_video``
+  (generated video vs generated sound), each next to the shuffled pairing. The probes'
+  errors on the real test clips' tokens are the ceiling.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -113,6 +123,47 @@ def agreement(estimate: np.ndarray, reference: np.ndarray) -> dict:
     valid = float(np.mean(np.isfinite(estimate) & np.isfinite(reference)))
     return {"mae": mae, "mae_shuffled": mae_chance, "corr": corr, "corr_shuffled": corr_chance,
             "valid_frames": valid}
+
+
+# ---------------------------------------------------------------- token-space height probes
+def token_features(tokenizer, tokens) -> np.ndarray:
+    """The quantized latents a decoder would see, flattened: tokens ``[n, ...] -> float32 [n, F]``."""
+    codes = tokenizer.model.quantizer.indices_to_codes(jnp.asarray(tokens, jnp.int32))
+    return np.asarray(codes, np.float32).reshape(len(tokens), -1)
+
+
+class HeightProbe:
+    """Ridge regression from a clip's token features ``[n, F]`` to per-frame heights ``[n, T]``.
+
+    Features are standardised on the fitting set; the penalty is the one of
+    ``penalties`` with the lowest mean absolute error on the last ``holdout`` of the
+    fitting clips, then the probe is refit on all of them. Predictions are clipped to
+    the height range [0, 1].
+    """
+
+    def __init__(self, features: np.ndarray, heights: np.ndarray,
+                 penalties=(1.0, 10.0, 100.0, 1000.0, 10000.0), holdout: float = 0.25):
+        features, heights = np.asarray(features, np.float64), np.asarray(heights, np.float64)
+        if len(features) < 8:
+            raise UserError(f"a height probe needs at least 8 clips to fit, got {len(features)}")
+        cut = max(1, int(round(len(features) * (1.0 - holdout))))
+        errors = {}
+        for penalty in penalties:
+            self._fit(features[:cut], heights[:cut], penalty)
+            errors[penalty] = float(np.mean(np.abs(self(features[cut:]) - heights[cut:])))
+        self.penalty = min(errors, key=errors.get)
+        self.holdout_mae = errors[self.penalty]
+        self._fit(features, heights, self.penalty)
+
+    def _fit(self, x, y, penalty):
+        self.mean, self.scale = x.mean(0), x.std(0) + 1e-6
+        a = (x - self.mean) / self.scale
+        self.bias = y.mean(0)
+        self.weights = np.linalg.solve(a.T @ a + penalty * np.eye(a.shape[1]), a.T @ (y - self.bias))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        a = (np.asarray(features, np.float64) - self.mean) / self.scale
+        return np.clip(a @ self.weights + self.bias, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------- token accuracy
@@ -236,16 +287,22 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
         clips = read_split(cfg, split, num, extra_features="main_y")
     except ValueError:  # a dataset without the moving_shapes_av metadata: no audio-visual agreement
         clips = read_split(cfg, split, num)
-    train = read_split(cfg, "train", int(e.get("unigram_clips", 64)))
+    unigram_clips = int(e.get("unigram_clips", 64))
+    both = {"video", "audio"} <= set(generator.tokenizers)
+    probe_clips = int(e.get("probe_clips", 1024)) if both and "main_y" in clips else 0
+    train = read_split(cfg, "train", max(unigram_clips, probe_clips), extra_features="main_y" if probe_clips else "")
     chunk = max(1, int(cfg.sampling.batch_size))
     train_tokens = {m: [] for m in generator.tokenizers}
-    for lo in range(0, len(train["label"]), chunk):
+    for lo in tqdm(range(0, len(train["label"]), chunk), desc="tokenize train clips", unit="batch"):
         ids = np.zeros((len(train["label"][lo:lo + chunk]),), np.int32)
         toks = tokenize_clips(cfg, generator.tokenizers, train["video"][lo:lo + chunk],
                               train["audio"][lo:lo + chunk], ids, jax.random.key(0), with_condition=False)
         for m, rows in train_tokens.items():
             rows.append(toks[f"{m}_tokens"])
     train_tokens = {m: np.concatenate(v) for m, v in train_tokens.items()}
+    probes = ({m: HeightProbe(token_features(tok, train_tokens[m]), train["main_y"])
+               for m, tok in generator.tokenizers.items()} if probe_clips else {})
+    train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))
     result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": _latest_step(workdir),
@@ -259,7 +316,8 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
                if all(m in have for m in tasks_lib.get_task(t).modalities())]
     d = cfg.dataset
     frames, fps, rate = int(d.frames), float(d.fps), int(d.sample_rate)
-    av = []
+    av, av_tokens = [], []
+    heights_of = {m: (lambda toks, m=m: probes[m](token_features(generator.tokenizers[m], toks))) for m in probes}
     for task in tqdm(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
         generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))
@@ -276,6 +334,12 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
                 row = {"compared": "generated video, generated sound",
                        **agreement(video_heights(res.video), audio_heights(res.audio, frames, fps, rate))}
             av.append({"task": task, **row})
+            if probes:
+                v_h, a_h = (heights_of[m](res.tokens[m]) if m in res.tokens else None for m in ("video", "audio"))
+                compared, est, ref = {"audio_to_video": ("generated video tokens, true height", v_h, truth),
+                                      "video_to_audio": ("generated sound tokens, true height", a_h, truth),
+                                      "audio_video": ("generated video tokens, generated sound tokens", v_h, a_h)}[task]
+                av_tokens.append({"task": task, "compared": compared, **agreement(est, ref)})
     if av:
         truth = clips["main_y"][:num]
         result["audio_visual"] = av
@@ -292,6 +356,13 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
             "video_mae_round_trip": agreement(video_heights(video_rt), truth)["mae"],
             "audio_mae_round_trip": agreement(audio_heights(audio_rt, frames, fps, rate), truth)["mae"],
         }
+        if probes:
+            real_tokens = {m: np.concatenate([c[f"{m}_tokens"] for c in chunks]) for m in probes}
+            result["audio_visual_tokens"] = av_tokens
+            result["height_probes"] = {
+                m: {"train_clips": probe_clips, "penalty": p.penalty, "holdout_mae": p.holdout_mae,
+                    **{f"test_{k}": v for k, v in agreement(heights_of[m](real_tokens[m]), truth).items()}}
+                for m, p in probes.items()}
     result["grids"] = out_dir
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)

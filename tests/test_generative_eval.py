@@ -103,3 +103,25 @@ def test_token_features_are_the_codes_the_decoder_sees():
     features = ge.token_features(Tok, tokens)
     assert features.shape == (1, 2 * 2 * 4)
     np.testing.assert_array_equal(features[0, 4:8], [1, -1, 1, -1])  # 5 = 0b0101, channel 0 = least significant bit
+
+
+def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_another_clip(monkeypatch):
+    clips = {"video": np.arange(3)[:, None] * np.ones((3, 4)), "audio": np.arange(3)[:, None] * np.ones((3, 5)),
+             "has_audio": np.array([True, True, False]), "label": np.zeros(3)}
+    seen = {}
+
+    def fake_accuracy(generator, given, train_tokens, task_names, ratio):
+        seen.update(given)
+        return [{"task": t, "scored": 10, "video_accuracy": 0.1, "audio_accuracy": 0.2} for t in task_names]
+
+    monkeypatch.setattr(ge, "token_accuracy", fake_accuracy)
+    matched = [{"task": t, "video_accuracy": 0.3, "audio_accuracy": 0.4} for t in ge.AV_TASKS]
+    rows = {r["task"]: r for r in ge.cross_modal_dependence(None, clips, {}, list(ge.AV_TASKS), 0.5, matched)}
+    np.testing.assert_array_equal(seen["audio"][:, 0], [2, 0, 1])  # every clip gets its neighbour's sound
+    np.testing.assert_array_equal(seen["has_audio"], [False, True, True])
+    np.testing.assert_array_equal(seen["video"], clips["video"])  # the picture stays
+    # Only the generated (target) modality is compared: the condition is given, not predicted.
+    assert rows["audio_to_video"] == {"task": "audio_to_video", "scored": 10, "video_accuracy_matched": 0.3,
+                                      "video_accuracy_mismatched": 0.1}
+    assert set(rows["video_to_audio"]) == {"task", "scored", "audio_accuracy_matched", "audio_accuracy_mismatched"}
+    assert rows["audio_video"]["audio_accuracy_mismatched"] == 0.2 and rows["audio_video"]["video_accuracy_matched"] == 0.3

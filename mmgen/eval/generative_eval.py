@@ -37,6 +37,10 @@ checkpoint's inference model and its frozen tokenizers:
   height), ``video_to_audio`` (generated sound vs true height), ``audio_video``
   (generated video vs generated sound), each next to the shuffled pairing. The probes'
   errors on the real test clips' tokens are the ceiling.
+* **Cross-modal dependence** (every trained audio-visual task): the masked-token
+  accuracy of the target modality again with each clip's sound swapped for another
+  clip's (rolled by one); a model that reads the picture to predict the sound (or the
+  other way round) scores higher on the true pairs.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -241,6 +245,28 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     return rows_out
 
 
+def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_names, ratio: float,
+                           matched_rows: list) -> list:
+    """Masked-token accuracy of the audio-visual tasks with each clip's sound swapped for another clip's.
+
+    If the model reads the picture to predict the sound (and the other way round), its
+    accuracy on the true pairs (``matched_rows``, from ``token_accuracy``) exceeds that
+    on mismatched pairs (sound rolled by one clip, same masks and seed).
+    """
+    mismatched = dict(clips, audio=np.roll(clips["audio"], 1, axis=0), has_audio=np.roll(clips["has_audio"], 1, axis=0))
+    matched = {r["task"]: r for r in matched_rows}
+    out = []
+    for row in token_accuracy(generator, mismatched, train_tokens, task_names, ratio):
+        task, true = row["task"], matched[row["task"]]
+        entry = {"task": task, "scored": row["scored"]}
+        for m in ("video", "audio"):
+            if f"{m}_accuracy" in row and tasks_lib.get_task(task).role(m).kind == "target":
+                entry[f"{m}_accuracy_matched"] = true[f"{m}_accuracy"]
+                entry[f"{m}_accuracy_mismatched"] = row[f"{m}_accuracy"]
+        out.append(entry)
+    return out
+
+
 # ---------------------------------------------------------------- the evaluation
 def _given_pixel_frames(cfg, tokenizer) -> int:
     """Pixel frames given by frame_prediction (the kept latent frames, decoded causally)."""
@@ -309,6 +335,10 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
+    av_trained = [t for t in AV_TASKS if t in trained]
+    if av_trained and {"video", "audio"} <= set(generator.tokenizers):
+        result["cross_modal_dependence"] = cross_modal_dependence(
+            generator, clips, train_tokens, av_trained, result["mask_ratio"], result["token_accuracy"])
 
     out_dir = os.path.join(workdir, "eval")
     have = specs_of(cfg)

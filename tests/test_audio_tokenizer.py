@@ -268,3 +268,14 @@ def test_lfq_tokenizer_gives_flat_tokens(cfg):
 def test_bad_audio_shape_is_a_user_error(model):
     with pytest.raises(UserError, match=r"\[B, S\]"):
         model.latent_shape((2, 100, 1))
+
+
+def test_fresh_decoder_starts_near_silence_and_the_scale_is_a_config_knob():
+    cfg = model_config("tiny")
+    x = _audio(2, 4 * HOP)
+    quiet = _init(AudioTokenizer, cfg)(x)[0]
+    cfg.output_init_scale = 1.0  # plain LeCun-normal last layer
+    loud = _init(AudioTokenizer, cfg)(x)[0]
+    rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))  # noqa: E731
+    assert rms(quiet) < 0.1 * rms(x)  # far below the input's level
+    assert rms(loud) > 10 * rms(quiet)  # the same weights but the last layer's scale

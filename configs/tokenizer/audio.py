@@ -3,7 +3,9 @@
     python -m mmgen train --config configs/tokenizer/audio.py:tiny --workdir runs/atok
     python -m mmgen train --config configs/tokenizer/audio.py:tiny,quantizer=vq --workdir runs/atok_vq
 
-Variant: ``size[,quantizer=rvq|vq|lfq][,gan=0|1]``. ``vq`` is the plain baseline at the
+Variant: ``size[,quantizer=rvq|vq|lfq][,gan=0|1][,channels=C]`` (``channels``: the
+codec width C, 4 in ``tiny``; 16 is the width that learns the tone within a few hundred
+CPU steps, docs/RESULTS.md "Audio tokenizer"). ``vq`` is the plain baseline at the
 same bitrate as the RVQ (one codebook of 2^(levels*log2(codes)) is infeasible, so the
 baseline is one VQ level with the same total bits split... see README of the results:
 we compare RVQ 4x256 (32 bits/frame) with VQ 1x256 at 8 bits and with mu-law PCM).
@@ -27,6 +29,8 @@ def get_config(arg=None):
         raise KeyError(f"unknown size {size!r}; choose one of ['B', 'tiny']")
     cfg = tokenizer_base("audio", size)
     cfg.model = model_config(size)
+    if "channels" in options:
+        cfg.model.channels = int(options["channels"])
     kind = options.get("quantizer", "rvq")
     if kind == "lfq":
         q = default_quantizer_config("lfq")

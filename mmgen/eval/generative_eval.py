@@ -336,7 +336,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
     av_trained = [t for t in AV_TASKS if t in trained]
-    if av_trained and {"video", "audio"} <= set(generator.tokenizers):
+    if av_trained and both:
         result["cross_modal_dependence"] = cross_modal_dependence(
             generator, clips, train_tokens, av_trained, result["mask_ratio"], result["token_accuracy"])
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from mmgen.nn.backend import cpu_forms
+
 _INIT = nnx.initializers.xavier_uniform()
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones
@@ -85,7 +87,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r}; choose one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        impl = "heads_major" if jax.default_backend() == "cpu" else "dot_product_attention"
+        impl = "heads_major" if cpu_forms() else "dot_product_attention"
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     q = jnp.swapaxes(q, 1, 2) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # [B, N, T, H]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen.nn.backend import cpu_forms
 from mmgen.parallel.sharding import logical_param
 
 _TEMPORAL_PADDING = ("constant", "edge")
@@ -64,7 +65,7 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                             dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     if impl == "auto":
-        impl = "taps" if jax.default_backend() == "cpu" else "xla"
+        impl = "taps" if cpu_forms() else "xla"
     channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
     dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     if (impl == "xla" or lhs.ndim != 5 or dilated or kwargs

@@ -291,7 +291,8 @@ class Decoder(nnx.Module):
     data (RMS 0.37 against 0.21 on moving_shapes_av), the spectral losses' quickest fix
     is to shrink it, and the codec stayed in that quiet state (output RMS 0.03, no pitch)
     for hundreds of steps in every variant tried (docs/RESULTS.md "Audio tokenizer");
-    starting near silence, the same codec reproduces the tone's pitch within 50 steps.
+    starting near silence, the C = 16 codec places the tone's pitch within 50 steps of
+    one batch (C = 4 learns it too, more slowly).
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):

@@ -168,6 +168,8 @@ def base_config(**overrides) -> ml_collections.ConfigDict:
                           for r in DEFAULT_RULES]
     cfg.optimizer = default_optimizer_config()
     cfg.schedule = default_schedule_config()
+    cfg.init_from = ""  # a workdir whose model weights start a fresh run (fine-tuning); see loop.load_warm_start
+    cfg.init_from_step = -1  # its checkpoint to take; -1 = the latest
     cfg.dataset = ml_collections.ConfigDict()
     cfg.update(overrides)
     return cfg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -220,3 +221,37 @@ def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path
     res = cli("train", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert Checkpointer(str(work), read_only=True).latest_step() == 6
+
+
+def test_init_from_takes_the_model_weights_only(tmp_path):
+    base = toy_config("mesh.data=2", "mesh.fsdp=4", "total_steps=20")
+    loop.run(FAMILY, base, str(tmp_path / "base"))
+    # lr 0: whatever the run starts from is what it ends with; on another mesh.
+    tuned = toy_config("mesh.data=8", "total_steps=2", f"init_from={tmp_path / 'base'}", "optimizer.lr=0")
+    loop.run(FAMILY, tuned, str(tmp_path / "tuned"))
+    for x, y in zip(params(tmp_path / "base", base), params(tmp_path / "tuned", tuned)):
+        np.testing.assert_array_equal(x, y)
+    fresh = toy_config("mesh.data=8", "total_steps=2", "optimizer.lr=0")
+    loop.run(FAMILY, fresh, str(tmp_path / "fresh"))
+    a, b = losses(tmp_path / "tuned"), losses(tmp_path / "fresh")
+    assert sorted(a) == [1, 2]  # the step count starts again
+    trained = losses(tmp_path / "base")
+    assert a[1] < b[1] and a[1] < trained[1]  # it starts from the trained weights, not from an init
+    model = loop.load_state(FAMILY, tuned, str(tmp_path / "tuned"))
+    assert int(model.optimizer.step.get_value()) == 2  # optimizer state is this run's own
+
+
+def test_init_from_mistakes_are_caught_before_anything_is_written(tmp_path):
+    base = toy_config("total_steps=2")
+    loop.run(FAMILY, base, str(tmp_path / "base"))
+    for override, message in [
+        (f"init_from={tmp_path / 'nowhere'}", "no config.json there"),
+        (f"init_from={tmp_path / 'base'}", "model variable fc1/bias is (32,) there and (64,) here"),
+    ]:
+        cfg = toy_config("total_steps=2", "model.hidden=64", override)
+        with pytest.raises(UserError, match=re.escape(message)):
+            loop.run(FAMILY, cfg, str(tmp_path / "w"))
+        assert not (tmp_path / "w").exists()
+    cfg = toy_config("total_steps=2", f"init_from={tmp_path / 'base'}", "init_from_step=7")
+    with pytest.raises(UserError, match=r"no checkpoint at step 7 \(have \[2\]\)"):
+        loop.run(FAMILY, cfg, str(tmp_path / "w"))

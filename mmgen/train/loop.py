@@ -249,6 +249,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     check_batch_divides(cfg, mesh)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    warm_source = check_warm_start(family, cfg, workdir)
     if jax.process_index() == 0:
         config_lib.write_config(cfg, workdir)
     log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
@@ -275,8 +276,12 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         _truncate_metrics(workdir, start)
         log.info("resumed from step %d", start)
     else:
+        warm = load_warm_start(cfg, *warm_source, mesh, rules) if warm_source else None
         full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
         state, start = split_frozen(family, init_state(family, cfg, mesh, full_shardings))[0], 0
+        for part in WARM_START_PARTS if warm is not None else ():
+            if part in state and jax.tree.leaves(state[part]):
+                state[part] = jax.tree.map(jnp.copy, warm)  # a copy each: the step donates its buffers
     frozen = load_frozen(family, cfg, abstract_frozen, frozen_shardings)
     extra = () if family.frozen is None else (frozen,)
 
@@ -412,6 +417,64 @@ def _truncate_metrics(workdir: str, step: int) -> None:
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(path + ".tmp", path)
+
+
+WARM_START_PARTS = ("model", "ema")  # state entries a warm start copies; optimizer, step and data start fresh
+
+
+def check_warm_start(family: Family, cfg, workdir: str):
+    """Check ``cfg.init_from`` before anything is written or compiled.
+
+    Returns ``(abstract model state there, step)``, or None when there is nothing to
+    warm-start: no ``init_from``, or ``workdir`` already has checkpoints (a resume).
+    The other workdir's model must have the same variables and shapes as this one.
+    """
+    source = cfg.get("init_from", "")
+    if not source or (os.path.isdir(os.path.join(workdir, "checkpoints"))
+                      and Checkpointer(workdir, read_only=True).latest_step() is not None):
+        return None
+    config_path = os.path.join(source, "config.json")
+    if not os.path.exists(config_path):
+        raise UserError(f"init_from={source!r}: no config.json there (not a training workdir)")
+    other_cfg = config_lib.from_json_file(config_path)
+    if other_cfg.get("family", "") != cfg.family:
+        raise UserError(f"init_from={source!r} holds a {other_cfg.get('family')!r} run, not {cfg.family!r}")
+    abstract = split_frozen(family, abstract_state(family, cfg)[1])[0]
+    other = split_frozen(family, abstract_state(family, other_cfg)[1])[0]
+    if "model" not in other or "model" not in abstract:
+        raise UserError(f"init_from: the {family.name!r} state has no 'model' entry to warm-start")
+    mine, theirs = dict(nnx.to_flat_state(abstract["model"])), dict(nnx.to_flat_state(other["model"]))
+    for path in sorted(set(mine) | set(theirs), key=str):
+        a, b = mine.get(path), theirs.get(path)
+        if a is None or b is None or a.get_value().shape != b.get_value().shape:
+            raise UserError(
+                f"init_from={source!r}: model variable {'/'.join(str(k) for k in path)} is "
+                f"{'missing' if b is None else b.get_value().shape} there and "
+                f"{'missing' if a is None else a.get_value().shape} here; the model configs must match")
+    if not os.path.isdir(os.path.join(source, "checkpoints")):
+        raise UserError(f"init_from={source!r}: no checkpoints there")
+    ckpt = Checkpointer(source, read_only=True)
+    steps = ckpt.all_steps()
+    ckpt.close()
+    step = (max(steps) if steps else None) if cfg.get("init_from_step", -1) < 0 else int(cfg.init_from_step)
+    if step is None or step not in steps:
+        raise UserError(f"init_from={source!r}: no checkpoint {'at all' if step is None else f'at step {step}'}"
+                        f" (have {steps})")
+    return other, step
+
+
+def load_warm_start(cfg, other, step, mesh, rules):
+    """The model weights of ``cfg.init_from``'s checkpoint ``step``, sharded for this run.
+
+    Fine-tuning from another run (e.g. a tokenizer trained on single frames, then on
+    clips): only the model is taken (and copied into an EMA copy if this run keeps
+    one); optimizer state, step and data position start fresh.
+    """
+    ckpt = Checkpointer(cfg.init_from, read_only=True)
+    restored, _ = ckpt.restore(step, with_shardings(other, sharding_lib.state_shardings(other, mesh, rules)))
+    ckpt.close()
+    log.info("model weights from %s at step %d (optimizer and step start fresh)", cfg.init_from, step)
+    return restored["model"]
 
 
 def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):

@@ -211,3 +211,23 @@ def test_remat_outside_a_loop_lowers_the_cpu_plan():
     activation = 4096 * 256 * 4
     assert temps[False] > 16 * activation  # 8 layers keep ~3 activations each for the backward pass
     assert temps[True] < temps[False] / 2, temps  # remat keeps each layer's input only
+
+
+def test_plan_traces_the_accelerators_kernel_forms_not_the_cpus():
+    """On CPU stand-ins the step must still be the one an H100 or a TPU will run."""
+    from mmgen.nn import backend
+
+    toy_family = get_family("toy")
+    seen = []
+
+    def train_step(cfg, state, batch, rng):
+        seen.append(backend.cpu_forms())
+        return toy_family.train_step(cfg, state, batch, rng)
+
+    fields = {f.name: getattr(toy_family, f.name) for f in dataclasses.fields(toy_family)}
+    family = types.SimpleNamespace(**{**fields, "train_step": train_step})
+    for accelerator in ("h100", "v5e"):
+        plan_lib.make_plan(toy("small", "mesh.data=2"), 2, accelerator=accelerator, family=family)
+    assert seen == [False, False]
+    assert backend.cpu_forms()  # and the CPU forms are back for whatever runs here next
+    assert plan_lib.accelerator_platform("h200") == "gpu" and plan_lib.accelerator_platform("v4") == "tpu"

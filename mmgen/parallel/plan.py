@@ -16,7 +16,10 @@ gives the GPU compiler's numbers). With fewer it re-runs itself in a subprocess 
 must be set before JAX initialises its backend, which the parent has already done.
 CPU numbers are the CPU compiler's: the sharded bytes of parameters and optimizer
 state are exact on any backend; temporaries depend on the backend's fusion and
-scheduling and are an estimate of what a GPU/TPU compile reports.
+scheduling and are an estimate of what a GPU/TPU compile reports. The step is traced
+with the accelerator's kernel forms (``mmgen.nn.backend.target_platform``: XLA's 3D
+convolution and ``jax.nn.dot_product_attention``, not the CPU forms that training on a
+CPU takes).
 
 Reported per device: parameters, optimizer state, other state and the frozen
 parameters of a family that has them (a base model under adapters: an input of the
@@ -52,6 +55,14 @@ ACCELERATORS: dict[str, tuple[float, float]] = {
     "v5e": (16.0, 197e12),
     "v5p": (95.0, 459e12),
 }
+GPUS = ("h100", "h200", "a100")  # the others are TPUs
+
+
+def accelerator_platform(key: str) -> str:
+    """The JAX platform of an ``ACCELERATORS`` key: whose kernel forms the plan traces."""
+    return "gpu" if key in GPUS else "tpu"
+
+
 # Share of HBM a plan may use: what the launch scripts give XLA
 # (XLA_PYTHON_CLIENT_MEM_FRACTION=0.90), leaving room for the runtime, collective
 # buffers and fragmentation.
@@ -216,6 +227,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     """
     import jax
 
+    from mmgen.nn import backend
     from mmgen.parallel import sharding as sharding_lib
     from mmgen.train import get_family, loop, optim
 
@@ -250,7 +262,9 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
 
     step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
     options = CPU_COMPILER_OPTIONS if devices[0].platform == "cpu" else None
-    compiled = step.lower(state_sds, batch_sds, rng_sds, *frozen_args).compile(compiler_options=options)
+    with backend.target_platform(accelerator_platform(acc)):  # the accelerator's conv/attention forms
+        lowered = step.lower(state_sds, batch_sds, rng_sds, *frozen_args)
+    compiled = lowered.compile(compiler_options=options)
 
     by_kind, num_params = state_bytes_by_kind(abstract, shardings)
     frozen_by_kind, num_frozen = state_bytes_by_kind(abstract_frozen, frozen_shardings)

@@ -265,3 +265,70 @@ def test_example_batch_matches_the_random_token_batches():
     shapes = gen.example_batch(cfg)
     assert {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in shapes.items()} == \
         {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- token cache
+def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokenizers, data_dir, tmp_path):
+    from mmgen.generative.sample_cli import read_split
+    from mmgen.train import token_cache
+
+    cache = str(tmp_path / "cache")
+    cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
+                            extra=["data_source='token_cache'", f"token_cache={cache!r}"])
+    for name in cfg.task_weights:
+        cfg.task_weights[name] = 1.0 if name in ("video_to_audio", "audio_to_video", "audio_video") else 0.0
+    gen.validate(cfg)
+    make = lambda: gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
+                                 process_count=1)
+    it = make()
+    first = next(it)
+    # The cache is every train clip, tokenized as the tokenizers do it with evaluation preprocessing.
+    arrays = token_cache.load(cfg, "train")
+    clips = read_split(cfg, "train", 16)
+    want = gen.tokenize_clips(cfg, gen.load_tokenizers(cfg), clips["video"], clips["audio"], np.zeros(16, np.int32),
+                              None, with_condition=False)
+    assert len(arrays["label"]) == 16
+    for m in ("video", "audio"):
+        np.testing.assert_array_equal(arrays[f"{m}_tokens"], want[f"{m}_tokens"])
+        # Whole-modality tasks: the condition clip is the clip, so are its tokens.
+        np.testing.assert_array_equal(first[f"{m}_condition"], first[f"{m}_tokens"])
+    rows = [np.flatnonzero((arrays["video_tokens"] == v).all(axis=(1, 2, 3)))[0] for v in first["video_tokens"]]
+    assert len(set(rows)) == 8  # distinct clips
+    np.testing.assert_array_equal(first["audio_tokens"], arrays["audio_tokens"][rows])  # pairs stay paired
+    np.testing.assert_array_equal(first["label"], arrays["label"][rows])
+    ids, _ = gen.draw_tasks(cfg, 0, 0, 8)
+    np.testing.assert_array_equal(first["task_id"], ids)
+    # Resumable: the position is the batch index.
+    saved = json.loads(json.dumps(it.get_state()))
+    expected = next(it)
+    again = make()
+    again.set_state(saved)
+    got = next(again)
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # Evaluation batches: a fixed number, from the start of the split.
+    evals = list(gen.make_data(cfg, split="test", train=False, seed=0, batch_size=8, process_index=0,
+                               process_count=1))
+    assert len(evals) == cfg.eval_batches
+
+
+def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, data_dir, tmp_path):
+    from mmgen.train import token_cache
+
+    cache = str(tmp_path / "cache")
+    cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
+                            extra=["data_source='token_cache'", f"token_cache={cache!r}"])
+    with pytest.raises(UserError, match=r"cannot build COMMIT condition clips for \['frame_prediction'"):
+        gen.validate(cfg)  # all 15 tasks, COMMIT
+    assert not os.path.exists(cache)
+    prefix = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=[
+        "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'"])
+    gen.validate(prefix)  # prefix conditioning needs no condition clips
+    token_cache.build(prefix, "test")
+    assert sorted(os.listdir(cache)) == ["test.json", "test.npz"]
+    moved = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=[
+        "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'", "dataset.fps=4.0"])
+    with pytest.raises(UserError, match="was made from other dataset"):
+        token_cache.check(moved, "test")
+    with pytest.raises(UserError, match="needs config.token_cache"):
+        token_cache.paths(generative_config(extra=["data_source='token_cache'"]), "train")

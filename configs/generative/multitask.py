@@ -15,8 +15,11 @@ frames x 4 RVQ levels x 1024). Options:
 * ``conditioning=commit|prefix``: MAGVIT's COMMIT, or the plain prefix baseline;
 * ``tasks=a+b+...``: train only these tasks (equal weights), e.g. a single-task ablation;
 * ``modalities=video|audio|video+audio``: drop a modality (its tasks get weight 0);
-* ``data_source=tokenizers|random_tokens``: real clips through the frozen tokenizers,
-  or random tokens of the configured shapes (benchmarks, ``plan``; no tokenizer needed).
+* ``data_source=tokenizers|token_cache|random_tokens``: real clips through the frozen
+  tokenizers at every step; their tokens computed once into ``config.token_cache``
+  (``mmgen/train/token_cache.py``: ~10x cheaper steps at tiny scale, no augmentation,
+  COMMIT only for whole-modality tasks); or random tokens of the configured shapes
+  (benchmarks, ``plan``; no tokenizer needed).
 
 The token layout (``model.video_grid``, ``model.*_vocab``, ``model.audio_len``,
 ``model.audio_levels``) lives here so that the train step compiles from the config
@@ -82,6 +85,7 @@ def get_config(arg=None):
 
     cfg.tokenizers = ml_collections.ConfigDict({"video_workdir": "", "audio_workdir": ""})
     cfg.data_source = options.get("data_source", "tokenizers")
+    cfg.token_cache = ""  # data_source=token_cache: directory of the tokens, built on first use
     cfg.dataset = default_dataset_config()
     cfg.task_weights = ml_collections.ConfigDict(dict(TASK_WEIGHTS))
     cfg.conditioning = options.get("conditioning", "commit")  # commit | prefix

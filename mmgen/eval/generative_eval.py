@@ -305,7 +305,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     num = int(num if num is not None else e.get("num", 32))
     if num < 2:
         raise UserError(f"--num {num} must be at least 2 (the shuffled baseline pairs different clips)")
-    if cfg.data_source != "tokenizers":
+    if cfg.data_source == "random_tokens":
         raise UserError(f"{workdir} was trained on {cfg.data_source}: there are no tokenizers to evaluate with")
     generator = Generator.from_workdir(workdir)
     cfg = generator.cfg

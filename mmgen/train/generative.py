@@ -20,7 +20,10 @@ condition clips with the condition region drawn for the global batch (so the tra
 step, which sees the global batch and the same ``region_key``, draws the same
 dynamic boxes), and tokenizes clip + condition in one jitted call per modality.
 ``get_state`` / ``set_state`` carry the grain state and the batch index: resuming
-gives the same batches. ``data_source="random_tokens"``: uniform random tokens of
+gives the same batches. ``data_source="token_cache"``: the same tokenizers' tokens of
+every clip computed once into ``cfg.token_cache`` (``mmgen.train.token_cache``: no
+augmentation; COMMIT only for tasks whose condition is a whole modality).
+``data_source="random_tokens"``: uniform random tokens of
 the configured layout and no tokenizer (benchmarks, ``plan``).
 
 Batch (host-local numpy, ``b`` examples): ``task_id``, ``label`` int32 ``[b]``;
@@ -53,7 +56,7 @@ from mmgen.generative.transformer import (
 from mmgen.train import optim
 from mmgen.train.loop import Family
 
-DATA_SOURCES = ("tokenizers", "random_tokens")
+DATA_SOURCES = ("tokenizers", "token_cache", "random_tokens")
 
 
 # ------------------------------------------------------------------------ config
@@ -163,6 +166,12 @@ def validate(cfg) -> None:
             tcfg = _read_tokenizer_config(workdir, m)
             model = nnx.eval_shape(lambda tcfg=tcfg: build_tokenizer(tcfg, nnx.Rngs(0)))
             check_tokenizer_layout(cfg, m, model)
+    if cfg.data_source == "token_cache":
+        from mmgen.train import token_cache
+
+        token_cache.check_tasks(cfg, weights)
+        for split in ("train", cfg.get("eval_split", "test")):
+            token_cache.check(cfg, split)  # a stale cache is an error here, before anything compiles
 
 
 # ------------------------------------------------------------------------ state
@@ -468,6 +477,19 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
         return RandomTokenBatches(cfg, seed=seed if train else seed + 1, batch_size=batch_size,
                                   process_index=process_index, process_count=process_count,
                                   num_batches=None if train else int(cfg.get("eval_batches", 4)))
+    if cfg.data_source == "token_cache":
+        from mmgen.train import token_cache
+
+        if process_count > 1:  # one process builds, the others wait for it
+            from jax.experimental import multihost_utils
+
+            if process_index == 0:
+                token_cache.build(cfg, split)
+            multihost_utils.sync_global_devices(f"token_cache_{split}")
+        return token_cache.CachedTokenBatches(
+            cfg, token_cache.load(cfg, split), seed=seed if train else seed + 1, batch_size=batch_size,
+            process_index=process_index, process_count=process_count,
+            num_batches=None if train else int(cfg.get("eval_batches", 4)))
     clips = pipeline.make_iterator(clip_dataset_config(cfg), split=split, global_batch_size=batch_size, seed=seed,
                                    train=train, process_index=process_index, process_count=process_count)
     return TokenBatches(cfg, clips, load_tokenizers(cfg), seed=seed if train else seed + 1, batch_size=batch_size,
@@ -477,7 +499,7 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
 # ------------------------------------------------------------------------ evals
 def on_eval(state: GenerativeState, cfg, workdir: str, step: int, mesh) -> dict:
     """A few samples of ``cfg.sampling.eval_tasks`` into ``workdir/samples`` (mp4 with sound + PNG)."""
-    if jax.process_index() != 0 or cfg.data_source != "tokenizers" or not cfg.sampling.get("eval_tasks"):
+    if jax.process_index() != 0 or cfg.data_source == "random_tokens" or not cfg.sampling.get("eval_tasks"):
         return {}
     from mmgen.generative.sample_cli import Generator
 

@@ -62,6 +62,7 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert len(rows) == 10 and "audio_to_video" not in rows  # the video-only model's tasks
     for row in rows.values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["unigram"] <= 1.0 and row["scored"] > 0
+        assert abs(row["video_nll"] - np.log(1024)) < 0.5  # nats per token; a random model is near uniform
     # Masked targets only: frame prediction scores the 2 generated latent frames of 3 (x 8 x 8), at most.
     assert rows["frame_prediction"]["scored"] <= 4 * 2 * 8 * 8
     fp = result["frame_prediction"]
@@ -108,20 +109,25 @@ def test_token_features_are_the_codes_the_decoder_sees():
 def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_another_clip(monkeypatch):
     clips = {"video": np.arange(3)[:, None] * np.ones((3, 4)), "audio": np.arange(3)[:, None] * np.ones((3, 5)),
              "has_audio": np.array([True, True, False]), "label": np.zeros(3)}
-    seen = {}
+    seen = []
 
     def fake_accuracy(generator, given, train_tokens, task_names, ratio):
-        seen.update(given)
-        return [{"task": t, "scored": 10, "video_accuracy": 0.1, "audio_accuracy": 0.2} for t in task_names]
+        assert ratio == 1.0
+        seen.append(given)
+        true = len(seen) == 1  # the first call scores the true pairs
+        return [{"task": t, "scored": 10, "video_accuracy": 0.3 if true else 0.1, "video_nll": 2.0 if true else 3.0,
+                 "audio_accuracy": 0.4 if true else 0.2, "audio_nll": 1.0 if true else 1.5} for t in task_names]
 
     monkeypatch.setattr(ge, "token_accuracy", fake_accuracy)
-    matched = [{"task": t, "video_accuracy": 0.3, "audio_accuracy": 0.4} for t in ge.AV_TASKS]
-    rows = {r["task"]: r for r in ge.cross_modal_dependence(None, clips, {}, list(ge.AV_TASKS), 0.5, matched)}
-    np.testing.assert_array_equal(seen["audio"][:, 0], [2, 0, 1])  # every clip gets its neighbour's sound
-    np.testing.assert_array_equal(seen["has_audio"], [False, True, True])
-    np.testing.assert_array_equal(seen["video"], clips["video"])  # the picture stays
+    rows = {r["task"]: r for r in ge.cross_modal_dependence(None, clips, {}, list(ge.AV_TASKS), 1.0)}
+    np.testing.assert_array_equal(seen[0]["audio"], clips["audio"])
+    np.testing.assert_array_equal(seen[1]["audio"][:, 0], [2, 0, 1])  # every clip gets its neighbour's sound
+    np.testing.assert_array_equal(seen[1]["has_audio"], [False, True, True])
+    np.testing.assert_array_equal(seen[1]["video"], clips["video"])  # the picture stays
     # Only the generated (target) modality is compared: the condition is given, not predicted.
-    assert rows["audio_to_video"] == {"task": "audio_to_video", "scored": 10, "video_accuracy_matched": 0.3,
-                                      "video_accuracy_mismatched": 0.1}
-    assert set(rows["video_to_audio"]) == {"task", "scored", "audio_accuracy_matched", "audio_accuracy_mismatched"}
+    assert rows["audio_to_video"] == {"task": "audio_to_video", "mask_ratio": 1.0, "scored": 10,
+                                      "video_accuracy_matched": 0.3, "video_accuracy_mismatched": 0.1,
+                                      "video_nll_matched": 2.0, "video_nll_mismatched": 3.0}
+    assert {k for k in rows["video_to_audio"] if k.startswith(("video", "audio"))} == {
+        "audio_accuracy_matched", "audio_accuracy_mismatched", "audio_nll_matched", "audio_nll_mismatched"}
     assert rows["audio_video"]["audio_accuracy_mismatched"] == 0.2 and rows["audio_video"]["video_accuracy_matched"] == 0.3

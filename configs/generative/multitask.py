@@ -110,6 +110,7 @@ def get_config(arg=None):
         "mask_ratio": 0.5,  # fraction of maskable elements masked for the masked-token accuracy
         "unigram_clips": 64,  # train clips whose tokens give the unigram baseline
         "probe_clips": 1024,  # train clips that fit the token-space height probes (audio-visual agreement)
+        "dependence_mask_ratio": 1.0,  # cross-modal dependence: every target token masked, as sampling starts
     })
     cfg.ema_decay = 0.0  # MaskGIT keeps no weight EMA; > 0 samples from an EMA copy
 

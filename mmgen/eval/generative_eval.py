@@ -38,9 +38,11 @@ checkpoint's inference model and its frozen tokenizers:
   (generated video vs generated sound), each next to the shuffled pairing. The probes'
   errors on the real test clips' tokens are the ceiling.
 * **Cross-modal dependence** (every trained audio-visual task): the masked-token
-  accuracy of the target modality again with each clip's sound swapped for another
-  clip's (rolled by one); a model that reads the picture to predict the sound (or the
-  other way round) scores higher on the true pairs.
+  accuracy and cross-entropy (nats per token) of the target modality with every target
+  token masked (``cfg.evaluation.dependence_mask_ratio``, default 1.0), on the true
+  pairs and with each clip's sound swapped for another clip's (rolled by one); a model
+  that reads the picture to predict the sound (or the other way round) does better on
+  the true pairs.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -61,7 +63,7 @@ from mmgen.errors import UserError
 from mmgen.eval import metrics
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
-from mmgen.generative.transformer import combine_digits
+from mmgen.generative.transformer import combine_digits, token_log_prob
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this
 PITCH_BAND_HZ = (150.0, 1100.0)
@@ -172,7 +174,7 @@ class HeightProbe:
 
 # ---------------------------------------------------------------- token accuracy
 def _prediction_fn(cfg, graphdef):
-    """Jitted: argmax predictions, targets and scored elements (masked targets) of one batch."""
+    """Jitted: argmax predictions, targets, scored elements (masked targets) and log p(target) of one batch."""
     from mmgen.train.generative import specs_of, training_example
 
     specs = specs_of(cfg)
@@ -188,7 +190,7 @@ def _prediction_fn(cfg, graphdef):
         for m, spec in specs.items():
             present = example.present[m].reshape((batch_size,) + (1,) * (regions[m].ndim - 1))
             out[m] = (combine_digits(jnp.argmax(logits[m], axis=-1), spec), example.targets[m],
-                      example.masked[m] & ~regions[m] & present)
+                      example.masked[m] & ~regions[m] & present, token_log_prob(logits[m], example.targets[m], spec))
         return out
 
     return predict
@@ -212,7 +214,7 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     chunk = max(1, min(num, int(cfg.sampling.batch_size)))
     rows_out = []
     for task in tqdm(task_names, desc="token accuracy", unit="task"):
-        hits = {m: [0, 0, 0] for m in generator.tokenizers}  # model hits, unigram hits, scored
+        hits = {m: [0, 0, 0, 0.0] for m in generator.tokenizers}  # model hits, unigram hits, scored, -log p sum
         for c, lo in enumerate(range(0, num, chunk)):
             rows = np.minimum(np.arange(lo, lo + chunk), num - 1)
             real = np.arange(lo, lo + chunk) < num
@@ -225,9 +227,10 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
                          has_audio=clips["has_audio"][rows].astype(bool),
                          region_key=np.broadcast_to(key_data, (chunk, *key_data.shape)).copy())
             out = predict(state, batch, jax.random.key(seed + c), jnp.float32(ratio))
-            for m, (pred, target, scored) in out.items():
+            for m, (pred, target, scored, logp) in out.items():
                 pred, target, scored = np.asarray(pred), np.asarray(target), np.asarray(scored) & real.reshape(
                     (-1,) + (1,) * (np.ndim(target) - 1))
+                hits[m][3] -= float(np.asarray(logp, np.float64)[scored].sum())
                 baseline = np.broadcast_to(modes[m] if target.ndim == 3 else modes[m][0], target.shape)
                 hits[m][0] += int((pred == target)[scored].sum())
                 hits[m][1] += int((baseline == target)[scored].sum())
@@ -236,33 +239,38 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
         total = [sum(h[i] for h in hits.values()) for i in range(3)]
         row["accuracy"] = total[0] / total[2] if total[2] else float("nan")
         row["unigram"] = total[1] / total[2] if total[2] else float("nan")
-        for m, (hit, base, count) in hits.items():
+        for m, (hit, base, count, nll) in hits.items():
             if count:
                 row[f"{m}_accuracy"] = hit / count
                 row[f"{m}_unigram"] = base / count
+                row[f"{m}_nll"] = nll / count
         row["scored"] = total[2]
         rows_out.append(row)
     return rows_out
 
 
-def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_names, ratio: float,
-                           matched_rows: list) -> list:
-    """Masked-token accuracy of the audio-visual tasks with each clip's sound swapped for another clip's.
+def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_names, ratio: float) -> list:
+    """Masked-token accuracy and cross-entropy of the audio-visual tasks' targets, on the
+    true pairs and with each clip's sound swapped for another clip's.
 
-    If the model reads the picture to predict the sound (and the other way round), its
-    accuracy on the true pairs (``matched_rows``, from ``token_accuracy``) exceeds that
-    on mismatched pairs (sound rolled by one clip, same masks and seed).
+    If the model reads the picture to predict the sound (and the other way round), it
+    predicts the targets better on the true pairs than on mismatched ones (sound rolled
+    by one clip, same masks and seed). ``ratio`` is the masked fraction: 1.0 (the
+    default, ``evaluation.dependence_mask_ratio``) masks every target token, as sampling
+    starts, so that only the other modality can tell where the shape is or what the
+    pitch is; at lower ratios the visible targets already say much of it.
     """
     mismatched = dict(clips, audio=np.roll(clips["audio"], 1, axis=0), has_audio=np.roll(clips["has_audio"], 1, axis=0))
-    matched = {r["task"]: r for r in matched_rows}
+    matched = {r["task"]: r for r in token_accuracy(generator, clips, train_tokens, task_names, ratio)}
     out = []
     for row in token_accuracy(generator, mismatched, train_tokens, task_names, ratio):
         task, true = row["task"], matched[row["task"]]
-        entry = {"task": task, "scored": row["scored"]}
+        entry = {"task": task, "mask_ratio": float(ratio), "scored": row["scored"]}
         for m in ("video", "audio"):
             if f"{m}_accuracy" in row and tasks_lib.get_task(task).role(m).kind == "target":
-                entry[f"{m}_accuracy_matched"] = true[f"{m}_accuracy"]
-                entry[f"{m}_accuracy_mismatched"] = row[f"{m}_accuracy"]
+                for metric in ("accuracy", "nll"):
+                    entry[f"{m}_{metric}_matched"] = true[f"{m}_{metric}"]
+                    entry[f"{m}_{metric}_mismatched"] = row[f"{m}_{metric}"]
         out.append(entry)
     return out
 
@@ -338,7 +346,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     av_trained = [t for t in AV_TASKS if t in trained]
     if av_trained and both:
         result["cross_modal_dependence"] = cross_modal_dependence(
-            generator, clips, train_tokens, av_trained, result["mask_ratio"], result["token_accuracy"])
+            generator, clips, train_tokens, av_trained, float(e.get("dependence_mask_ratio", 1.0)))
 
     out_dir = os.path.join(workdir, "eval")
     have = specs_of(cfg)

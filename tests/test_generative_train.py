@@ -330,5 +330,10 @@ def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, dat
         "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'", "dataset.fps=4.0"])
     with pytest.raises(UserError, match="was made from other dataset"):
         token_cache.check(moved, "test")
+    other_clips = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=[
+        "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'",
+        "dataset.builder_overrides={'num_train': 16, 'num_test': 8, 'max_distractors': 0}"])
+    with pytest.raises(UserError, match="was made from other dataset"):
+        token_cache.check(other_clips, "test")
     with pytest.raises(UserError, match="needs config.token_cache"):
         token_cache.paths(generative_config(extra=["data_source='token_cache'"]), "train")

@@ -71,6 +71,8 @@ def _origin(cfg, split: str) -> dict:
         tokenizers[m] = {"workdir": workdir, "step": ckpt.latest_step()}
         ckpt.close()
     dataset = {k: cfg.dataset.get(k) for k in DATASET_KEYS}
+    overrides = cfg.dataset.get("builder_overrides") or {}
+    dataset["builder_overrides"] = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
     return {"split": split, "tokenizers": tokenizers, "dataset": dataset}
 
 

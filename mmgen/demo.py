@@ -4,8 +4,9 @@ Nothing is downloaded. In order, each stage a normal workdir that ``sample``,
 ``tokenize``, ``eval`` and ``train`` (to continue it) accept:
 
 1. ``DIR/data``: ``moving_shapes_av/tiny`` built procedurally (TFDS, ArrayRecord);
-2. ``DIR/video_tokenizer``: the MAGVIT-v2-style video tokenizer (9x32x32 -> 3x8x8
-   tokens of a 10-bit LFQ);
+2. ``DIR/video_tokenizer_frames`` then ``DIR/video_tokenizer``: the MAGVIT-v2-style
+   video tokenizer (9x32x32 -> 3x8x8 tokens of a 10-bit LFQ), trained first on single
+   frames, then on clips starting from those weights (``init_from``);
 3. ``DIR/audio_tokenizer``: the SoundStream-style audio tokenizer (57 frames x 4 RVQ
    levels of 256);
 4. ``DIR/generative``: the masked multi-task transformer over both, all 15 tasks;
@@ -60,6 +61,20 @@ def stage_config(demo, stage: str, data_dir: str, extra: list[str] = ()):
     return cfg
 
 
+def stage_configs(demo, root: str, data_dir: str) -> tuple[dict, dict]:
+    """``(workdirs, configs)`` of the stages in training order, each wired to the ones before it."""
+    stages = ("video_tokenizer_frames", "video_tokenizer", "audio_tokenizer", "generative")
+    if demo.video_tokenizer_frames.total_steps <= 0:
+        stages = stages[1:]
+    dirs = {s: os.path.join(root, s) for s in stages}
+    warm = [f"init_from={dirs['video_tokenizer_frames']!r}"] if "video_tokenizer_frames" in dirs else []
+    cfgs = {s: stage_config(demo, s, data_dir) for s in ("video_tokenizer_frames", "audio_tokenizer") if s in dirs}
+    cfgs["video_tokenizer"] = stage_config(demo, "video_tokenizer", data_dir, warm)
+    cfgs["generative"] = stage_config(demo, "generative", data_dir, [
+        f"tokenizers.video_workdir={dirs['video_tokenizer']!r}", f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"])
+    return dirs, {s: cfgs[s] for s in stages}
+
+
 def _trained_steps(workdir: str) -> int:
     from mmgen.train.checkpoint import Checkpointer
 
@@ -107,10 +122,7 @@ def main(args, overrides) -> int:
                                   overrides)
     root = os.path.abspath(args.workdir)
     data_dir = os.path.join(root, "data")
-    dirs = {s: os.path.join(root, s) for s in ("video_tokenizer", "audio_tokenizer", "generative")}
-    cfgs = {s: stage_config(demo, s, data_dir) for s in ("video_tokenizer", "audio_tokenizer")}
-    cfgs["generative"] = stage_config(demo, "generative", data_dir, [
-        f"tokenizers.video_workdir={dirs['video_tokenizer']!r}", f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"])
+    dirs, cfgs = stage_configs(demo, root, data_dir)
     os.makedirs(root, exist_ok=True)
 
     _banner(f"data: {pipeline.dataset_name(cfgs['video_tokenizer'].dataset)} in {data_dir}", start)
@@ -135,9 +147,13 @@ def main(args, overrides) -> int:
                "workdirs": dirs, "samples": os.path.join(root, "samples"), "eval": results}
     with open(os.path.join(root, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    v, a, g = (results[s] for s in dirs)
+    v, a, g = (results[s] for s in ("video_tokenizer", "audio_tokenizer", "generative"))
     print(f"\ndemo finished in {elapsed / 60:.1f} min; everything is in {root}")
     nan = float("nan")
+    if "video_tokenizer_frames" in results:
+        f = results["video_tokenizer_frames"]
+        print(f"  ... on frames    {dirs['video_tokenizer_frames']}  eval PSNR {f.get('eval/psnr', nan):.2f} dB"
+              f"  ({f['seconds']:.0f}s)")
     print(f"  video tokenizer  {dirs['video_tokenizer']}  eval PSNR {v.get('eval/psnr', nan):.2f} dB  ({v['seconds']:.0f}s)")
     print(f"  audio tokenizer  {dirs['audio_tokenizer']}  eval loss {a.get('eval/loss', nan):.3f}  ({a['seconds']:.0f}s)")
     print(f"  transformer      {dirs['generative']}  eval masked-token accuracy {g.get('eval/accuracy', nan):.3f}"

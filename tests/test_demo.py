@@ -40,9 +40,24 @@ def test_stage_configs_are_the_tiny_ones_with_the_demo_changes(tmp_path):
     assert len(gen.task_weights(generative)) == 15  # every task is trained and sampled
 
 
+def test_video_tokenizer_learns_frames_first_then_starts_the_clip_stage_from_them(tmp_path):
+    dirs, cfgs = demo.stage_configs(demo_config(), str(tmp_path), str(tmp_path / "data"))
+    assert list(dirs) == ["video_tokenizer_frames", "video_tokenizer", "audio_tokenizer", "generative"]
+    frames, clips = cfgs["video_tokenizer_frames"], cfgs["video_tokenizer"]
+    assert frames.dataset.frames == 1 and clips.dataset.frames == 9
+    assert clips.init_from == dirs["video_tokenizer_frames"] and not frames.init_from
+    assert frames.model.to_dict() == clips.model.to_dict()  # the weights carry over only between equal models
+    assert cfgs["generative"].tokenizers.video_workdir == dirs["video_tokenizer"]
+    # Without the frames stage the clip stage starts from scratch.
+    dirs, cfgs = demo.stage_configs(demo_config(overrides=["video_tokenizer_frames.total_steps=0"]),
+                                    str(tmp_path), str(tmp_path / "data"))
+    assert "video_tokenizer_frames" not in dirs and not cfgs["video_tokenizer"].init_from
+
+
 def test_fast_variant_is_a_few_steps_on_a_small_dataset():
     d = demo_config("fast")
-    assert all(d[s].total_steps <= 3 for s in ("video_tokenizer", "audio_tokenizer", "generative"))
+    assert all(d[s].total_steps <= 3 for s in ("video_tokenizer_frames", "video_tokenizer", "audio_tokenizer",
+                                               "generative"))
     assert d.dataset.builder_overrides.to_dict() == {"num_train": 16, "num_test": 8}
 
 

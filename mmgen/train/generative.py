@@ -369,6 +369,12 @@ def draw_tasks(cfg, seed: int, index: int, global_batch: int) -> tuple[np.ndarra
     return ids, key
 
 
+def host_task_fields(key_data: np.ndarray, ids: np.ndarray, start: int, local_batch: int) -> dict:
+    """This host's ``task_id`` rows of a global batch's tasks and the batch's ``region_key`` per row."""
+    return {"task_id": ids[start:start + local_batch],
+            "region_key": np.broadcast_to(key_data, (local_batch, *key_data.shape)).copy()}
+
+
 class TokenBatches:
     """Clips from the grain pipeline -> tasks, condition clips and tokens (see the module docstring)."""
 
@@ -390,12 +396,8 @@ class TokenBatches:
         b, start = self.local_batch, self.start
         out = tokenize_clips(self.cfg, self.tokenizers, clips.get("video"), clips.get("audio"), ids,
                              jax.random.wrap_key_data(jnp.asarray(key_data)), start, with_condition=self.commit)
-        out.update(
-            task_id=ids[start:start + b],
-            label=np.asarray(clips["label"], np.int32),
-            has_audio=np.asarray(clips["has_audio"], bool),
-            region_key=np.broadcast_to(key_data, (b, *key_data.shape)).copy(),
-        )
+        out.update(host_task_fields(key_data, ids, start, b), label=np.asarray(clips["label"], np.int32),
+                   has_audio=np.asarray(clips["has_audio"], bool))
         self.index += 1
         return out
 
@@ -434,12 +436,9 @@ class RandomTokenBatches:
             out[f"{m}_tokens"] = rng.integers(0, spec.vocab, (b, *spec.shape), dtype=np.int32)
             if self.cfg.conditioning == "commit":
                 out[f"{m}_condition"] = rng.integers(0, spec.vocab, (b, *spec.shape), dtype=np.int32)
-        out.update(
-            task_id=ids[start:start + b],
-            label=rng.integers(0, int(self.cfg.model.num_classes), (b,), dtype=np.int32),
-            has_audio=np.ones((b,), bool),
-            region_key=np.broadcast_to(key_data, (b, *key_data.shape)).copy(),
-        )
+        out.update(host_task_fields(key_data, ids, start, b),
+                   label=rng.integers(0, int(self.cfg.model.num_classes), (b,), dtype=np.int32),
+                   has_audio=np.ones((b,), bool))
         self.index += 1
         return out
 

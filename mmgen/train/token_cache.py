@@ -173,7 +173,7 @@ class CachedTokenBatches:
         return self
 
     def __next__(self) -> dict:
-        from mmgen.train.generative import draw_tasks
+        from mmgen.train.generative import draw_tasks, host_task_fields
 
         if self.num_batches is not None and self.index >= self.num_batches:
             raise StopIteration
@@ -189,10 +189,8 @@ class CachedTokenBatches:
             out[f"{m}_tokens"] = self.arrays[f"{m}_tokens"][rows]
             if self.commit:
                 out[f"{m}_condition"] = out[f"{m}_tokens"]
-        b = self.local_batch
-        out.update(task_id=ids[self.start:self.start + b], label=self.arrays["label"][rows],
-                   has_audio=self.arrays["has_audio"][rows],
-                   region_key=np.broadcast_to(key_data, (b, *key_data.shape)).copy())
+        out.update(host_task_fields(key_data, ids, self.start, self.local_batch), label=self.arrays["label"][rows],
+                   has_audio=self.arrays["has_audio"][rows])
         self.index += 1
         return out
 

@@ -239,6 +239,10 @@ def test_init_from_takes_the_model_weights_only(tmp_path):
     assert a[1] < b[1] and a[1] < trained[1]  # it starts from the trained weights, not from an init
     model = loop.load_state(FAMILY, tuned, str(tmp_path / "tuned"))
     assert int(model.optimizer.step.get_value()) == 2  # optimizer state is this run's own
+    # Resuming the fine-tune reads its own checkpoint, not the source (which may be gone).
+    shutil.rmtree(tmp_path / "base")
+    longer = toy_config("mesh.data=8", "total_steps=3", f"init_from={tmp_path / 'base'}", "optimizer.lr=0")
+    assert loop.run(FAMILY, longer, str(tmp_path / "tuned"))["step"] == 3
 
 
 def test_init_from_mistakes_are_caught_before_anything_is_written(tmp_path):

@@ -430,9 +430,14 @@ def check_warm_start(family: Family, cfg, workdir: str):
     The other workdir's model must have the same variables and shapes as this one.
     """
     source = cfg.get("init_from", "")
-    if not source or (os.path.isdir(os.path.join(workdir, "checkpoints"))
-                      and Checkpointer(workdir, read_only=True).latest_step() is not None):
+    if not source:
         return None
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        own = Checkpointer(workdir, read_only=True)
+        resuming = own.latest_step() is not None
+        own.close()
+        if resuming:
+            return None
     config_path = os.path.join(source, "config.json")
     if not os.path.exists(config_path):
         raise UserError(f"init_from={source!r}: no config.json there (not a training workdir)")

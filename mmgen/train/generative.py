@@ -411,8 +411,12 @@ class TokenBatches:
         self.index = int(state["index"])
 
 
-class RandomTokenBatches:
-    """Uniform random tokens of the configured layout (no tokenizer, no files); resumable."""
+class IndexedBatches:
+    """A batch stream whose position is its batch index (``get_state`` / ``set_state``).
+
+    Holds this host's slice of the global batch (rows ``start:start+local_batch``);
+    ``num_batches`` ends the stream (evaluation), None never does (training).
+    """
 
     def __init__(self, cfg, *, seed: int, batch_size: int, process_index: int, process_count: int,
                  num_batches: int | None = None):
@@ -425,8 +429,21 @@ class RandomTokenBatches:
     def __iter__(self):
         return self
 
+    def _exhausted(self) -> bool:
+        return self.num_batches is not None and self.index >= self.num_batches
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+class RandomTokenBatches(IndexedBatches):
+    """Uniform random tokens of the configured layout (no tokenizer, no files); resumable."""
+
     def __next__(self) -> dict:
-        if self.num_batches is not None and self.index >= self.num_batches:
+        if self._exhausted():
             raise StopIteration
         ids, key_data = draw_tasks(self.cfg, self.seed, self.index, self.global_batch)
         rng = np.random.default_rng([self.seed, self.index, self.process_index, 1])
@@ -441,12 +458,6 @@ class RandomTokenBatches:
                    has_audio=np.ones((b,), bool))
         self.index += 1
         return out
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
 
 
 def example_batch(cfg) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmgen.errors import UserError
+from mmgen.train import generative as gen
 
 CHUNK = 64  # clips tokenized at once while building
 DATASET_KEYS = ("name", "builder_config", "path", "data_dir", "frames", "resolution", "fps", "sample_rate")
@@ -61,7 +62,6 @@ def check_tasks(cfg, weights: dict) -> None:
 
 def _origin(cfg, split: str) -> dict:
     """What a cache of ``split`` must have been made from to serve ``cfg``."""
-    from mmgen.train import generative as gen
     from mmgen.train.checkpoint import Checkpointer
 
     tokenizers = {}
@@ -102,7 +102,6 @@ def check(cfg, split: str) -> bool:
 def build(cfg, split: str) -> str:
     """Tokenize every clip of ``split`` (evaluation preprocessing) into the cache; returns its path."""
     from mmgen.data import pipeline
-    from mmgen.train import generative as gen
 
     if check(cfg, split):
         return paths(cfg, split)[0]
@@ -146,7 +145,7 @@ def load(cfg, split: str) -> dict:
         return {k: f[k] for k in f.files}
 
 
-class CachedTokenBatches:
+class CachedTokenBatches(gen.IndexedBatches):
     """Batches of cached tokens with tasks drawn as ``TokenBatches`` draws them; resumable.
 
     Training: batch ``i`` is ``batch_size`` distinct clips drawn by ``default_rng([seed, i])``.
@@ -155,27 +154,17 @@ class CachedTokenBatches:
 
     def __init__(self, cfg, arrays: dict, *, seed: int, batch_size: int, process_index: int, process_count: int,
                  num_batches: int | None = None):
-        from mmgen.train import generative as gen
-
-        self.cfg, self.arrays = cfg, arrays
+        super().__init__(cfg, seed=seed, batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, num_batches=num_batches)
+        self.arrays = arrays
         self.num_clips = len(arrays["label"])
-        self.seed, self.global_batch = int(seed), int(batch_size)
         if self.num_clips < self.global_batch:
             raise UserError(f"the token cache holds {self.num_clips} clips, fewer than batch_size={self.global_batch}")
-        self.local_batch = self.global_batch // process_count
-        self.start = process_index * self.local_batch
-        self.num_batches = num_batches
         self.commit = cfg.conditioning == "commit"
         self.modalities = list(gen.specs_of(cfg))
-        self.index = 0
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict:
-        from mmgen.train.generative import draw_tasks, host_task_fields
-
-        if self.num_batches is not None and self.index >= self.num_batches:
+        if self._exhausted():
             raise StopIteration
         if self.num_batches is None:
             rows = np.random.default_rng([self.seed, self.index, 2]).choice(self.num_clips, self.global_batch,
@@ -183,19 +172,13 @@ class CachedTokenBatches:
         else:
             rows = np.arange(self.index * self.global_batch, (self.index + 1) * self.global_batch) % self.num_clips
         rows = rows[self.start:self.start + self.local_batch]
-        ids, key_data = draw_tasks(self.cfg, self.seed, self.index, self.global_batch)
+        ids, key_data = gen.draw_tasks(self.cfg, self.seed, self.index, self.global_batch)
         out = {}
         for m in self.modalities:
             out[f"{m}_tokens"] = self.arrays[f"{m}_tokens"][rows]
             if self.commit:
                 out[f"{m}_condition"] = out[f"{m}_tokens"]
-        out.update(host_task_fields(key_data, ids, self.start, self.local_batch), label=self.arrays["label"][rows],
+        out.update(gen.host_task_fields(key_data, ids, self.start, self.local_batch), label=self.arrays["label"][rows],
                    has_audio=self.arrays["has_audio"][rows])
         self.index += 1
         return out
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])

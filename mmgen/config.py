@@ -82,8 +82,13 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# Dicts whose keys are free (they are passed on as keyword arguments): an override may add one,
+# e.g. ``dataset.builder_overrides.num_train=40000``.
+OPEN_DICTS = ("builder_overrides",)
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
-    """Apply ``a.b=value`` overrides in place; unknown keys are a ``UserError``."""
+    """Apply ``a.b=value`` overrides in place; unknown keys are a ``UserError`` (except in ``OPEN_DICTS``)."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key=value")
@@ -92,6 +97,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
         node, parts = cfg, key.split(".")
         for i, part in enumerate(parts):
             is_last = i == len(parts) - 1
+            is_new_free_key = is_last and i > 0 and parts[i - 1] in OPEN_DICTS
+            if is_new_free_key and isinstance(node, ml_collections.ConfigDict) and part not in node:
+                node[part] = parse_value(text)
+                break
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 valid = _all_keys(cfg)
                 close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)

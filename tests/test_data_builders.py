@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from mmgen.data import media
 from mmgen.data.builders import moving_shapes_av as msav
 from mmgen.data.builders import sources, video_folder
+from mmgen.errors import UserError
 
 SMALL = {"frames": 5, "resolution": 16, "num_train": 16, "num_test": 8}
 
@@ -186,6 +187,41 @@ def test_failed_build_leaves_nothing_that_looks_complete(tmp_path):
     assert leftovers == []
     with pytest.raises(sources.DatasetNotPreparedError):
         sources.open_split("video_folder/tiny", "train", data_dir)
+
+
+_NO_TENSORFLOW = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("tensorflow") is not None, reason="checks the build without TensorFlow"
+)
+
+
+@_NO_TENSORFLOW
+def test_split_over_tfds_spill_size_builds_without_tensorflow(tmp_path, monkeypatch):
+    # TFDS spills a split over MAX_MEM_BUFFER_SIZE (1 GB) to disk through tf.io.gfile; shrink it so
+    # that 16 small clips cross it: the build must still succeed, in memory, and be readable.
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 10_000)
+    data_dir = str(tmp_path / "data")
+    sources.build("moving_shapes_av", data_dir, config="tiny", overrides=SMALL)
+    source, _ = sources.open_split(f"moving_shapes_av/{sources.derived_config_name('tiny', SMALL)}", "train", data_dir)
+    assert len(source) == SMALL["num_train"]
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 10_000  # restored after the build
+
+
+@_NO_TENSORFLOW
+def test_split_over_memory_is_one_clear_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from tensorflow_datasets.core import shuffle
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 10_000)
+    monkeypatch.setattr(sources, "_memory_bytes", lambda: 100_000)  # allows 50 kB: less than 16 clips
+    data_dir = str(tmp_path / "data")
+    with pytest.raises(UserError) as info:
+        sources.build("moving_shapes_av", data_dir, config="tiny", overrides=SMALL)
+    message = str(info.value)
+    name = f"moving_shapes_av/{sources.derived_config_name('tiny', SMALL)}"
+    assert name in message and "tensorflow" in message and "\n" not in message
+    assert sources.find_prepared(name, data_dir) is None
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 10_000
 
 
 def test_missing_dataset_is_one_clear_line(tmp_path):

@@ -190,6 +190,18 @@ def test_override_types_and_mesh_fill():
         {"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2}), 8, num_slices=2) == ([1, 4, 1], [2, 1, 1])
 
 
+def test_builder_overrides_take_new_keys_and_other_dicts_do_not():
+    cfg = config_lib.ml_collections.ConfigDict({"dataset": {"name": "x", "builder_overrides": {}}})
+    config_lib.apply_overrides(cfg, ["dataset.builder_overrides.num_train=40000",
+                                     "dataset.builder_overrides.max_distractors=0"])
+    assert cfg.dataset.builder_overrides.to_dict() == {"num_train": 40000, "max_distractors": 0}
+    config_lib.apply_overrides(cfg, ["dataset.builder_overrides.num_train=8"])
+    assert cfg.dataset.builder_overrides.num_train == 8
+    for typo in ("dataset.nmae=y", "dataset.builder_overides.num_train=1", "dataset.name.extra=1"):
+        with pytest.raises(UserError, match="config has no key"):
+            config_lib.apply_overrides(cfg, [typo])
+
+
 def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
     import dataclasses
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import inspect
 import io
 import json
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmgen.data import media
+from mmgen.errors import UserError
 from mmgen.data.builders import moving_shapes_av, video_folder
 
 OUR_BUILDERS = {
@@ -169,8 +171,44 @@ def build(
         if overrides:
             raise ValueError(f"config overrides only apply to {sorted(OUR_BUILDERS)}, not {base}")
         builder = tfds.builder(base if not config else f"{base}/{config}", data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    with shuffle_in_memory(f"{builder.name}/{builder.builder_config.name}" if builder.builder_config else builder.name):
+        builder.download_and_prepare()
     return builder
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@contextlib.contextmanager
+def shuffle_in_memory(name: str):
+    """Let TFDS shuffle a split of up to half the machine's memory without TensorFlow.
+
+    TFDS shuffles a split in memory up to 1 GB and then spills it to temporary
+    buckets written with ``tf.io.gfile``: without TensorFlow (mmgen does not need it)
+    a larger split crashed after generating its first gigabyte. Without TensorFlow the
+    in-memory limit is raised to half the machine's memory; a split
+    larger still is one clear error. TFDS writes into a temporary directory, so a
+    failed build leaves no dataset that looks complete.
+    """
+    from tensorflow_datasets.core import shuffle
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    old = shuffle.MAX_MEM_BUFFER_SIZE
+    shuffle.MAX_MEM_BUFFER_SIZE = max(old, _memory_bytes() // 2)
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if e.name != "tensorflow":
+            raise
+        raise UserError(
+            f"a split of {name} is larger than {shuffle.MAX_MEM_BUFFER_SIZE / 2**30:.1f} GiB, which TFDS can only "
+            "shuffle on disk with TensorFlow: pip install tensorflow-cpu, or prepare fewer or smaller clips"
+        ) from None
+    finally:
+        shuffle.MAX_MEM_BUFFER_SIZE = old
 
 
 def not_prepared_message(name: str, data_dir: str) -> str:

@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmgen.data import media
-from mmgen.errors import UserError
 from mmgen.data.builders import moving_shapes_av, video_folder
+from mmgen.errors import UserError
 
 OUR_BUILDERS = {
     "moving_shapes_av": moving_shapes_av.MovingShapesAv,

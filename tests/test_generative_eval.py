@@ -70,6 +70,17 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
     assert "audio_visual" not in result
     assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
+    # Per-clip cross-entropy (the paired dependence test's input) averages back to the task's.
+    from mmgen.generative.sample_cli import Generator, read_split
+
+    generator = Generator.from_workdir(workdir)
+    clips = read_split(generator.cfg, "test", 4)
+    per_clip = {}
+    (row,) = ge.token_accuracy(generator, clips, {"video": np.zeros((1, 3, 8, 8), np.int32)}, ["frame_prediction"],
+                               1.0, per_clip=per_clip)
+    clip_nll = per_clip["frame_prediction"]["video"]
+    assert clip_nll.shape == (4, 1) and np.isfinite(clip_nll).all() and np.ptp(clip_nll) > 0
+    assert row["video_nll"] == pytest.approx(clip_nll.mean(), rel=1e-6)  # every clip scores 2 x 8 x 8 targets
 
 
 def test_height_probe_reads_heights_that_the_features_carry_and_not_others():
@@ -111,10 +122,17 @@ def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_anoth
              "has_audio": np.array([True, True, False]), "label": np.zeros(3)}
     seen = []
 
-    def fake_accuracy(generator, given, train_tokens, task_names, ratio):
+    # Per clip and level cross-entropy: the sound's first level is 0.5 nats worse with another clip's
+    # picture, 0.1 nats on average for the video; clip 2's sound had no scored token.
+    true_clip = {"video": np.array([[2.0], [2.1], [1.9]]), "audio": np.array([[1.0, 2.0], [1.2, 2.0], [np.nan, 2.0]])}
+    swap_clip = {"video": np.array([[2.0], [2.3], [2.0]]), "audio": np.array([[1.5, 2.0], [1.7, 2.0], [1.0, 2.0]])}
+
+    def fake_accuracy(generator, given, train_tokens, task_names, ratio, per_clip):
         assert ratio == 1.0
         seen.append(given)
         true = len(seen) == 1  # the first call scores the true pairs
+        for t in task_names:
+            per_clip[t] = true_clip if true else swap_clip
         return [{"task": t, "scored": 10, "video_accuracy": 0.3 if true else 0.1, "video_nll": 2.0 if true else 3.0,
                  "audio_accuracy": 0.4 if true else 0.2, "audio_nll": 1.0 if true else 1.5} for t in task_names]
 
@@ -125,9 +143,17 @@ def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_anoth
     np.testing.assert_array_equal(seen[1]["has_audio"], [False, True, True])
     np.testing.assert_array_equal(seen[1]["video"], clips["video"])  # the picture stays
     # Only the generated (target) modality is compared: the condition is given, not predicted.
+    video_gain = rows["audio_to_video"].pop("video_nll_gain")
+    video_se = rows["audio_to_video"].pop("video_nll_gain_se")
     assert rows["audio_to_video"] == {"task": "audio_to_video", "mask_ratio": 1.0, "scored": 10,
                                       "video_accuracy_matched": 0.3, "video_accuracy_mismatched": 0.1,
                                       "video_nll_matched": 2.0, "video_nll_mismatched": 3.0}
-    assert {k for k in rows["video_to_audio"] if k.startswith(("video", "audio"))} == {
-        "audio_accuracy_matched", "audio_accuracy_mismatched", "audio_nll_matched", "audio_nll_mismatched"}
+    assert video_gain == pytest.approx(0.1) and video_se == pytest.approx(np.std([0.0, 0.2, 0.1], ddof=1) / np.sqrt(3))
+    audio = rows["video_to_audio"]
+    assert {k for k in audio if k.startswith(("video", "audio"))} == {
+        "audio_accuracy_matched", "audio_accuracy_mismatched", "audio_nll_matched", "audio_nll_mismatched",
+        "audio_nll_gain", "audio_nll_gain_se", "audio_nll_gain_by_level"}
+    # Clip 2 is left out (no scored first-level token); the gain is per token, over the levels.
+    assert audio["audio_nll_gain_by_level"] == pytest.approx([0.5, 0.0])
+    assert audio["audio_nll_gain"] == pytest.approx(0.25) and audio["audio_nll_gain_se"] == pytest.approx(0.0)
     assert rows["audio_video"]["audio_accuracy_mismatched"] == 0.2 and rows["audio_video"]["video_accuracy_matched"] == 0.3

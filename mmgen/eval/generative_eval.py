@@ -42,7 +42,8 @@ checkpoint's inference model and its frozen tokenizers:
   token masked (``cfg.evaluation.dependence_mask_ratio``, default 1.0), on the true
   pairs and with each clip's sound swapped for another clip's (rolled by one); a model
   that reads the picture to predict the sound (or the other way round) does better on
-  the true pairs.
+  the true pairs. The paired per-clip gain (``<m>_nll_gain`` +- ``<m>_nll_gain_se``)
+  says whether the difference is more than chance.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -202,8 +203,14 @@ def _unigram_modes(tokens: np.ndarray) -> np.ndarray:
     return np.asarray([np.bincount(flat[:, i]).argmax() for i in range(flat.shape[1])])
 
 
-def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio: float, seed: int = 0) -> list:
-    """Per task masked-target accuracy and unigram baseline (see the module docstring)."""
+def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio: float, seed: int = 0,
+                   per_clip: dict | None = None) -> list:
+    """Per task masked-target accuracy and unigram baseline (see the module docstring).
+
+    ``per_clip``, when given, receives ``per_clip[task][modality]``: float64 [clips, levels]
+    (levels 1 for video), each clip's mean cross-entropy over its scored tokens of that
+    level (nan where none was scored).
+    """
     from mmgen.train.generative import draw_tasks, tokenize_clips
 
     cfg = generator.cfg
@@ -215,6 +222,7 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     rows_out = []
     for task in tqdm(task_names, desc="token accuracy", unit="task"):
         hits = {m: [0, 0, 0, 0.0] for m in generator.tokenizers}  # model hits, unigram hits, scored, -log p sum
+        clip_sums = {}  # modality -> [nll sum, scored] per clip and level
         for c, lo in enumerate(range(0, num, chunk)):
             rows = np.minimum(np.arange(lo, lo + chunk), num - 1)
             real = np.arange(lo, lo + chunk) < num
@@ -230,7 +238,12 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
             for m, (pred, target, scored, logp) in out.items():
                 pred, target, scored = np.asarray(pred), np.asarray(target), np.asarray(scored) & real.reshape(
                     (-1,) + (1,) * (np.ndim(target) - 1))
-                hits[m][3] -= float(np.asarray(logp, np.float64)[scored].sum())
+                logp = np.where(scored, np.asarray(logp, np.float64), 0.0)
+                hits[m][3] -= float(logp.sum())
+                levels = target.shape[-1] if target.ndim == 3 else 1  # audio [B, T, levels]
+                sums = clip_sums.setdefault(m, np.zeros((2, num, levels)))
+                sums[0, rows[real]] -= logp.reshape(chunk, -1, levels).sum(axis=1)[real]
+                sums[1, rows[real]] += scored.reshape(chunk, -1, levels).sum(axis=1)[real]
                 baseline = np.broadcast_to(modes[m] if target.ndim == 3 else modes[m][0], target.shape)
                 hits[m][0] += int((pred == target)[scored].sum())
                 hits[m][1] += int((baseline == target)[scored].sum())
@@ -246,6 +259,9 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
                 row[f"{m}_nll"] = nll / count
         row["scored"] = total[2]
         rows_out.append(row)
+        if per_clip is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_clip[task] = {m: nll / count for m, (nll, count) in clip_sums.items()}
     return rows_out
 
 
@@ -259,11 +275,20 @@ def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_name
     default, ``evaluation.dependence_mask_ratio``) masks every target token, as sampling
     starts, so that only the other modality can tell where the shape is or what the
     pitch is; at lower ratios the visible targets already say much of it.
+
+    Whether the difference is more than chance is read from the clips themselves:
+    ``<m>_nll_gain`` is the mean over clips of (mismatched - matched) cross-entropy, in
+    nats per token, and ``<m>_nll_gain_se`` its standard error over clips; a model
+    that ignores the other modality has gains within a few standard errors of 0.
+    ``<m>_nll_gain_by_level`` splits the gain over the residual levels (audio): the
+    first level carries most of the pitch.
     """
     mismatched = dict(clips, audio=np.roll(clips["audio"], 1, axis=0), has_audio=np.roll(clips["has_audio"], 1, axis=0))
-    matched = {r["task"]: r for r in token_accuracy(generator, clips, train_tokens, task_names, ratio)}
+    clip_true, clip_swapped = {}, {}
+    matched = {r["task"]: r for r in token_accuracy(generator, clips, train_tokens, task_names, ratio,
+                                                    per_clip=clip_true)}
     out = []
-    for row in token_accuracy(generator, mismatched, train_tokens, task_names, ratio):
+    for row in token_accuracy(generator, mismatched, train_tokens, task_names, ratio, per_clip=clip_swapped):
         task, true = row["task"], matched[row["task"]]
         entry = {"task": task, "mask_ratio": float(ratio), "scored": row["scored"]}
         for m in ("video", "audio"):
@@ -271,7 +296,22 @@ def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_name
                 for metric in ("accuracy", "nll"):
                     entry[f"{m}_{metric}_matched"] = true[f"{m}_{metric}"]
                     entry[f"{m}_{metric}_mismatched"] = row[f"{m}_{metric}"]
+                if m in clip_true.get(task, {}):
+                    entry.update(_paired_gain(m, clip_true[task][m], clip_swapped[task][m]))
         out.append(entry)
+    return out
+
+
+def _paired_gain(m: str, true: np.ndarray, swapped: np.ndarray) -> dict:
+    """Per-clip (swapped - true) cross-entropy [clips, levels] -> mean gain, its standard error, per level."""
+    both = np.isfinite(true).all(axis=1) & np.isfinite(swapped).all(axis=1)
+    gain = (swapped - true)[both]
+    if len(gain) < 2:
+        return {}
+    per_clip = gain.mean(axis=1)
+    out = {f"{m}_nll_gain": float(per_clip.mean()), f"{m}_nll_gain_se": float(per_clip.std(ddof=1) / np.sqrt(len(gain)))}
+    if gain.shape[1] > 1:
+        out[f"{m}_nll_gain_by_level"] = [float(g) for g in gain.mean(axis=0)]
     return out
 
 

@@ -38,6 +38,21 @@ def test_height_estimators_read_the_main_shape_from_pictures_and_pitch(clips):
     assert audio["mae"] < 0.08 and audio["corr"] > 0.8
     for scores in (video, audio):  # a shuffled pairing is far worse: this is what "chance" means
         assert scores["mae_shuffled"] > 2 * scores["mae"] and scores["corr_shuffled"] < scores["corr"] - 0.3
+        assert scores["mae_gain"] > 5 * scores["mae_gain_se"] > 0
+
+
+def test_paired_gain_is_the_error_against_other_clips_minus_the_own_and_zero_for_unrelated_heights():
+    reference = np.array([[0.1, 0.1], [0.5, 0.5], [0.9, 0.9]])
+    estimate = np.array([[0.1, np.nan], [0.5, 0.6], [0.8, 0.8]])  # clip 0 has one frame with a shape
+    scores = ge.agreement(estimate, reference)
+    own = np.array([0.0, 0.05, 0.1])
+    others = np.array([(0.4 + 0.8) / 2, ((0.4 + 0.5) / 2 + (0.4 + 0.3) / 2) / 2, (0.7 + 0.3) / 2])
+    assert scores["mae_gain"] == pytest.approx(np.mean(others - own))
+    assert scores["mae_gain_se"] == pytest.approx(np.std(others - own, ddof=1) / np.sqrt(3))
+    rng = np.random.default_rng(0)
+    unrelated = ge.agreement(rng.uniform(size=(200, 9)), rng.uniform(size=(200, 9)))
+    assert abs(unrelated["mae_gain"]) < 3 * unrelated["mae_gain_se"]
+    assert np.isnan(ge.agreement(np.full((3, 2), np.nan), reference)["mae_gain"])
 
 
 def test_blank_video_has_no_height_and_agreement_skips_it():

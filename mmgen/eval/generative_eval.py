@@ -35,7 +35,8 @@ checkpoint's inference model and its frozen tokenizers:
   clips (its penalty chosen on a held-out quarter of them) and then read out on the
   generated tokens: ``audio_to_video`` (probe on the generated video vs the true
   height), ``video_to_audio`` (generated sound vs true height), ``audio_video``
-  (generated video vs generated sound), each next to the shuffled pairing. The probes'
+  (generated video vs generated sound), each next to the shuffled pairing and with the
+  paired gain over every other pairing (``mae_gain`` +- ``mae_gain_se``). The probes'
   errors on the real test clips' tokens are the ceiling.
 * **Cross-modal dependence** (every trained audio-visual task): the masked-token
   accuracy and cross-entropy (nats per token) of the target modality with every target
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +117,13 @@ def audio_heights(audio, frames: int, fps: float, sample_rate: int) -> np.ndarra
 
 
 def agreement(estimate: np.ndarray, reference: np.ndarray) -> dict:
-    """MAE and Pearson r of two height arrays ``[n, T]``, and both with the pairing shuffled."""
+    """MAE and Pearson r of two height arrays ``[n, T]``, and both with the pairing shuffled.
+
+    Frames where either is nan (no shape found) are left out. ``mae_gain`` is the paired
+    test of "better than chance": per clip, its mean error against every *other* clip's
+    reference minus its error against its own, averaged over clips, with ``mae_gain_se``
+    its standard error over clips (0 +- a few se when the estimate ignores its pair).
+    """
 
     def scores(a, b):
         ok = np.isfinite(a) & np.isfinite(b)
@@ -129,7 +137,21 @@ def agreement(estimate: np.ndarray, reference: np.ndarray) -> dict:
     mae_chance, corr_chance = scores(estimate, np.roll(reference, 1, axis=0))
     valid = float(np.mean(np.isfinite(estimate) & np.isfinite(reference)))
     return {"mae": mae, "mae_shuffled": mae_chance, "corr": corr, "corr_shuffled": corr_chance,
-            "valid_frames": valid}
+            "valid_frames": valid, **_paired_mae_gain(estimate, reference)}
+
+
+def _paired_mae_gain(estimate: np.ndarray, reference: np.ndarray) -> dict:
+    errors = np.abs(estimate[:, None, :] - reference[None, :, :])  # [clip, reference clip, T], nan where missing
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # clips with no valid frame: nan, dropped below
+        per_pair = np.nanmean(errors, axis=2)  # [n, n]
+        own = np.diagonal(per_pair)
+        others = np.where(np.eye(len(estimate), dtype=bool), np.nan, per_pair)
+        gain = np.nanmean(others, axis=1) - own
+    gain = gain[np.isfinite(gain)]
+    if len(gain) < 2:
+        return {"mae_gain": float("nan"), "mae_gain_se": float("nan")}
+    return {"mae_gain": float(gain.mean()), "mae_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain)))}
 
 
 # ---------------------------------------------------------------- token-space height probes

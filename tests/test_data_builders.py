@@ -82,6 +82,22 @@ def test_clicks_sound_at_bounces_only():
     assert np.median(bounce_peak) > 0.3 > np.quantile(quiet_peak, 0.95)
 
 
+def test_plain_background_without_distractors_leaves_one_colour_and_the_main_shape():
+    clip = _clip((0, 0, 7), background="plain", max_distractors=0, resolution=32)
+    video = clip["video"].astype(int)
+    corner = video[:, :2, :2].reshape(-1, 3)  # far from a shape of radius <= 0.2 at most of the times
+    background = np.median(video.reshape(-1, 3), axis=0)
+    assert (np.abs(corner - background).max(axis=1) <= 1).mean() > 0.9
+    for frame, y in zip(video, clip["main_y"]):  # everything that is not background is the main shape
+        rows = np.nonzero((np.abs(frame - background).max(axis=-1) > 8).any(axis=1))[0]
+        assert rows.min() / 32 < y < (rows.max() + 1) / 32 and len(rows) == rows.max() - rows.min() + 1
+        assert len(rows) <= 20  # one shape of radius <= 0.2 (a rotated square reaches 0.28), nothing else
+    textured = _clip((0, 0, 7), resolution=32)["video"].astype(int)
+    assert np.abs(textured - np.median(textured.reshape(-1, 3), axis=0)).max(axis=-1).mean() > 8
+    with pytest.raises(ValueError, match="background must be"):
+        msav.MovingShapesConfig(name="x", frames=3, resolution=8, num_train=1, num_test=1, background="noise")
+
+
 def test_labels_cover_all_nine_families():
     labels = [_clip((3, 0, i), resolution=8, sample_rate=1000)["label"] for i in range(300)]
     assert len(msav.CLASS_NAMES) == 9

@@ -12,7 +12,8 @@ One of them, the *main* shape (largest, drawn on top), makes the sound:
 * the timbre says the shape: circle = pure sine, square = 1st + 3rd harmonic,
   triangle = 1st + 2nd harmonic.
 
-Small distractor shapes bounce around silently. The label is the main shape's
+Small distractor shapes bounce around silently. ``background="plain"`` (one colour
+per clip) and ``max_distractors=0`` give easier variants, for controlled experiments. The label is the main shape's
 family, ``shape_motion`` with shape in (circle, square, triangle) and motion in
 (bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
 orbit: a circle, no bounces), 9 classes. Metadata per frame: the main shape's centre
@@ -139,8 +140,14 @@ def _plane_wave(fx, fy, phase, x, y):
     return np.sin(ax) * np.cos(ay) + np.cos(ax) * np.sin(ay)
 
 
-def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """float32 [T, H, W, 3] in [0, 1]: plasma, stripes or checkerboard, scrolling."""
+def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+                kind: str = "texture") -> np.ndarray:
+    """float32 [T, H, W, 3] in [0, 1]: plasma, stripes or checkerboard, scrolling; or one colour."""
+    if kind == "plain":
+        colour = rng.uniform(0.1, 0.55, size=3).astype(np.float32)
+        return np.broadcast_to(colour, (len(t), len(ys), len(xs), 3)).copy()
+    if kind != "texture":
+        raise ValueError(f"background must be 'texture' or 'plain', not {kind!r}")
     shift = rng.uniform(-0.15, 0.15, size=2)
     x = (xs[None, None, :] - shift[0] * t[:, None, None]).astype(np.float32)
     y = (ys[None, :, None] - shift[1] * t[:, None, None]).astype(np.float32)
@@ -240,6 +247,7 @@ def generate_clip(
     max_distractors: int = 2,
     pitch_low_hz: float = PITCH_LOW_HZ,
     pitch_high_hz: float = PITCH_HIGH_HZ,
+    background: str = "texture",
 ) -> dict[str, np.ndarray]:
     """One example: video uint8 [T, R, R, 3], audio float32 [round(T / fps * sr)], metadata.
 
@@ -252,7 +260,7 @@ def generate_clip(
     t_frames = np.arange(frames) / fps
     coords = ((np.arange(resolution) + 0.5) / resolution).astype(np.float32)
 
-    video = _background(rng, t_frames, coords, coords)
+    video = _background(rng, t_frames, coords, coords, background)
     for _ in range(int(rng.integers(max_distractors + 1))):
         radius = rng.uniform(0.06, 0.1)
         path = _draw_trajectory(rng, "bounce", radius, slow=True)
@@ -312,6 +320,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         max_distractors: int = 2,
         pitch_low_hz: float = PITCH_LOW_HZ,
         pitch_high_hz: float = PITCH_HIGH_HZ,
+        background: str = "texture",
         **kwargs,
     ):
         kwargs.setdefault(
@@ -322,7 +331,9 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         super().__init__(**kwargs)
         self.frames, self.resolution, self.fps, self.sample_rate = frames, resolution, fps, sample_rate
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
-        self.max_distractors = max_distractors
+        if background not in ("texture", "plain"):
+            raise ValueError(f"moving_shapes_av background must be 'texture' or 'plain', not {background!r}")
+        self.max_distractors, self.background = max_distractors, background
         self.pitch_low_hz, self.pitch_high_hz = pitch_low_hz, pitch_high_hz
 
     @property
@@ -387,4 +398,5 @@ class MovingShapesAv(tfds.core.GeneratorBasedBuilder):
             yield i, generate_clip(
                 rng, frames=cfg.frames, resolution=cfg.resolution, fps=cfg.fps, sample_rate=cfg.sample_rate,
                 max_distractors=cfg.max_distractors, pitch_low_hz=cfg.pitch_low_hz, pitch_high_hz=cfg.pitch_high_hz,
+                background=cfg.background,
             )

@@ -93,9 +93,11 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     per_clip = {}
     (row,) = ge.token_accuracy(generator, clips, {"video": np.zeros((1, 3, 8, 8), np.int32)}, ["frame_prediction"],
                                1.0, per_clip=per_clip)
-    clip_nll = per_clip["frame_prediction"]["video"]
-    assert clip_nll.shape == (4, 1) and np.isfinite(clip_nll).all() and np.ptp(clip_nll) > 0
-    assert row["video_nll"] == pytest.approx(clip_nll.mean(), rel=1e-6)  # every clip scores 2 x 8 x 8 targets
+    clip_nll, clip_accuracy = per_clip["frame_prediction"]["video"]["nll"], per_clip["frame_prediction"]["video"]["accuracy"]
+    assert clip_nll.shape == clip_accuracy.shape == (4, 1) and np.isfinite(clip_nll).all() and np.ptp(clip_nll) > 0
+    # Every clip scores its 2 x 8 x 8 targets: the per-clip means average back to the task's.
+    assert row["video_nll"] == pytest.approx(clip_nll.mean(), rel=1e-6)
+    assert row["video_accuracy"] == pytest.approx(clip_accuracy.mean(), rel=1e-6)
 
 
 def test_height_probe_reads_heights_that_the_features_carry_and_not_others():
@@ -139,8 +141,13 @@ def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_anoth
 
     # Per clip and level cross-entropy: the sound's first level is 0.5 nats worse with another clip's
     # picture, 0.1 nats on average for the video; clip 2's sound had no scored token.
-    true_clip = {"video": np.array([[2.0], [2.1], [1.9]]), "audio": np.array([[1.0, 2.0], [1.2, 2.0], [np.nan, 2.0]])}
-    swap_clip = {"video": np.array([[2.0], [2.3], [2.0]]), "audio": np.array([[1.5, 2.0], [1.7, 2.0], [1.0, 2.0]])}
+    # Accuracy: 0.2 better on the true pairs for every clip and level.
+    def per_clip_of(video_nll, audio_nll, accuracy):
+        return {"video": {"nll": np.array(video_nll), "accuracy": np.full((3, 1), accuracy)},
+                "audio": {"nll": np.array(audio_nll), "accuracy": np.full((3, 2), accuracy)}}
+
+    true_clip = per_clip_of([[2.0], [2.1], [1.9]], [[1.0, 2.0], [1.2, 2.0], [np.nan, 2.0]], 0.3)
+    swap_clip = per_clip_of([[2.0], [2.3], [2.0]], [[1.5, 2.0], [1.7, 2.0], [1.0, 2.0]], 0.1)
 
     def fake_accuracy(generator, given, train_tokens, task_names, ratio, per_clip):
         assert ratio == 1.0
@@ -160,6 +167,8 @@ def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_anoth
     # Only the generated (target) modality is compared: the condition is given, not predicted.
     video_gain = rows["audio_to_video"].pop("video_nll_gain")
     video_se = rows["audio_to_video"].pop("video_nll_gain_se")
+    assert rows["audio_to_video"].pop("video_accuracy_gain") == pytest.approx(0.2)
+    assert rows["audio_to_video"].pop("video_accuracy_gain_se") == pytest.approx(0.0)
     assert rows["audio_to_video"] == {"task": "audio_to_video", "mask_ratio": 1.0, "scored": 10,
                                       "video_accuracy_matched": 0.3, "video_accuracy_mismatched": 0.1,
                                       "video_nll_matched": 2.0, "video_nll_mismatched": 3.0}
@@ -167,7 +176,8 @@ def test_cross_modal_dependence_scores_the_targets_again_with_the_sound_of_anoth
     audio = rows["video_to_audio"]
     assert {k for k in audio if k.startswith(("video", "audio"))} == {
         "audio_accuracy_matched", "audio_accuracy_mismatched", "audio_nll_matched", "audio_nll_mismatched",
-        "audio_nll_gain", "audio_nll_gain_se", "audio_nll_gain_by_level"}
+        "audio_nll_gain", "audio_nll_gain_se", "audio_nll_gain_by_level",
+        "audio_accuracy_gain", "audio_accuracy_gain_se", "audio_accuracy_gain_by_level"}
     # Clip 2 is left out (no scored first-level token); the gain is per token, over the levels.
     assert audio["audio_nll_gain_by_level"] == pytest.approx([0.5, 0.0])
     assert audio["audio_nll_gain"] == pytest.approx(0.25) and audio["audio_nll_gain_se"] == pytest.approx(0.0)

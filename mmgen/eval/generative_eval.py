@@ -229,9 +229,9 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
                    per_clip: dict | None = None) -> list:
     """Per task masked-target accuracy and unigram baseline (see the module docstring).
 
-    ``per_clip``, when given, receives ``per_clip[task][modality]``: float64 [clips, levels]
-    (levels 1 for video), each clip's mean cross-entropy over its scored tokens of that
-    level (nan where none was scored).
+    ``per_clip``, when given, receives ``per_clip[task][modality][metric]`` for metric
+    ``nll`` and ``accuracy``: float64 [clips, levels] (levels 1 for video), each clip's
+    mean over its scored tokens of that level (nan where none was scored).
     """
     from mmgen.train.generative import draw_tasks, tokenize_clips
 
@@ -244,7 +244,7 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     rows_out = []
     for task in tqdm(task_names, desc="token accuracy", unit="task"):
         hits = {m: [0, 0, 0, 0.0] for m in generator.tokenizers}  # model hits, unigram hits, scored, -log p sum
-        clip_sums = {}  # modality -> [nll sum, scored] per clip and level
+        clip_sums = {}  # modality -> [nll sum, hits, scored] per clip and level
         for c, lo in enumerate(range(0, num, chunk)):
             rows = np.minimum(np.arange(lo, lo + chunk), num - 1)
             real = np.arange(lo, lo + chunk) < num
@@ -263,9 +263,9 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
                 logp = np.where(scored, np.asarray(logp, np.float64), 0.0)
                 hits[m][3] -= float(logp.sum())
                 levels = target.shape[-1] if target.ndim == 3 else 1  # audio [B, T, levels]
-                sums = clip_sums.setdefault(m, np.zeros((2, num, levels)))
-                sums[0, rows[real]] -= logp.reshape(chunk, -1, levels).sum(axis=1)[real]
-                sums[1, rows[real]] += scored.reshape(chunk, -1, levels).sum(axis=1)[real]
+                sums = clip_sums.setdefault(m, np.zeros((3, num, levels)))
+                for i, per_token in enumerate((-logp, (pred == target) & scored, scored)):
+                    sums[i, rows[real]] += per_token.reshape(chunk, -1, levels).sum(axis=1)[real]
                 baseline = np.broadcast_to(modes[m] if target.ndim == 3 else modes[m][0], target.shape)
                 hits[m][0] += int((pred == target)[scored].sum())
                 hits[m][1] += int((baseline == target)[scored].sum())
@@ -283,7 +283,8 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
         rows_out.append(row)
         if per_clip is not None:
             with np.errstate(invalid="ignore", divide="ignore"):
-                per_clip[task] = {m: nll / count for m, (nll, count) in clip_sums.items()}
+                per_clip[task] = {m: {"nll": nll / count, "accuracy": hit / count}
+                                  for m, (nll, hit, count) in clip_sums.items()}
     return rows_out
 
 
@@ -300,8 +301,9 @@ def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_name
 
     Whether the difference is more than chance is read from the clips themselves:
     ``<m>_nll_gain`` is the mean over clips of (mismatched - matched) cross-entropy, in
-    nats per token, and ``<m>_nll_gain_se`` its standard error over clips; a model
-    that ignores the other modality has gains within a few standard errors of 0.
+    nats per token, and ``<m>_nll_gain_se`` its standard error over clips;
+    ``<m>_accuracy_gain`` (+- ``_se``) the same for accuracy (matched - mismatched). A
+    model that ignores the other modality has gains within a few standard errors of 0.
     ``<m>_nll_gain_by_level`` splits the gain over the residual levels (audio): the
     first level carries most of the pitch.
     """
@@ -319,21 +321,23 @@ def cross_modal_dependence(generator, clips: dict, train_tokens: dict, task_name
                     entry[f"{m}_{metric}_matched"] = true[f"{m}_{metric}"]
                     entry[f"{m}_{metric}_mismatched"] = row[f"{m}_{metric}"]
                 if m in clip_true.get(task, {}):
-                    entry.update(_paired_gain(m, clip_true[task][m], clip_swapped[task][m]))
+                    true_clip, swapped_clip = clip_true[task][m], clip_swapped[task][m]
+                    entry.update(_paired_gain(f"{m}_nll", true_clip["nll"], swapped_clip["nll"]))
+                    entry.update(_paired_gain(f"{m}_accuracy", swapped_clip["accuracy"], true_clip["accuracy"]))
         out.append(entry)
     return out
 
 
-def _paired_gain(m: str, true: np.ndarray, swapped: np.ndarray) -> dict:
-    """Per-clip (swapped - true) cross-entropy [clips, levels] -> mean gain, its standard error, per level."""
-    both = np.isfinite(true).all(axis=1) & np.isfinite(swapped).all(axis=1)
-    gain = (swapped - true)[both]
+def _paired_gain(name: str, low: np.ndarray, high: np.ndarray) -> dict:
+    """Per clip and level ``high - low`` [clips, levels] -> mean gain, its standard error over clips, per level."""
+    both = np.isfinite(low).all(axis=1) & np.isfinite(high).all(axis=1)
+    gain = (high - low)[both]
     if len(gain) < 2:
         return {}
     per_clip = gain.mean(axis=1)
-    out = {f"{m}_nll_gain": float(per_clip.mean()), f"{m}_nll_gain_se": float(per_clip.std(ddof=1) / np.sqrt(len(gain)))}
+    out = {f"{name}_gain": float(per_clip.mean()), f"{name}_gain_se": float(per_clip.std(ddof=1) / np.sqrt(len(gain)))}
     if gain.shape[1] > 1:
-        out[f"{m}_nll_gain_by_level"] = [float(g) for g in gain.mean(axis=0)]
+        out[f"{name}_gain_by_level"] = [float(g) for g in gain.mean(axis=0)]
     return out
 
 

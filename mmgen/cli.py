@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples (clips) of the split to evaluate; families scored by their eval loss round it "
                         "up to whole batches of config.batch_size (default: the whole split for tokenizers, "
                         "config.evaluation.num for generative and adapter runs, config.eval_batches batches otherwise)")
+    s.add_argument("--step", type=int, default=None,
+                   help="checkpoint to evaluate (default: the newest); writes eval_step{S}.json beside eval.json")
     s.set_defaults(fn=_delegate("mmgen.eval.eval_cli", "evaluation"))
 
     s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")

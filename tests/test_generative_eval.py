@@ -85,6 +85,11 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
     assert "audio_visual" not in result
     assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
+    at_step = ge.evaluate(workdir, "test", num=4, step=result["step"])  # the same checkpoint, by its step
+    assert at_step["token_accuracy"] == result["token_accuracy"]
+    with open(os.path.join(workdir, f"eval_step{result['step']}.json")) as f:
+        assert json.load(f)["step"] == result["step"]
+    assert os.listdir(os.path.join(workdir, f"eval_step{result['step']}")) == ["frame_prediction.png"]
     # Per-clip cross-entropy (the paired dependence test's input) averages back to the task's.
     from mmgen.generative.sample_cli import Generator, read_split
 

@@ -230,6 +230,20 @@ def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(
     assert all(os.path.exists(p) for p in result["files"]["wavs"]) and len(result["files"]["wavs"]) == 4
 
 
+def test_eval_of_a_given_step_writes_beside_the_newest(workdirs, capsys):
+    work = workdirs["video"]
+    code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2")
+    assert code == 0, err
+    newest = _read_json(os.path.join(work, "eval.json"))
+    code, stdout, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--step", str(newest["step"]))
+    assert code == 0, err
+    at_step = _read_json(os.path.join(work, f"eval_step{newest['step']}.json"))
+    assert at_step["psnr"] == newest["psnr"] and at_step["step"] == newest["step"]
+    assert os.path.dirname(at_step["files"]["recon_grid"]) == os.path.join(work, f"eval_step{newest['step']}")
+    assert _read_json(os.path.join(work, "eval.json")) == newest  # the newest checkpoint's result is kept
+    assert f"eval_step{newest['step']}.json" in stdout
+
+
 def test_eval_errors_are_one_line(workdirs, tmp_path, capsys):
     line = _one_line_error(capsys, "eval", "--workdir", str(tmp_path / "missing"))
     assert line == f"mmgen eval: error: {tmp_path / 'missing'}: no such workdir"
@@ -237,6 +251,8 @@ def test_eval_errors_are_one_line(workdirs, tmp_path, capsys):
     assert "validation" in line
     line = _one_line_error(capsys, "eval", "--workdir", workdirs["video"], "--num", "5")
     assert "has 4 clips" in line
+    line = _one_line_error(capsys, "eval", "--workdir", workdirs["video"], "--step", "123456")
+    assert "--step 123456" in line and "has checkpoints at steps [" in line
 
 
 def test_eval_of_another_family_reports_its_eval_loss(tmp_path, capsys):
@@ -250,3 +266,18 @@ def test_eval_of_another_family_reports_its_eval_loss(tmp_path, capsys):
     assert (result["batches"], result["examples"]) == (2, 32)
     assert np.isfinite(result["loss"]) and result["loss"] > 0
     assert f"loss               {result['loss']:.4f}" in stdout
+
+
+def test_eval_of_an_earlier_step_scores_that_checkpoint(tmp_path, capsys):
+    cfg = config_lib.load_config("configs/toy.py:tiny", ["async_checkpointing=False", "tensorboard=False",
+                                                         "progress=False", "total_steps=4", "checkpoint_every=2",
+                                                         "keep_checkpoints=2"])
+    loop.run(get_family("toy"), cfg, str(tmp_path))
+    results = {}
+    for step in (2, 4):
+        code, _, err = _run(capsys, "eval", "--workdir", str(tmp_path), "--num", "16", "--step", str(step))
+        assert code == 0, err
+        results[step] = _read_json(tmp_path / f"eval_step{step}.json")
+        assert results[step]["step"] == step
+    assert results[2]["loss"] != results[4]["loss"]  # two different checkpoints were scored
+    assert not (tmp_path / "eval.json").exists()

@@ -1,4 +1,4 @@
-"""``python -m mmgen eval --workdir W [--split test] [--num N]``: evaluate any workdir.
+"""``python -m mmgen eval --workdir W [--split test] [--num N] [--step S]``: evaluate any workdir.
 
 The workdir's ``config.json`` says which family trained it:
 
@@ -10,8 +10,10 @@ The workdir's ``config.json`` says which family trained it:
   (default ``cfg.eval_batches`` batches), the same numbers the training loop logs as
   ``eval/...``.
 
-Each writes ``workdir/eval.json``; the summary is printed as ``key value`` lines.
-A missing workdir, a folder without ``config.json`` or an unknown family is one line.
+Each writes ``workdir/eval.json`` (images and sounds under ``workdir/eval/``) for the
+newest checkpoint, or ``eval_step{S}.json`` (and ``eval_step{S}/``) for ``--step S``;
+the summary is printed as ``key value`` lines. A missing workdir, a folder without
+``config.json``, an unknown family or a step without a checkpoint is one line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,25 @@ from mmgen import config as config_lib
 from mmgen.errors import UserError
 
 
+def output_paths(workdir: str, step: int | None = None) -> tuple[str, str]:
+    """(result json, folder for images and sounds) of an evaluation of ``step`` (None: the newest)."""
+    name = "eval" if step is None else f"eval_step{int(step)}"
+    return os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
+
+
+def check_step(workdir: str, step: int | None) -> None:
+    """One line when ``workdir`` holds no checkpoint at ``step`` (None: nothing to check)."""
+    if step is None:
+        return
+    from mmgen.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, read_only=True)
+    steps = sorted(ckpt.all_steps())
+    ckpt.close()
+    if step not in steps:
+        raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps or 'none'}")
+
+
 def read_config(workdir: str):
     if not os.path.isdir(workdir):
         raise UserError(f"{workdir}: no such workdir")
@@ -33,8 +54,8 @@ def read_config(workdir: str):
     return config_lib.from_json_file(path)
 
 
-def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
-    """Mean ``eval_step`` metrics of the newest checkpoint over ``num`` examples of ``split``."""
+def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | None = None) -> dict:
+    """Mean ``eval_step`` metrics of checkpoint ``step`` (default the newest) over ``num`` examples of ``split``."""
     import dataclasses
 
     import jax
@@ -50,7 +71,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
         raise UserError(f"the {family.name!r} family defines no evaluation")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     loop.check_batch_divides(cfg, mesh)
-    state_module = loop.load_state(family, cfg, workdir, mesh=mesh)
+    state_module = loop.load_state(family, cfg, workdir, mesh=mesh, step=step)
     graphdef, state = nnx.split(state_module)
     family = dataclasses.replace(family, frozen=None)  # the loaded state is whole, frozen part included
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -72,17 +93,19 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None) -> dict:
         raise UserError(f"split {split!r} holds fewer than one batch of {cfg.batch_size} examples")
     from mmgen.train.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
-    result = {"family": family.name, "step": step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
+    scored_step = step
+    if scored_step is None:
+        ckpt = Checkpointer(workdir, read_only=True)
+        scored_step = ckpt.latest_step()
+        ckpt.close()
+    result = {"family": family.name, "step": scored_step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
+    with open(output_paths(workdir, step)[0], "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
-def _print_summary(result: dict, workdir: str) -> None:
+def _print_summary(result: dict, path: str) -> None:
     for key, value in result.items():
         if isinstance(value, float):
             print(f"{key:<18} {value:.4f}")
@@ -97,7 +120,7 @@ def _print_summary(result: dict, workdir: str) -> None:
         elif isinstance(value, dict) and key != "files":
             print(f"{key:<18} " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in value.items()))
-    print(f"wrote {os.path.join(workdir, 'eval.json')}")
+    print(f"wrote {path}")
 
 
 def main(args, overrides) -> int:
@@ -107,10 +130,12 @@ def main(args, overrides) -> int:
     if args.num is not None and args.num < 1:
         raise UserError(f"--num {args.num} must be at least 1")
     family = cfg.get("family", "")
+    step = getattr(args, "step", None)
+    check_step(args.workdir, step)
     if family == "tokenizer":
         from mmgen.eval import tokenizer_eval
 
-        result = tokenizer_eval.evaluate(args.workdir, args.split, args.num)
+        result = tokenizer_eval.evaluate(args.workdir, args.split, args.num, step=step)
     elif family in ("generative", "adapters"):
         try:
             generative_eval = importlib.import_module("mmgen.eval.generative_eval")
@@ -118,8 +143,8 @@ def main(args, overrides) -> int:
             if e.name and e.name.startswith("mmgen"):
                 raise UserError("evaluation of generative workdirs is not built yet in this version of mmgen") from None
             raise
-        result = generative_eval.evaluate(args.workdir, args.split, args.num)
+        result = generative_eval.evaluate(args.workdir, args.split, args.num, step=step)
     else:
-        result = evaluate_loss(args.workdir, cfg, args.split, args.num)
-    _print_summary(result, args.workdir)
+        result = evaluate_loss(args.workdir, cfg, args.split, args.num, step=step)
+    _print_summary(result, output_paths(args.workdir, step)[0])
     return 0

@@ -364,8 +364,10 @@ def frame_prediction_psnr(generator, result, clips) -> dict:
             "predicted_frames": int(ref.shape[1] - given)}
 
 
-def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
-    """Evaluate the generative run in ``workdir`` (see the module docstring); writes eval.json."""
+def evaluate(workdir: str, split: str = "test", num: int | None = None, step: int | None = None) -> dict:
+    """Evaluate checkpoint ``step`` (default the newest) of the generative run in ``workdir``
+    (see the module docstring); writes eval.json (``eval_step{S}.json`` for a given step)."""
+    from mmgen.eval.eval_cli import output_paths
     from mmgen.generative.sample_cli import Generator, read_split
     from mmgen.train.generative import (
         read_config,
@@ -381,7 +383,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
         raise UserError(f"--num {num} must be at least 2 (the shuffled baseline pairs different clips)")
     if cfg.data_source == "random_tokens":
         raise UserError(f"{workdir} was trained on {cfg.data_source}: there are no tokenizers to evaluate with")
-    generator = Generator.from_workdir(workdir)
+    generator = Generator.from_workdir(workdir, step=step)
     cfg = generator.cfg
     try:
         clips = read_split(cfg, split, num, extra_features="main_y")
@@ -405,7 +407,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))
-    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": _latest_step(workdir),
+    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": _latest_step(workdir) if step is None else int(step),
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
@@ -414,7 +416,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
         result["cross_modal_dependence"] = cross_modal_dependence(
             generator, clips, train_tokens, av_trained, float(e.get("dependence_mask_ratio", 1.0)))
 
-    out_dir = os.path.join(workdir, "eval")
+    result_path, out_dir = output_paths(workdir, step)
     have = specs_of(cfg)
     sampled = [t for t in ("frame_prediction", *AV_TASKS)
                if all(m in have for m in tasks_lib.get_task(t).modalities())]
@@ -468,7 +470,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
                     **{f"test_{k}": v for k, v in agreement(heights_of[m](real_tokens[m]), truth).items()}}
                 for m, p in probes.items()}
     result["grids"] = out_dir
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
+    with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
 

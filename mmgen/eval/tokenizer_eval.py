@@ -233,10 +233,12 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     }
 
 
-def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
-    """Evaluate the tokenizer in ``workdir`` on ``num`` clips of ``split`` (default all).
+def evaluate(workdir: str, split: str = "test", num: int | None = None, step: int | None = None) -> dict:
+    """Evaluate the tokenizer in ``workdir`` (checkpoint ``step``, default the newest) on
+    ``num`` clips of ``split`` (default all).
 
-    Writes ``workdir/eval.json`` (the returned dict) and ``workdir/eval/`` examples.
+    Writes ``workdir/eval.json`` (the returned dict) and ``workdir/eval/`` examples
+    (``eval_step{S}.json`` and ``eval_step{S}/`` for a given step).
     The split and ``num`` are checked before the checkpoint is read.
     """
     from mmgen import config as config_lib
@@ -250,8 +252,10 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
     num = available if num is None else int(num)
     if not 1 <= num <= available:
         raise UserError(f"--num {num}: split {split!r} of {pipeline.dataset_name(cfg.dataset)} has {available} clips")
-    tok = load(workdir)
-    out_dir = os.path.join(workdir, "eval")
+    from mmgen.eval.eval_cli import output_paths
+
+    tok = load(workdir, step=step)
+    result_path, out_dir = output_paths(workdir, step)
     os.makedirs(out_dir, exist_ok=True)
     num_show = min(num, int(cfg.get("num_samples", 4)))
     run = evaluate_video if tok.modality == "video" else evaluate_audio
@@ -265,6 +269,6 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None) -> dict:
         "num_examples": num,
         **run(tok, split, num, out_dir, num_show),
     }
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
+    with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result

@@ -12,8 +12,9 @@ One of them, the *main* shape (largest, drawn on top), makes the sound:
 * the timbre says the shape: circle = pure sine, square = 1st + 3rd harmonic,
   triangle = 1st + 2nd harmonic.
 
-Small distractor shapes bounce around silently. ``background="plain"`` (one colour
-per clip) and ``max_distractors=0`` give easier variants, for controlled experiments. The label is the main shape's
+Small distractor shapes bounce around silently (``max_distractors=0``: none); the
+background is a texture, or one colour per clip with ``background="plain"``: easier
+variants for controlled experiments. The label is the main shape's
 family, ``shape_motion`` with shape in (circle, square, triangle) and motion in
 (bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
 orbit: a circle, no bounces), 9 classes. Metadata per frame: the main shape's centre
@@ -41,6 +42,7 @@ PITCH_HIGH_HZ = 880.0
 
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = ("bounce", "gravity", "orbit")
+BACKGROUNDS = ("texture", "plain")
 CLASS_NAMES = tuple(f"{shape}_{motion}" for motion in MOTIONS for shape in SHAPES)
 
 # Harmonic amplitudes (1st, 2nd, 3rd) of the main tone, by shape.
@@ -146,8 +148,8 @@ def _background(rng: np.random.Generator, t: np.ndarray, xs: np.ndarray, ys: np.
     if kind == "plain":
         colour = rng.uniform(0.1, 0.55, size=3).astype(np.float32)
         return np.broadcast_to(colour, (len(t), len(ys), len(xs), 3)).copy()
-    if kind != "texture":
-        raise ValueError(f"background must be 'texture' or 'plain', not {kind!r}")
+    if kind not in BACKGROUNDS:
+        raise ValueError(f"moving_shapes_av background must be one of {BACKGROUNDS}, not {kind!r}")
     shift = rng.uniform(-0.15, 0.15, size=2)
     x = (xs[None, None, :] - shift[0] * t[:, None, None]).astype(np.float32)
     y = (ys[None, :, None] - shift[1] * t[:, None, None]).astype(np.float32)
@@ -331,8 +333,8 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         super().__init__(**kwargs)
         self.frames, self.resolution, self.fps, self.sample_rate = frames, resolution, fps, sample_rate
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
-        if background not in ("texture", "plain"):
-            raise ValueError(f"moving_shapes_av background must be 'texture' or 'plain', not {background!r}")
+        if background not in BACKGROUNDS:  # checked here too: before anything is generated
+            raise ValueError(f"moving_shapes_av background must be one of {BACKGROUNDS}, not {background!r}")
         self.max_distractors, self.background = max_distractors, background
         self.pitch_low_hz, self.pitch_high_hz = pitch_low_hz, pitch_high_hz
 

@@ -187,9 +187,9 @@ def shuffle_in_memory(name: str):
     TFDS shuffles a split in memory up to 1 GB and then spills it to temporary
     buckets written with ``tf.io.gfile``: without TensorFlow (mmgen does not need it)
     a larger split crashed after generating its first gigabyte. Without TensorFlow the
-    in-memory limit is raised to half the machine's memory; a split
-    larger still is one clear error. TFDS writes into a temporary directory, so a
-    failed build leaves no dataset that looks complete.
+    in-memory limit is raised to half the machine's memory; a split larger still is one
+    clear error. TFDS writes into a temporary directory, so a failed build leaves no
+    dataset that looks complete.
     """
     from tensorflow_datasets.core import shuffle
 

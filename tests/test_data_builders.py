@@ -98,6 +98,16 @@ def test_plain_background_without_distractors_leaves_one_colour_and_the_main_sha
         msav.MovingShapesConfig(name="x", frames=3, resolution=8, num_train=1, num_test=1, background="noise")
 
 
+def test_override_mistakes_are_user_errors():
+    # A UserError is what the CLI prints as one line (exit 2); overrides now take any key from flags.
+    with pytest.raises(UserError, match=r"background must be one of \('texture', 'plain'\), not 'noise'"):
+        sources.make_config("moving_shapes_av", "tiny", {"background": "noise"})
+    with pytest.raises(UserError, match=r"has no field\(s\) \['bogus'\]"):
+        sources.make_config("moving_shapes_av", "tiny", {"bogus": 1})
+    with pytest.raises(UserError, match="has no config 'huge'"):
+        sources.make_config("moving_shapes_av", "huge")
+
+
 def test_labels_cover_all_nine_families():
     labels = [_clip((3, 0, i), resolution=8, sample_rate=1000)["label"] for i in range(300)]
     assert len(msav.CLASS_NAMES) == 9

@@ -50,6 +50,7 @@ from scipy import signal
 
 from mmgen.data import media
 from mmgen.data.builders import sources
+from mmgen.errors import UserError
 from mmgen.parallel.sharding import global_batch as to_global_batch  # noqa: F401  (re-exported)
 
 # Feature names other datasets use for our modalities, tried in order when
@@ -103,7 +104,7 @@ def dataset_name(dataset_cfg) -> str:
         base, config = name, dataset_cfg.get("builder_config", "") or None
     if overrides:
         if base not in sources.OUR_BUILDERS:
-            raise ValueError(f"dataset.builder_overrides only apply to {sorted(sources.OUR_BUILDERS)}, not {base}")
+            raise UserError(f"dataset.builder_overrides only apply to {sorted(sources.OUR_BUILDERS)}, not {base}")
         config = sources.derived_config_name(config or sources.OUR_BUILDERS[base].DEFAULT_BUILDER_CONFIG_NAME, overrides)
     elif config is None and base in sources.OUR_BUILDERS:
         config = sources.OUR_BUILDERS[base].DEFAULT_BUILDER_CONFIG_NAME
@@ -168,13 +169,13 @@ class ClipSpec:
 def _pick_key(ours: str, wanted: str, features: list[str], name: str, required: bool) -> str | None:
     if wanted:
         if wanted not in features:
-            raise ValueError(f"dataset.features.{ours}={wanted!r} is not a feature of {name}; it has {features}")
+            raise UserError(f"dataset.features.{ours}={wanted!r} is not a feature of {name}; it has {features}")
         return wanted
     for alias in FEATURE_ALIASES[ours]:
         if alias in features:
             return alias
     if required:
-        raise ValueError(f"dataset {name} has no {ours} feature among {features}; set dataset.features.{ours}")
+        raise UserError(f"dataset {name} has no {ours} feature among {features}; set dataset.features.{ours}")
     return None
 
 
@@ -186,7 +187,7 @@ def clip_spec(dataset_cfg, info: sources.SourceInfo, *, train: bool) -> ClipSpec
         extras = tuple(e.strip() for e in extras.split(",") if e.strip())
     missing = [e for e in extras if e not in features]
     if missing:
-        raise ValueError(f"dataset.extra_features {missing} are not features of {info.name}; it has {features}")
+        raise UserError(f"dataset.extra_features {missing} are not features of {info.name}; it has {features}")
     augment = dataset_cfg.get("augment", {}) or {}
     video_key = _pick_key("video", wanted.get("video", ""), features, info.name, required=True)
     source_fps = float(info.fps or dataset_cfg.get("source_fps", 0) or dataset_cfg.fps)
@@ -194,7 +195,7 @@ def clip_spec(dataset_cfg, info: sources.SourceInfo, *, train: bool) -> ClipSpec
     if stored and len(stored) == 4 and stored[0] > 0:
         needed = (int(dataset_cfg.frames) - 1) * source_fps / float(dataset_cfg.fps) + 1
         if stored[0] + 1e-6 < needed:
-            raise ValueError(
+            raise UserError(
                 f"dataset {info.name} stores clips of {stored[0]} frames at {source_fps:g} fps, too short for "
                 f"dataset.frames={dataset_cfg.frames} at dataset.fps={dataset_cfg.fps:g}; choose a dataset config "
                 f"with longer clips (e.g. moving_shapes_av/small or /default for 17 frames)"

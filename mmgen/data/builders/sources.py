@@ -89,17 +89,20 @@ def make_config(name: str, config: str | None, overrides: dict | None = None) ->
     by_name = {c.name: c for c in cls.BUILDER_CONFIGS}
     config = config or cls.DEFAULT_BUILDER_CONFIG_NAME
     if config not in by_name:
-        raise ValueError(f"{name} has no config {config!r}; choose one of {sorted(by_name)}")
+        raise UserError(f"{name} has no config {config!r}; choose one of {sorted(by_name)}")
     base = by_name[config]
     if not overrides:
         return base
     params = [p for p in inspect.signature(type(base).__init__).parameters if p not in ("self", "kwargs")]
     unknown = sorted(set(overrides) - set(params))
     if unknown:
-        raise ValueError(f"{name} config has no field(s) {unknown}; fields: {params}")
+        raise UserError(f"{name} config has no field(s) {unknown}; fields: {params}")
     values = {p: getattr(base, p) for p in params}
     values.update(overrides)
-    return type(base)(name=derived_config_name(config, overrides), **values)
+    try:
+        return type(base)(name=derived_config_name(config, overrides), **values)
+    except ValueError as e:  # a field's value the config refuses
+        raise UserError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------

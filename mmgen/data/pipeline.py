@@ -97,7 +97,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
 def dataset_name(dataset_cfg) -> str:
     """Full TFDS name "ds/config" the config points at (overrides give a derived config)."""
     name = dataset_cfg.name
-    overrides = _overrides(dataset_cfg)
+    overrides = builder_overrides(dataset_cfg)
     if "/" in name:
         base, config = name.split("/", 1)
     else:
@@ -111,7 +111,8 @@ def dataset_name(dataset_cfg) -> str:
     return f"{base}/{config}" if config else base
 
 
-def _overrides(dataset_cfg) -> dict:
+def builder_overrides(dataset_cfg) -> dict:
+    """``dataset.builder_overrides`` as a plain dict ({} when unset)."""
     overrides = dataset_cfg.get("builder_overrides", None)
     if overrides is None:
         return {}
@@ -128,7 +129,7 @@ def open_dataset(dataset_cfg, split: str):
         print(f"mmgen: {name} is not prepared in {data_dir}; building it now (no download needed)", flush=True)
         try:
             sources.build(base, data_dir, config=base_config or None, path=dataset_cfg.get("path", "") or None,
-                          overrides=_overrides(dataset_cfg))
+                          overrides=builder_overrides(dataset_cfg))
         except OSError:
             # Another process (same data_dir) may have finished the same build first.
             if sources.find_prepared(name, data_dir) is None:

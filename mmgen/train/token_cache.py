@@ -62,6 +62,7 @@ def check_tasks(cfg, weights: dict) -> None:
 
 def _origin(cfg, split: str) -> dict:
     """What a cache of ``split`` must have been made from to serve ``cfg``."""
+    from mmgen.data import pipeline
     from mmgen.train.checkpoint import Checkpointer
 
     tokenizers = {}
@@ -71,8 +72,7 @@ def _origin(cfg, split: str) -> dict:
         tokenizers[m] = {"workdir": workdir, "step": ckpt.latest_step()}
         ckpt.close()
     dataset = {k: cfg.dataset.get(k) for k in DATASET_KEYS}
-    overrides = cfg.dataset.get("builder_overrides") or {}
-    dataset["builder_overrides"] = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
+    dataset["builder_overrides"] = pipeline.builder_overrides(cfg.dataset)
     return {"split": split, "tokenizers": tokenizers, "dataset": dataset}
 
 

@@ -151,7 +151,12 @@ def _paired_mae_gain(estimate: np.ndarray, reference: np.ndarray) -> dict:
     gain = gain[np.isfinite(gain)]
     if len(gain) < 2:
         return {"mae_gain": float("nan"), "mae_gain_se": float("nan")}
-    return {"mae_gain": float(gain.mean()), "mae_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain)))}
+    return _mean_and_se("mae_gain", gain)
+
+
+def _mean_and_se(name: str, per_clip: np.ndarray) -> dict:
+    """``{name: mean, name_se: standard error}`` of per-clip values (at least 2)."""
+    return {name: float(per_clip.mean()), f"{name}_se": float(per_clip.std(ddof=1) / np.sqrt(len(per_clip)))}
 
 
 # ---------------------------------------------------------------- token-space height probes
@@ -334,8 +339,7 @@ def _paired_gain(name: str, low: np.ndarray, high: np.ndarray) -> dict:
     gain = (high - low)[both]
     if len(gain) < 2:
         return {}
-    per_clip = gain.mean(axis=1)
-    out = {f"{name}_gain": float(per_clip.mean()), f"{name}_gain_se": float(per_clip.std(ddof=1) / np.sqrt(len(gain)))}
+    out = _mean_and_se(f"{name}_gain", gain.mean(axis=1))
     if gain.shape[1] > 1:
         out[f"{name}_gain_by_level"] = [float(g) for g in gain.mean(axis=0)]
     return out

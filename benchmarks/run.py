@@ -267,6 +267,12 @@ def main(argv=None) -> int:
         "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__, "mmgen": mmgen.__version__},
         "quick": args.quick, "peak_dtype": jnp.dtype(peak_dtype).name, "matmul_n": n,
     }
+
+    def save_partial():  # after each section, so a run cut short keeps what it measured
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
     print("matmul peak ...", flush=True)
     results["matmul_peak_flops"] = matmul_peak(peak_dtype, n, iters=max(iters, 5))
     dt = "bfloat16" if gpu else "float32"
@@ -277,19 +283,31 @@ def main(argv=None) -> int:
                "same, attention via jax.nn.dot_product_attention": (before, 4),
                "w512 x 4 layers, 4 heads of 128, seq 1026": (transformer_config(512, 4, 4, (4, 16, 16), dtype=dt), 4)}
     if gpu:
-        configs = {"B (768x12)": (transformer_config(768, 12, 12, (5, 16, 16), 2**10 * 16, dt, "none"), 32),
-                   "L (1024x24)": (transformer_config(1024, 24, 16, (5, 16, 16), 2**10 * 16, dt,
-                                                      "dots_with_no_batch_dims_saveable"), 32)}
+        big = {"grid": (5, 16, 16), "vocab": 2**10 * 16, "dtype": dt}
+        # L three ways, to say what bounds it: the default remat policy, no remat (nothing
+        # recomputed: the model-FLOP ceiling of this step), and twice the batch.
+        configs = {"B (768x12)": (transformer_config(768, 12, 12, remat="none", **big), 32),
+                   "L (1024x24)": (transformer_config(1024, 24, 16, remat="dots_with_no_batch_dims_saveable",
+                                                      **big), 32),
+                   "L, no remat": (transformer_config(1024, 24, 16, remat="none", **big), 32),
+                   "L, batch 64": (transformer_config(1024, 24, 16, remat="dots_with_no_batch_dims_saveable",
+                                                      **big), 64)}
     results["transformer"] = {}
     for name, (cfg, batch) in configs.items():
         print(f"transformer {name} ...", flush=True)
-        results["transformer"][name] = transformer_step_bench(cfg, batch, iters)
+        results["transformer"][name] = t = transformer_step_bench(cfg, batch, iters)
+        print(f"  {t['step_s']:.4f} s/step, {t['tokens_per_s']:.0f} tokens/s, "
+              f"MFU {t['flops_per_s'] / results['matmul_peak_flops']:.1%}, compile {t['first_compile_s']:.1f} s",
+              flush=True)
+        save_partial()
     print("compile scaling ...", flush=True)
     d4 = compile_time(transformer_config(256, 4, 4, (3, 8, 8)), 2)
     d24 = compile_time(transformer_config(256, 24, 4, (3, 8, 8)), 2)
     results["compile_scaling"] = {"depth4_s": d4, "depth24_s": d24, "ratio": d24 / d4}
+    save_partial()
     print("sampling ...", flush=True)
     results["sampling"] = sampling_bench(transformer_config(256, 4, 4, (3, 8, 8), dtype=dt), 4, 12, iters)
+    save_partial()
     results["tokenizers"] = {}
     if not args.skip_tokenizers:
         for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
@@ -300,9 +318,7 @@ def main(argv=None) -> int:
     results["matmul_peak_flops_start"] = results["matmul_peak_flops"]
     results["matmul_peak_flops_end"] = matmul_peak(peak_dtype, n, iters=max(iters, 5))
     results["matmul_peak_flops"] = max(results["matmul_peak_flops_start"], results["matmul_peak_flops_end"])
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+    save_partial()
     write_markdown(results, args.out)
     print(json.dumps(results, indent=2))
     return 0

@@ -273,3 +273,26 @@ def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradie
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="impl='flash'"):
         attention(q, k, v, impl="flash")
+
+
+def test_auto_attention_takes_cudnn_only_where_cudnn_can_run_the_call():
+    from mmgen.nn import backend
+    from mmgen.nn.attention import attention, auto_impl
+
+    gpu = {"cpu": False, "cudnn": True, "dtype": jnp.bfloat16, "head_dim": 64, "q_len": 422, "kv_len": 422,
+           "masked": True}
+    assert auto_impl(**gpu) == "cudnn"
+    assert auto_impl(**{**gpu, "dtype": jnp.float16}) == "cudnn"
+    assert auto_impl(**{**gpu, "cpu": True}) == "heads_major"
+    # What cuDNN's flash attention refuses goes to XLA's implementation.
+    for change in ({"cudnn": False}, {"dtype": jnp.float32}, {"head_dim": 60}, {"head_dim": 192},
+                   {"q_len": 421, "kv_len": 421}):
+        assert auto_impl(**{**gpu, **change}) == "dot_product_attention", change
+    assert auto_impl(**{**gpu, "q_len": 421, "kv_len": 421, "masked": False}) == "cudnn"  # odd lengths need no bias
+    # A CPU stand-in compiling for a GPU (plan) has no cuDNN kernels: "auto" must not pick them.
+    q = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
+    with backend.target_platform("gpu"):
+        assert not backend.cudnn_kernels()
+        out = attention(q, q, q, jnp.ones((1, 1, 1, 4), bool))
+    np.testing.assert_allclose(np.asarray(out, np.float32), 1.0)
+    assert not backend.cudnn_kernels()  # on this CPU

@@ -36,7 +36,20 @@ def target_platform(platform: str):
         _target.platform = previous
 
 
+def platform() -> str:
+    """The platform the computation is for: ``target_platform``'s, else the default backend."""
+    return getattr(_target, "platform", None) or jax.default_backend()
+
+
 def cpu_forms() -> bool:
     """True when the computation is for the CPU (``"auto"`` takes the CPU forms)."""
-    platform = getattr(_target, "platform", None) or jax.default_backend()
-    return platform == "cpu"
+    return platform() == "cpu"
+
+
+def cudnn_kernels() -> bool:
+    """True when cuDNN's fused kernels can be called: the computation is for a GPU and
+    really runs on an NVIDIA one (a CPU stand-in inside ``target_platform("gpu")`` has
+    none, so ``plan`` traces XLA's form there and its memory figure is an upper bound)."""
+    if platform() != "gpu" or jax.default_backend() != "gpu":
+        return False
+    return jax.local_devices()[0].device_kind.upper().startswith("NVIDIA")

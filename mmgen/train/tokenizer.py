@@ -246,7 +246,11 @@ def flops_per_example(cfg) -> float:
 
     lowered = jax.jit(forward).lower(state, jax.ShapeDtypeStruct(shape, jnp.float32))
     cost = lowered.cost_analysis()
+    if not cost:  # XLA:GPU counts only after compiling (jax 0.11: None before; seen on an H200)
+        cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost:
+        return float("nan")  # a backend that counts nothing: unknown, not zero
     return 3.0 * float(cost.get("flops", 0.0))
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen import config as config_lib
+from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import tasks as tasks_lib
 from mmgen.train import generative as gen
@@ -118,6 +119,26 @@ def test_variant_options_for_ablations():
         config_lib.load_config(f"{CONFIG}:tiny,conditionning=prefix")
     with pytest.raises(UserError, match="frame_predictoin"):
         config_lib.load_config(f"{CONFIG}:tiny,tasks=frame_predictoin")
+
+
+def test_agreement_config_is_the_gpu_run_and_fits_the_tiny_tokenizers(tokenizers, data_dir, tmp_path):
+    from mmgen.data.builders import sources
+
+    path = os.path.join(ROOT, "configs", "generative", "agreement.py")
+    cfg = config_lib.load_config(path)
+    assert (cfg.model.depth, cfg.model.width, cfg.model.dtype) == (8, 256, "bfloat16")
+    assert (cfg.batch_size, cfg.total_steps, cfg.data_source) == (128, 8000, "token_cache")
+    assert gen.task_weights(cfg) == {"audio_to_video": 1.0, "video_to_audio": 1.0}
+    builder = sources.make_config("moving_shapes_av", "tiny", pipeline.builder_overrides(cfg.dataset))
+    assert (builder.num_train, builder.max_distractors, builder.background) == (12000, 0, "plain")
+    tiny = config_lib.load_config(f"{path}:tiny", [f"dataset.data_dir={data_dir}",
+                                                   f"tokenizers.video_workdir={tokenizers['video']}",
+                                                   f"tokenizers.audio_workdir={tokenizers['audio']}",
+                                                   f"token_cache={tmp_path}"])
+    assert (tiny.model.depth, tiny.model.dtype) == (2, "float32")
+    gen.validate(tiny)  # the token layout is the tiny tokenizers'; no cache yet is fine
+    with pytest.raises(UserError, match="no variant 'huge'"):
+        config_lib.load_config(f"{path}:huge")
 
 
 def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir):

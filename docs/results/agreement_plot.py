@@ -51,7 +51,7 @@ def main(workdir: str, out: str, num: int = 64) -> None:
         axes[2].plot(t, sound_h[i], "o", color=c, ms=4)
         axes[2].plot(t, video_h[i], "x", color=c, ms=5)
     axes[2].set(ylim=(1, 0), xlabel="frame", ylabel="height (0 = top)")
-    axes[2].set_title("4 clips: true (line), from generated sound (o), generated shape (x)", fontsize=9)
+    axes[2].set_title("4 clips: true height (line), read from the\ngenerated sound (o) and generated shape (x)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     print("wrote", out)

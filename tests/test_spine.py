@@ -172,6 +172,21 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, override, message):
     assert not (work / "checkpoints").exists()
 
 
+def test_dataset_config_mistake_is_one_line_and_leaves_the_workdir_alone(tmp_path):
+    # Found when the data is opened (the builder knows its fields), still before config.json is written.
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text('{"sentinel": 1}')
+    res = cli("train", "--config", os.path.join(REPO, "configs", "tokenizer", "video.py") + ":tiny,gan=0",
+              "--workdir", str(work), f"--config.dataset.data_dir={tmp_path / 'data'}",
+              "--config.dataset.builder_overrides.bogus=1")
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "has no field(s) ['bogus']" in lines[0], res.stderr
+    assert json.loads((work / "config.json").read_text()) == {"sentinel": 1}
+    assert not (work / "checkpoints").exists()
+
+
 def test_unknown_variant_and_missing_config_are_clear(tmp_path):
     res = cli("train", "--config", TOY + ":huge", "--workdir", str(tmp_path / "w"))
     assert res.returncode == 2 and "has no variant 'huge'" in res.stderr and "tiny" in res.stderr

@@ -250,14 +250,16 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     check_batch_divides(cfg, mesh)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     warm_source = check_warm_start(family, cfg, workdir)
-    if jax.process_index() == 0:
-        config_lib.write_config(cfg, workdir)
-    log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
 
-    # --- input pipeline (host-local slices of the global batch)
+    # --- input pipeline (host-local slices of the global batch); opening it checks the
+    #     dataset config (builder fields and values, features), so a mistake there also
+    #     stops before the workdir is touched
     pc, pi = jax.process_count(), jax.process_index()
     train_iter = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
                                   process_index=pi, process_count=pc)
+    if jax.process_index() == 0:
+        config_lib.write_config(cfg, workdir)
+    log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
 
     # --- state: abstract shapes -> shardings from logical names -> init or restore
     #     (a frozen part, e.g. a base model under adapters, is loaded, never saved)

@@ -332,9 +332,10 @@ def main(argv=None) -> int:
     print("sampling ...", flush=True)
     # On a GPU the tiny model's decoding steps are kernel-launch bound (7 ms vs 3 ms on an
     # H200): sample the B model there, where the step's compute decides the ratio.
-    sample_cfg, sample_batch = transformer_config(256, 4, 4, (3, 8, 8), dtype=dt), 4
     if gpu:
-        sample_cfg, sample_batch = transformer_config(768, 12, 12, (5, 16, 16), 2**10 * 16, dt), 16
+        sample_cfg, sample_batch = transformer_config(768, 12, 12, **big), 16
+    else:
+        sample_cfg, sample_batch = transformer_config(256, 4, 4, (3, 8, 8), dtype=dt), 4
     results["sampling"] = measured(sampling_bench, sample_cfg, sample_batch, 12, iters)
     save_partial()
     results["tokenizers"] = {}

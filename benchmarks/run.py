@@ -5,7 +5,7 @@
 Everything is measured in this one process, so ratios (MFU = achieved model FLOP/s
 over the same run's matmul peak; sampling overhead; compile scaling) compare like
 with like. MFU counts model FLOPs only (6 * matmul params + attention per token for
-the transformer, REFERENCE "Scale, speed"; XLA's cost model of the forward x 3 for
+the transformer, docs/ALGORITHMS.md "Scale"; XLA's cost model of the forward x 3 for
 the tokenizers), so rematerialised recomputation lowers it, as it should.
 Timings come from wall clock after a warm-up step, with ``block_until_ready``.
 """
@@ -161,8 +161,8 @@ def sampling_bench(cfg, batch: int, steps: int, iters: int) -> dict:
 # ------------------------------------------------------------------ tokenizers
 def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
     from mmgen import config as config_lib
+    from mmgen.families import tokenizer as tok
     from mmgen.train import loop
-    from mmgen.train import tokenizer as tok
 
     cfg = config_lib.load_config(spec, [f"batch_size={batch}", "gan.start_step=0"])
     graphdef, abstract = loop.abstract_state(tok.FAMILY, cfg)

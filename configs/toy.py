@@ -4,8 +4,7 @@
 """
 
 import ml_collections
-
-from mmgen.config import base_config
+from mmgen.configs.common import base_config
 
 
 def get_config(arg=None):
@@ -26,6 +25,6 @@ def get_config(arg=None):
 
 
 def get_sweep():
-    from mmgen.sweeps import product, sweep
+    from mmgen.commands.sweep import product, sweep
 
     return product(sweep("optimizer.lr", [1e-3, 3e-3]))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run, resume or summarise a hyper-parameter sweep (see ``mmgen.sweeps``).
+"""Run, resume or summarise a hyper-parameter sweep (the same as ``mmgen sweep``; see ``mmgen.commands.sweep``).
 
     python launch/sweep.py --config configs/toy.py:tiny --root /tmp/sweep --parallel 2
     python launch/sweep.py --config configs/toy.py:tiny --root /tmp/sweep --summarize
@@ -13,7 +13,7 @@ trains the points whose workdir holds no ``DONE``. ``--train-cmd`` (or
 
 import sys
 
-from mmgen.sweeps import main
+from mmgen.commands.sweep import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -1,7 +1,7 @@
-"""``python -m mmgen`` entry point; see ``mmgen/cli.py``."""
+"""``python -m mmgen`` entry point; see ``mmgen/commands/__init__.py``."""
 
 import sys
 
-from mmgen.cli import main
+from mmgen.commands import main
 
 sys.exit(main())

@@ -22,16 +22,34 @@ import ml_collections
 
 from mmgen.errors import UserError
 
-# Keys every trainer honours (DESIGN.md "Config keys every trainer honours").
+# Keys every trainer honours; ``mmgen.configs.common.base_config`` gives them their defaults.
 COMMON_KEYS = (
     "seed", "total_steps", "batch_size", "checkpoint_every", "keep_checkpoints",
     "log_every", "eval_every", "mesh", "sharding_rules", "optimizer", "schedule", "dataset",
 )
 
 
+def shipped_configs_dir() -> str | None:
+    """Where the shipped configs are: the package ``mmgen.configs`` (the repository's ``configs/``)."""
+    spec = importlib.util.find_spec("mmgen.configs")
+    return list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+
+
+def resolve_path(path: str) -> str:
+    """A config file on disk, else the shipped one of that name: ``generative/multitask.py`` and
+    ``configs/generative/multitask.py`` both find it from any directory, also from an installed wheel."""
+    if os.path.isfile(path):
+        return path
+    shipped = shipped_configs_dir()
+    if shipped and not os.path.isabs(path):
+        candidate = os.path.join(shipped, path.removeprefix("configs" + os.sep).removeprefix("configs/"))
+        if os.path.isfile(candidate):
+            return candidate
+    raise UserError(f"config file {path!r} does not exist (nor among the shipped configs in {shipped})")
+
+
 def load_module(path: str):
-    if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist")
+    path = resolve_path(path)
     name = "mmgen_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -130,55 +148,7 @@ def from_json_file(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Write the resolved config to ``workdir/config.json`` (atomically)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(to_json(cfg))
-    os.replace(tmp, path)
-    return path
-
-
 def check_common_keys(cfg: ml_collections.ConfigDict) -> None:
     missing = [k for k in COMMON_KEYS if k not in cfg]
     if missing:
-        raise UserError(f"config lacks the common trainer keys {missing}; start from configs/common.py")
-
-
-def base_config(**overrides) -> ml_collections.ConfigDict:
-    """The keys every trainer honours, with defaults; config files start from this."""
-    from mmgen.parallel.sharding import DEFAULT_RULES
-    from mmgen.train.optim import default_optimizer_config, default_schedule_config
-
-    cfg = ml_collections.ConfigDict()
-    cfg.family = ""
-    cfg.seed = 0
-    cfg.total_steps = 1000
-    cfg.batch_size = 8
-    cfg.grad_accum_steps = 1  # micro-batches per update: batch_size / grad_accum_steps examples at once
-    cfg.checkpoint_every = 500
-    cfg.keep_checkpoints = 3
-    cfg.keep_best = 0
-    cfg.best_metric = ""
-    cfg.best_mode = "min"
-    cfg.async_checkpointing = True
-    cfg.log_every = 50
-    cfg.eval_every = 0
-    cfg.eval_batches = 4
-    cfg.eval_split = "test"
-    cfg.progress = True
-    cfg.tensorboard = True
-    cfg.peak_flops = 0.0  # FLOP/s per device for MFU; 0 = look the device up
-    cfg.mesh = ml_collections.ConfigDict(dict(
-        data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
-    cfg.sharding_rules = [list(r) if isinstance(r[1], str) or r[1] is None else [r[0], list(r[1])]
-                          for r in DEFAULT_RULES]
-    cfg.optimizer = default_optimizer_config()
-    cfg.schedule = default_schedule_config()
-    cfg.init_from = ""  # a workdir whose model weights start a fresh run (fine-tuning); see loop.load_warm_start
-    cfg.init_from_step = -1  # its checkpoint to take; -1 = the latest
-    cfg.dataset = ml_collections.ConfigDict()
-    cfg.update(overrides)
-    return cfg
+        raise UserError(f"config lacks the common trainer keys {missing}; start from configs/common.py's base_config()")

@@ -1,4 +1,4 @@
-"""Specification of adapter runs (mmgen/train/adapters.py) and ``mmgen adapters merge``.
+"""Specification of adapter runs (mmgen/families/adapters.py) and ``mmgen adapters merge``.
 
 One tiny base per session: a 1-layer, width-32 masked transformer workdir whose
 weights are drawn with numpy (no init compile; what the adapters see is the same as
@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import mmgen  # noqa: F401  (process-wide JAX settings)
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen import config as config_lib
 from mmgen.adapters import (
     FlyLoRA,
@@ -30,9 +30,11 @@ from mmgen.adapters import (
     merge_flylora_adapters,
 )
 from mmgen.errors import UserError
+from mmgen.families import adapters as adapters_family
+from mmgen.families import get_family
 from mmgen.generative import tasks as tasks_lib
-from mmgen.train import adapters as adapters_family
-from mmgen.train import get_family, loop
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +70,7 @@ def checkpoint_keys(workdir, step=2):
 def write_numpy_base(workdir, step=2, seed=0, std=0.05):
     """A generative workdir (config.json + a checkpoint at ``step``) with numpy-drawn weights."""
     cfg = config_lib.load_config(f"{GENERATIVE}:tiny,data_source=random_tokens", SMALL_MODEL + RUN)
-    config_lib.write_config(cfg, workdir)
+    workdir_lib.write_config(cfg, workdir)
     _, abstract = loop.abstract_state(get_family("generative"), cfg)
     rng = np.random.default_rng(seed)
 
@@ -87,7 +89,7 @@ def write_other_flylora(trained_workdir, workdir, seed=1):
     """A FlyLoRA workdir like ``trained_workdir``'s but for audio continuation, with an
     independent sparse A (another seed) and numpy-drawn B."""
     from mmgen.adapters import sparse_projection
-    from mmgen.adapters.merge_cli import write_workdir
+    from mmgen.commands.adapters_merge import write_workdir
     from mmgen.parallel import mesh as mesh_lib
 
     cfg = saved_config(trained_workdir)
@@ -254,7 +256,7 @@ def test_merging_refuses_different_bases_kinds_and_folded_flylora(runs, tmp_path
     shutil.copytree(runs["lora"], other)
     cfg = saved_config(other)
     cfg.base_fingerprint = "0" * 64
-    config_lib.write_config(cfg, other)
+    workdir_lib.write_config(cfg, other)
     cases = [([runs["lora"], other], [], "different bases"),
              ([runs["lora"], runs["flylora"]], [], "differs from"),
              ([runs["flylora"], runs["flylora_other"]], ["--fold"], "FlyLoRA cannot be folded"),

@@ -264,23 +264,23 @@ def test_missing_dataset_is_one_clear_line(tmp_path):
 
 
 def test_prepare_reports_where_and_what_was_skipped(video_dir, tmp_path, capsys):
-    from mmgen.data import prepare
+    from mmgen.commands import prepare
 
     data_dir = str(tmp_path / "prepared")
-    assert prepare.main("video_folder", data_dir, path=str(video_dir), config="tiny") == 0
+    assert prepare.prepare("video_folder", data_dir, path=str(video_dir), config="tiny") == 0
     out = capsys.readouterr().out
     assert f"prepared video_folder/tiny in {data_dir}" in out
     assert "skipped 3 file(s)" in out and "empty.mp4: file is empty" in out
-    assert prepare.main("video_folder/tiny", data_dir, path=str(video_dir)) == 0
+    assert prepare.prepare("video_folder/tiny", data_dir, path=str(video_dir)) == 0
     assert "already prepared" in capsys.readouterr().out
 
 
 def test_prepare_errors_are_one_line_and_nonzero(tmp_path, capsys):
-    from mmgen.data import prepare
+    from mmgen.commands import prepare
 
-    assert prepare.main("video_folder", str(tmp_path)) == 1
-    assert prepare.main("video_folder", str(tmp_path), path=str(tmp_path / "nowhere")) == 1
-    assert prepare.main("moving_shapes_av", str(tmp_path), config="huge") == 1
+    assert prepare.prepare("video_folder", str(tmp_path)) == 1
+    assert prepare.prepare("video_folder", str(tmp_path), path=str(tmp_path / "nowhere")) == 1
+    assert prepare.prepare("moving_shapes_av", str(tmp_path), config="huge") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("mmgen prepare: error: ") for line in err)
     assert "--path" in err[0] and "nowhere" in err[1] and "'huge'" in err[2]

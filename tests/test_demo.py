@@ -1,4 +1,4 @@
-"""Specification of ``python -m mmgen demo``'s plumbing (mmgen/demo.py, configs/generative/demo.py).
+"""Specification of ``python -m mmgen demo``'s plumbing (mmgen/commands/demo.py, configs/generative/demo.py).
 
 The demo itself trains three models (minutes); these tests check, without compiling
 anything, that every stage's config is the tiny one with the demo's changes, that the
@@ -10,14 +10,15 @@ import os
 
 import pytest
 
-from mmgen import cli, demo
+from mmgen import commands as cli
 from mmgen import config as config_lib
+from mmgen.commands import demo
 from mmgen.errors import UserError
-from mmgen.train import generative as gen
+from mmgen.generative import tokens
 
 
 def demo_config(arg=None, overrides=()):
-    spec = os.path.join(demo.configs_dir(), "generative", "demo.py") + (f":{arg}" if arg else "")
+    spec = "generative/demo.py" + (f":{arg}" if arg else "")  # the shipped config, found by name
     return config_lib.load_config(spec, overrides)
 
 
@@ -37,7 +38,7 @@ def test_stage_configs_are_the_tiny_ones_with_the_demo_changes(tmp_path):
                                                           "tokenizers.audio_workdir='A'"])
     assert generative.batch_size == 4 and generative.total_steps == d.generative.total_steps
     assert (generative.tokenizers.video_workdir, generative.tokenizers.audio_workdir) == ("V", "A")
-    assert len(gen.task_weights(generative)) == 15  # every task is trained and sampled
+    assert len(tokens.task_weights(generative)) == 15  # every task is trained and sampled
 
 
 def test_video_tokenizer_learns_frames_first_then_starts_the_clip_stage_from_them(tmp_path):

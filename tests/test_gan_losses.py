@@ -12,7 +12,10 @@ import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen.errors import UserError
 from mmgen.parallel.sharding import logical_axes
 from mmgen.tokenizers import losses
-from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D, discriminator_config
+from mmgen.tokenizers.discriminators import (
+    StyleGANDiscriminator3D,
+    discriminator_config,
+)
 
 REAL = jnp.array([2.0, 0.5, -1.0, 0.0])
 FAKE = jnp.array([-2.0, 0.5, 1.0, 0.0])

@@ -18,7 +18,7 @@ from test_generative_train import (
 import mmgen  # noqa: F401
 from mmgen.data.builders import moving_shapes_av as msav
 from mmgen.eval import generative_eval as ge
-from mmgen.train import generative as gen
+from mmgen.families import generative as gen
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
         f"tokenizers.video_workdir={tokenizers['video']!r}", "sampling.steps=2", "evaluation.unigram_clips=4",
         "sampling.batch_size=4"])
     workdir = write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=3)
-    result = ge.evaluate(workdir, "test", num=4)
+    result = ge.evaluate(workdir, gen.load_generator, "test", num=4)
     with open(os.path.join(workdir, "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     rows = {r["task"]: r for r in result["token_accuracy"]}
@@ -85,15 +85,15 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
     assert "audio_visual" not in result
     assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
-    at_step = ge.evaluate(workdir, "test", num=4, step=result["step"])  # the same checkpoint, by its step
+    at_step = ge.evaluate(workdir, gen.load_generator, "test", num=4, step=result["step"])  # the same checkpoint, by its step
     assert at_step["token_accuracy"] == result["token_accuracy"]
     with open(os.path.join(workdir, f"eval_step{result['step']}.json")) as f:
         assert json.load(f)["step"] == result["step"]
     assert os.listdir(os.path.join(workdir, f"eval_step{result['step']}")) == ["frame_prediction.png"]
     # Per-clip cross-entropy (the paired dependence test's input) averages back to the task's.
-    from mmgen.generative.sample_cli import Generator, read_split
+    from mmgen.generative.generator import read_split
 
-    generator = Generator.from_workdir(workdir)
+    generator = gen.load_generator(workdir)
     clips = read_split(generator.cfg, "test", 4)
     per_clip = {}
     (row,) = ge.token_accuracy(generator, clips, {"video": np.zeros((1, 3, 8, 8), np.int32)}, ["frame_prediction"],

@@ -1,4 +1,4 @@
-"""Specification of the generative trainer (mmgen/train/generative.py) and its configs.
+"""Specification of the generative trainer (mmgen/families/generative.py) and its configs.
 
 Tiny shapes: a 1-layer transformer of width 32 over the tiny tokenizers' layout
 (video 3x8x8 of 1024 ids, audio 57 frames x 4 RVQ levels of 256). Tokenizer
@@ -18,9 +18,12 @@ import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen import config as config_lib
 from mmgen.data import pipeline
 from mmgen.errors import UserError
+from mmgen.families import generative as gen
+from mmgen.families import get_family
 from mmgen.generative import tasks as tasks_lib
-from mmgen.train import generative as gen
-from mmgen.train import get_family, loop
+from mmgen.generative import tokens
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +47,7 @@ def generative_config(variant="tiny", extra=(), data_dir=None, tokenizers=None):
 
 def write_numpy_initialised(family, cfg, workdir, seed=0, std=0.05, step=1):
     """A workdir (config.json + one checkpoint) whose weights come from a seeded numpy generator."""
-    config_lib.write_config(cfg, workdir)
+    workdir_lib.write_config(cfg, workdir)
     _, abstract = loop.abstract_state(family, cfg)
     rng = np.random.default_rng(seed)
 
@@ -94,7 +97,7 @@ def test_tiny_layout_is_the_tiny_tokenizers_and_large_sizes_use_magvit_v2():
     assert (tiny.model.audio_len, tiny.model.audio_levels, tiny.model.audio_vocab) == (57, 4, 256)
     assert (tiny.optimizer.name, tiny.optimizer.b1, tiny.optimizer.b2) == ("adamw", 0.9, 0.96)
     assert (tiny.optimizer.weight_decay, tiny.optimizer.grad_clip) == (0.045, 1.0)
-    assert set(gen.task_weights(tiny)) == set(tasks_lib.TASK_NAMES)  # every task trains
+    assert set(tokens.task_weights(tiny)) == set(tasks_lib.TASK_NAMES)  # every task trains
     for size, (depth, width) in {"B": (12, 768), "L": (24, 1024), "XL": (20, 2048)}.items():
         cfg = config_lib.load_config(f"{CONFIG}:{size}")
         assert (cfg.model.depth, cfg.model.width) == (depth, width)
@@ -108,11 +111,11 @@ def test_variant_options_for_ablations():
     prefix = config_lib.load_config(f"{CONFIG}:tiny,conditioning=prefix")
     assert prefix.conditioning == "prefix"
     single = config_lib.load_config(f"{CONFIG}:tiny,tasks=frame_prediction")
-    assert gen.task_weights(single) == {"frame_prediction": 1.0}
+    assert tokens.task_weights(single) == {"frame_prediction": 1.0}
     video_only = config_lib.load_config(f"{CONFIG}:tiny,modalities=video")
     assert video_only.model.audio_len == 0
-    assert all(tasks_lib.get_task(t).audio.kind == "absent" for t in gen.task_weights(video_only))
-    assert len(gen.task_weights(video_only)) == 10
+    assert all(tasks_lib.get_task(t).audio.kind == "absent" for t in tokens.task_weights(video_only))
+    assert len(tokens.task_weights(video_only)) == 10
     random = config_lib.load_config(f"{CONFIG}:B,data_source=random_tokens")
     assert random.data_source == "random_tokens"
     with pytest.raises(UserError, match="unknown variant options"):
@@ -128,7 +131,7 @@ def test_agreement_config_is_the_gpu_run_and_fits_the_tiny_tokenizers(tokenizers
     cfg = config_lib.load_config(path)
     assert (cfg.model.depth, cfg.model.width, cfg.model.dtype) == (8, 256, "bfloat16")
     assert (cfg.batch_size, cfg.total_steps, cfg.data_source) == (128, 8000, "token_cache")
-    assert gen.task_weights(cfg) == {"audio_to_video": 1.0, "video_to_audio": 1.0}
+    assert tokens.task_weights(cfg) == {"audio_to_video": 1.0, "video_to_audio": 1.0}
     builder = sources.make_config("moving_shapes_av", "tiny", pipeline.builder_overrides(cfg.dataset))
     assert (builder.num_train, builder.max_distractors, builder.background) == (12000, 0, "plain")
     tiny = config_lib.load_config(f"{path}:tiny", [f"dataset.data_dir={data_dir}",
@@ -231,7 +234,7 @@ def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, dat
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     batch = expected[0]
     assert batch["video_tokens"].shape == (8, 3, 8, 8) and batch["audio_tokens"].shape == (8, 57, 4)
-    ids, _ = gen.draw_tasks(cfg, 0, 1, 8)
+    ids, _ = tokens.draw_tasks(cfg, 0, 1, 8)
     np.testing.assert_array_equal(batch["task_id"], ids)
     # The causal tokenizers encode a kept prefix exactly as the clip: frame prediction keeps
     # latent frame 0, audio continuation the first half of the frames.
@@ -240,7 +243,7 @@ def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, dat
         clips = {"video": np.random.default_rng(0).integers(0, 256, (8, 9, 32, 32, 3), dtype=np.uint8),
                  "audio": np.random.default_rng(1).uniform(-0.5, 0.5, (8, 18000)).astype(np.float32)}
         loaded = gen.load_tokenizers(cfg)
-        out = gen.tokenize_clips(cfg, {modality: loaded[modality]}, clips["video"], clips["audio"], ids,
+        out = tokens.tokenize_clips(cfg, {modality: loaded[modality]}, clips["video"], clips["audio"], ids,
                                  jax.random.key(0))
         tok, cond = out[f"{modality}_tokens"], out[f"{modality}_condition"]
         np.testing.assert_array_equal(cond[:, :kept], tok[:, :kept])
@@ -252,8 +255,8 @@ def test_host_rows_of_condition_clips_match_the_global_batch():
     video = jax.random.uniform(jax.random.key(1), (8, 9, 16, 16, 3), minval=-1.0, maxval=1.0)
     ids = jnp.asarray([tasks_lib.task_id("inpainting_dynamic")] * 4 + [tasks_lib.task_id("outpainting_dynamic")] * 4)
     key = jax.random.key(7)
-    whole = gen._condition_video(video, ids, key, grid=(3, 4, 4), temporal_factor=4, start=0)
-    rows = gen._condition_video(video[4:], ids, key, grid=(3, 4, 4), temporal_factor=4, start=4)
+    whole = tokens.condition_video(video, ids, key, grid=(3, 4, 4), temporal_factor=4, start=0)
+    rows = tokens.condition_video(video[4:], ids, key, grid=(3, 4, 4), temporal_factor=4, start=4)
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(whole[4:]))
     alone = tasks_lib.build_condition_video(video[4:], ids[4:], key, (3, 4, 4))  # a host-local draw differs
     assert not np.array_equal(np.asarray(alone), np.asarray(whole[4:]))
@@ -290,8 +293,8 @@ def test_example_batch_matches_the_random_token_batches():
 
 # ---------------------------------------------------------------- token cache
 def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokenizers, data_dir, tmp_path):
-    from mmgen.generative.sample_cli import read_split
-    from mmgen.train import token_cache
+    from mmgen.generative import token_cache
+    from mmgen.generative.generator import read_split
 
     cache = str(tmp_path / "cache")
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
@@ -304,9 +307,9 @@ def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokeniz
     it = make()
     first = next(it)
     # The cache is every train clip, tokenized as the tokenizers do it with evaluation preprocessing.
-    arrays = token_cache.load(cfg, "train")
+    arrays = token_cache.load(cfg, "train", gen.load_tokenizers)
     clips = read_split(cfg, "train", 16)
-    want = gen.tokenize_clips(cfg, gen.load_tokenizers(cfg), clips["video"], clips["audio"], np.zeros(16, np.int32),
+    want = tokens.tokenize_clips(cfg, gen.load_tokenizers(cfg), clips["video"], clips["audio"], np.zeros(16, np.int32),
                               None, with_condition=False)
     assert len(arrays["label"]) == 16
     for m in ("video", "audio"):
@@ -317,7 +320,7 @@ def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokeniz
     assert len(set(rows)) == 8  # distinct clips
     np.testing.assert_array_equal(first["audio_tokens"], arrays["audio_tokens"][rows])  # pairs stay paired
     np.testing.assert_array_equal(first["label"], arrays["label"][rows])
-    ids, _ = gen.draw_tasks(cfg, 0, 0, 8)
+    ids, _ = tokens.draw_tasks(cfg, 0, 0, 8)
     np.testing.assert_array_equal(first["task_id"], ids)
     # Resumable: the position is the batch index.
     saved = json.loads(json.dumps(it.get_state()))
@@ -334,7 +337,7 @@ def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokeniz
 
 
 def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, data_dir, tmp_path):
-    from mmgen.train import token_cache
+    from mmgen.generative import token_cache
 
     cache = str(tmp_path / "cache")
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
@@ -345,7 +348,7 @@ def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, dat
     prefix = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=[
         "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'"])
     gen.validate(prefix)  # prefix conditioning needs no condition clips
-    token_cache.build(prefix, "test")
+    token_cache.build(prefix, "test", gen.load_tokenizers)
     assert sorted(os.listdir(cache)) == ["test.json", "test.npz"]
     moved = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=[
         "data_source='token_cache'", f"token_cache={cache!r}", "conditioning='prefix'", "dataset.fps=4.0"])
@@ -395,10 +398,10 @@ def test_the_transformer_learns_to_read_one_modality_from_the_other():
     test["task_id"] = np.full((64,), tasks_lib.task_id("video_to_audio"), np.int32)
 
     def sound_accuracy(batch):
-        example = gen.training_example(cfg, batch, jax.random.key(0), cfg_dropout=0.0, ratio=jnp.ones((64,)))
+        example = tokens.training_example(cfg, batch, jax.random.key(0), cfg_dropout=0.0, ratio=jnp.ones((64,)))
         assert bool(example.masked["audio"].all())  # the whole sound is generated
         logits = model(example.inputs, example.task_ids, {"label": example.labels}, present=example.present)
-        pred = combine_digits(jnp.argmax(logits["audio"], axis=-1), gen.specs_of(cfg)["audio"])
+        pred = combine_digits(jnp.argmax(logits["audio"], axis=-1), tokens.specs_of(cfg)["audio"])
         return float(np.mean(np.asarray(pred) == test["audio_tokens"]))
 
     other = {**test, "video_tokens": np.roll(test["video_tokens"], 1, axis=0)}

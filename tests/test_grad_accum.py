@@ -18,13 +18,14 @@ from jax.sharding import PartitionSpec as P
 from test_generative_train import generative_config
 
 import mmgen  # noqa: F401
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen import config as config_lib
 from mmgen.errors import UserError
+from mmgen.families import get_family
+from mmgen.families.toy import MLP
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
-from mmgen.train import get_family, loop, optim
-from mmgen.train.toy import MLP
+from mmgen.train import loop, optim
 
 SGD = ["optimizer.name='sgd'", "optimizer.b1=0.0", "optimizer.grad_clip=0.0", "schedule.name='constant'"]
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics_writer import read_metrics
+from mmgen.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy.py") + ":tiny"

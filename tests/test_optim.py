@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from mmgen import config as config_lib
-from mmgen.train import get_family, loop, optim
+from mmgen.families import get_family
+from mmgen.train import loop, optim
 
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py")
 LR = 3e-3

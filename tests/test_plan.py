@@ -17,11 +17,11 @@ import pytest
 from flax import nnx
 
 import mmgen  # noqa: F401
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen import config as config_lib
+from mmgen.commands import plan as plan_lib
 from mmgen.errors import UserError
-from mmgen.parallel import plan as plan_lib
-from mmgen.train import get_family
+from mmgen.families import get_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy.py")
@@ -139,9 +139,9 @@ def test_example_batch_hook_gives_the_shapes_without_reading_data():
 def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(tmp_path):
     from test_adapter_runs import adapter_config, write_numpy_base
 
+    from mmgen.families import adapters as adapters_family
     from mmgen.parallel import mesh as mesh_lib
     from mmgen.parallel import sharding as sharding_lib
-    from mmgen.train import adapters as adapters_family
 
     base = str(tmp_path / "base")
     write_numpy_base(base)

@@ -1,4 +1,4 @@
-"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ (REFERENCE.md "Quantizers")."""
+"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ (docs/ALGORITHMS.md "Quantizers")."""
 
 import itertools
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmgen.parallel.sharding import logical_axes
 from mmgen.tokenizers.quantizers import (

@@ -1,4 +1,4 @@
-"""Specification of ``python -m mmgen sample`` (mmgen/generative/sample_cli.py).
+"""Specification of ``python -m mmgen sample`` (mmgen/commands/sample.py, mmgen/generative/generator.py).
 
 One tiny workdir for the whole file: numpy-initialised tokenizers and transformer
 (test_generative_train.make_tiny_workdirs), so nothing but sampling compiles.
@@ -15,10 +15,10 @@ from test_generative_train import (
 )
 
 import mmgen  # noqa: F401
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen.data import media
+from mmgen.families import generative as gen
 from mmgen.generative import sampling
-from mmgen.train import generative as gen
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,8 @@ def test_bad_task_and_bad_input_are_one_line_before_compiling(workdir, tmp_path,
 def test_sample_works_on_an_adapter_workdir(workdir, tmp_path, capsys):
     """An adapter run on this workdir's transformer samples through the same command."""
     from mmgen import config as config_lib
-    from mmgen.train import get_family, loop
+    from mmgen.families import get_family
+    from mmgen.train import loop
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = config_lib.load_config(

@@ -23,9 +23,10 @@ import pytest
 
 import mmgen  # noqa: F401
 from mmgen import config as config_lib
-from mmgen.train import get_family, loop
+from mmgen.families import get_family
+from mmgen.train import loop
 from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics_writer import read_metrics
+from mmgen.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,10 +19,11 @@ from jax.sharding import PartitionSpec as P
 import mmgen  # noqa: F401
 from mmgen import config as config_lib
 from mmgen.errors import UserError
+from mmgen.families import get_family
 from mmgen.parallel import mesh as mesh_lib
-from mmgen.train import get_family, loop
+from mmgen.train import loop
 from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics_writer import read_metrics
+from mmgen.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy.py")

@@ -1,4 +1,4 @@
-"""Specification of mmgen.sweeps and launch/sweep.py: sweep algebra, running points,
+"""Specification of mmgen.commands.sweep and launch/sweep.py: sweep algebra, running points,
 resuming only unfinished ones, cluster command lines, and the summary."""
 
 import csv
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from PIL import Image
 
-from mmgen import sweeps
+from mmgen.commands import sweep as sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ FAKE_TRAINER = textwrap.dedent('''
 
 FAKE_CONFIG = textwrap.dedent('''
     import ml_collections
-    from mmgen.sweeps import product, sweep
+    from mmgen.commands.sweep import product, sweep
 
     def get_config(arg=None):
         return ml_collections.ConfigDict(dict(
@@ -93,24 +93,24 @@ def sweep_setup(tmp_path, monkeypatch):
 def test_two_point_sweep_runs_resumes_only_the_deleted_point_and_summarizes(sweep_setup):
     base, root, read_calls = sweep_setup
     log = []
-    assert sweeps.main([*base, "--parallel", "2"], log=log.append) == 0
+    assert sweeps.run([*base, "--parallel", "2"], log=log.append) == 0
     assert sorted(read_calls()) == ["lr=0.001", "lr=0.003"]
     for name in ("lr=0.001", "lr=0.003"):
         assert (root / name / "DONE").exists() and (root / name / "train.log").exists()
 
     # Nothing left to do: a re-run trains nothing.
-    assert sweeps.main(base, log=log.append) == 0
+    assert sweeps.run(base, log=log.append) == 0
     assert len(read_calls()) == 2
 
     # Lose one point: only that point trains again.
     import shutil
 
     shutil.rmtree(root / "lr=0.003")
-    assert sweeps.main(base, log=log.append) == 0
+    assert sweeps.run(base, log=log.append) == 0
     calls = read_calls()
     assert len(calls) == 3 and calls[2] == "lr=0.003"
 
-    assert sweeps.main([*base, "--summarize"], log=log.append) == 0
+    assert sweeps.run([*base, "--summarize"], log=log.append) == 0
     with open(root / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["point"] for r in rows] == ["lr=0.001", "lr=0.003"]
@@ -132,13 +132,13 @@ def test_failed_point_gets_no_done_marker_and_eval_json_joins_the_summary(sweep_
     config.write_text(FAKE_CONFIG.replace('product(sweep("optimizer.lr", [0.001, 0.003]))',
                                           'zipit(sweep("optimizer.lr", [0.001, 0.003]), sweep("fail", [False, True]))')
                       .replace("product, sweep", "sweep, zipit"))
-    assert sweeps.main(base, log=lambda _: None) == 1
+    assert sweeps.run(base, log=lambda _: None) == 1
     assert (root / "lr=0.001,fail=False" / "DONE").exists()
     assert not (root / "lr=0.003,fail=True" / "DONE").exists()
     (root / "lr=0.001,fail=False" / "eval.json").write_text(json.dumps({"fvd": "unavailable (no I3D weights given)",
                                                                          "psnr": 31.5}))
     os.remove(config)  # --summarize alone falls back on ROOT/sweep.json
-    assert sweeps.main(["--root", str(root), "--summarize"], log=lambda _: None) == 0
+    assert sweeps.run(["--root", str(root), "--summarize"], log=lambda _: None) == 0
     with open(root / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["eval/psnr"] == "31.5" and rows[0]["eval/fvd"].startswith("unavailable")
@@ -148,7 +148,7 @@ def test_failed_point_gets_no_done_marker_and_eval_json_joins_the_summary(sweep_
 def test_cluster_mode_writes_submit_lines_and_detects_points_finished_elsewhere(sweep_setup):
     base, root, read_calls = sweep_setup
     out = []
-    assert sweeps.main([*base, "--slurm"], log=out.append) == 0
+    assert sweeps.run([*base, "--slurm"], log=out.append) == 0
     script = (root / "submit_slurm.sh").read_text().splitlines()
     sbatch = [line for line in script if line.startswith("sbatch")]
     assert len(sbatch) == 2 and not read_calls()
@@ -160,7 +160,7 @@ def test_cluster_mode_writes_submit_lines_and_detects_points_finished_elsewhere(
     (workdir / "config.json").write_text(json.dumps({"total_steps": 10}))
     (workdir / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.5}\n')
     out.clear()
-    assert sweeps.main([*base, "--tpu", "--dry-run"], log=out.append) == 0
+    assert sweeps.run([*base, "--tpu", "--dry-run"], log=out.append) == 0
     tpu = [line for line in out if line.startswith("launch/tpu_pod.sh")]
     assert len(tpu) == 1 and "lr=0.003" in tpu[0]
 
@@ -168,7 +168,7 @@ def test_cluster_mode_writes_submit_lines_and_detects_points_finished_elsewhere(
 def test_real_train_cli_commands_for_the_toy_config(tmp_path):
     out = []
     config = os.path.join(REPO, "configs", "toy.py") + ":tiny"
-    assert sweeps.main(["--config", config, "--root", str(tmp_path), "--dry-run"], log=out.append) == 0
+    assert sweeps.run(["--config", config, "--root", str(tmp_path), "--dry-run"], log=out.append) == 0
     cmds = [line for line in out if " -m mmgen train " in line]
     assert len(cmds) == 2
     assert cmds[0].endswith(f"--workdir {tmp_path}/lr=0.001 --config.optimizer.lr=0.001")

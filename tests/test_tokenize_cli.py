@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen import config as config_lib
+from mmgen.commands import tokenize as tokenize_cli
 from mmgen.data import media, pipeline
-from mmgen.tokenizers import tokenize_cli
-from mmgen.train import get_family, loop
+from mmgen.families import get_family
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 FAMILY = get_family("tokenizer")
@@ -46,7 +48,7 @@ def _workdir(modality, overrides, data_dir, workdir):
     _, abstract = loop.abstract_state(FAMILY, cfg)
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda a: _random_value(a, rng), abstract)
-    config_lib.write_config(cfg, workdir)
+    workdir_lib.write_config(cfg, workdir)
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(1, state, force=True)
     ckpt.close()

@@ -1,4 +1,4 @@
-"""``mmgen.tokenizers.load(workdir, devices=...)``: where a frozen tokenizer's weights live.
+"""``mmgen.families.tokenizer.load(workdir, devices=...)``: where a frozen tokenizer's weights live.
 
 The workdir is the tiny audio tokenizer with seeded random weights (placement, not
 quality, is under test); the 8 devices are conftest's fake CPU devices.
@@ -13,8 +13,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh
 
 from mmgen import config as config_lib
-from mmgen.tokenizers import load
-from mmgen.train import get_family, loop
+from mmgen.families import get_family
+from mmgen.families.tokenizer import load
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 AUDIO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tokenizer", "audio.py")
@@ -34,7 +36,7 @@ def workdir(tmp_path_factory):
             return (0.1 * rng.standard_normal(x.shape)).astype(x.dtype)
         return np.zeros(x.shape, x.dtype)
 
-    config_lib.write_config(cfg, workdir)
+    workdir_lib.write_config(cfg, workdir)
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(1, jax.tree.map(value, abstract), force=True)
     ckpt.close()

@@ -13,10 +13,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mmgen import config as config_lib
+from mmgen.families import get_family
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.tokenizers.quantizers import QuantizerState
-from mmgen.train import get_family, loop
-from mmgen.train.metrics_writer import read_metrics
+from mmgen.train import loop
+from mmgen.train.metrics import read_metrics
 
 FAMILY = get_family("tokenizer")
 STEPS = 3

@@ -173,7 +173,7 @@ def test_flops_formula_matches_the_compiled_training_step(layout):
 
 
 def test_adapter_flops_are_the_frozen_base_forward_and_activation_gradients():
-    from mmgen.train import adapters
+    from mmgen.families import adapters
 
     cfg = ml_collections.ConfigDict({"model": small_config()})
     seq = tr.sequence_length(cfg.model)

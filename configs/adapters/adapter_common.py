@@ -2,19 +2,17 @@
 
 An adapter config is the generative config of the same variant (this run's data,
 tasks, masking, steps) without the keys the base workdir decides (``model``,
-``tokenizers``, ``conditioning``: ``mmgen.train.adapters.BASE_KEYS``, copied from the
+``tokenizers``, ``conditioning``: ``mmgen.families.adapters.BASE_KEYS``, copied from the
 base when the run starts), plus the base reference and an ``adapter`` block.
 
 Variant: ``size[,tasks=a+b][,data_source=tokenizers|random_tokens]`` with size ``tiny``
 (CPU) or ``B``/``L``/``XL`` (the base's size decides the model; this picks the recipe).
 """
 
-import os
+from mmgen.configs.common import parse_variant
+from mmgen.configs.generative import multitask
 
-from mmgen import config as config_lib
-from mmgen.train.adapters import BASE_KEYS
-
-GENERATIVE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "generative", "multitask.py")
+from mmgen.families.adapters import BASE_KEYS
 
 # The attention projections: square (width x width) layers, so LoRA's A + B and
 # FlyLoRA's B have the same size when LoRA's rank is half FlyLoRA's.
@@ -23,24 +21,11 @@ ATTENTION = r"blocks\.layers\.attention\.(query|key|value|out)"
 OPTIONS = ("tasks", "data_source")
 
 
-def parse_variant(arg):
-    parts = [p for p in (arg or "tiny").split(",") if p]
-    size, options = parts[0], {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise KeyError(f"variant option {p!r} must look like key=value")
-        key, value = p.split("=", 1)
-        if key not in OPTIONS:
-            raise KeyError(f"variant option {key!r} is not one of {list(OPTIONS)} (the model, tokenizers and "
-                           "conditioning are the base workdir's)")
-        options[key] = value
-    return size, options
-
-
 def adapter_config(adapter, arg):
     """The run config around an ``adapter`` block (a ConfigDict with kind, targets, rank, ...)."""
-    size, options = parse_variant(arg)
-    cfg = config_lib.load_module(GENERATIVE).get_config(",".join([size] + [f"{k}={v}" for k, v in options.items()]))
+    size, options = parse_variant(arg, options=OPTIONS, why=" (the model, tokenizers and conditioning are the "
+                                  "base workdir's)")
+    cfg = multitask.get_config(",".join([size] + [f"{k}={v}" for k, v in options.items()]))
     for key in BASE_KEYS:
         del cfg[key]
     cfg.family = "adapters"

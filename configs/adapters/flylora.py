@@ -1,4 +1,4 @@
-"""FlyLoRA adapters on a trained generative workdir (REFERENCE.md "Adapters", FlyLoRA 2025).
+"""FlyLoRA adapters on a trained generative workdir (docs/ALGORITHMS.md "Adapters", FlyLoRA 2025).
 
     python -m mmgen train --config configs/adapters/flylora.py:tiny,tasks=frame_prediction \
         --workdir runs/fly_fp --config.base_workdir=runs/gen
@@ -10,14 +10,8 @@ bias step u = 1e-3. Only B [m, r] trains: ``m * r`` weights per adapted layer, i
 matches that size with LoRA rank 16. Variants: see ``adapter_common.py``.
 """
 
-import os
-import sys
-
 import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from adapter_common import ATTENTION, adapter_config
+from mmgen.configs.adapters.adapter_common import ATTENTION, adapter_config
 
 RANK, K = 32, 8
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on a trained generative workdir (REFERENCE.md "Adapters"; Hu et al., 2021).
+"""LoRA adapters on a trained generative workdir (docs/ALGORITHMS.md "Adapters"; Hu et al., 2021).
 
     python -m mmgen train --config configs/adapters/lora.py:tiny,tasks=frame_prediction \
         --workdir runs/lora_fp --config.base_workdir=runs/gen
@@ -12,14 +12,8 @@ alpha = 2 r' keeps FlyLoRA's scale alpha / r = 2. A ~ N(0, 1/r'^2), B = 0.
 Variants: see ``adapter_common.py``.
 """
 
-import os
-import sys
-
 import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from adapter_common import ATTENTION, adapter_config
+from mmgen.configs.adapters.adapter_common import ATTENTION, adapter_config
 
 FLYLORA_RANK = 32
 RANK = FLYLORA_RANK // 2  # equal trainable size on square layers (see the docstring)

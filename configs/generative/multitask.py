@@ -17,7 +17,7 @@ frames x 4 RVQ levels x 1024). Options:
 * ``modalities=video|audio|video+audio``: drop a modality (its tasks get weight 0);
 * ``data_source=tokenizers|token_cache|random_tokens``: real clips through the frozen
   tokenizers at every step; their tokens computed once into ``config.token_cache``
-  (``mmgen/train/token_cache.py``: ~10x cheaper steps at tiny scale, no augmentation,
+  (``mmgen/generative/token_cache.py``: ~10x cheaper steps at tiny scale, no augmentation,
   COMMIT only for whole-modality tasks); or random tokens of the configured shapes
   (benchmarks, ``plan``; no tokenizer needed).
 
@@ -27,8 +27,8 @@ alone; training with tokenizers checks it against them and names the value to se
 """
 
 import ml_collections
+from mmgen.configs.common import base_config, parse_variant
 
-from mmgen.config import base_config
 from mmgen.data.pipeline import default_dataset_config
 from mmgen.generative.tasks import TASKS
 from mmgen.generative.transformer import model_config
@@ -45,19 +45,7 @@ TASK_WEIGHTS = {
 NUM_CLASSES = 9
 
 
-def parse_variant(arg):
-    parts = [p for p in (arg or "tiny").split(",") if p]
-    size, options = parts[0], {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise KeyError(f"variant option {p!r} must look like key=value")
-        key, value = p.split("=", 1)
-        options[key] = value
-    known = {"conditioning", "tasks", "modalities", "data_source"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise KeyError(f"unknown variant options {unknown}; choose from {sorted(known)}")
-    return size, options
+OPTIONS = ("conditioning", "tasks", "modalities", "data_source")
 
 
 def token_layout(cfg, size):
@@ -75,7 +63,7 @@ def token_layout(cfg, size):
 
 
 def get_config(arg=None):
-    size, options = parse_variant(arg)
+    size, options = parse_variant(arg, options=OPTIONS)
     if size not in SIZES:
         raise KeyError(f"unknown size {size!r}; choose one of {list(SIZES)}")
     cfg = base_config(family="generative")
@@ -165,6 +153,6 @@ def get_config(arg=None):
 
 
 def get_sweep():
-    from mmgen.sweeps import sweep
+    from mmgen.commands.sweep import sweep
 
     return sweep("conditioning", ["commit", "prefix"])

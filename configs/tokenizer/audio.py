@@ -11,16 +11,12 @@ baseline is one VQ level with the same total bits split... see README of the res
 we compare RVQ 4x256 (32 bits/frame) with VQ 1x256 at 8 bits and with mu-law PCM).
 """
 
-import os
-import sys
+from mmgen.configs.common import parse_variant
+from mmgen.configs.tokenizer.common import tokenizer_base
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import parse_variant, tokenizer_base  # noqa: E402
-
-from mmgen.tokenizers.audio import model_config  # noqa: E402
-from mmgen.tokenizers.losses import default_loss_config  # noqa: E402
-from mmgen.tokenizers.quantizers import default_quantizer_config  # noqa: E402
+from mmgen.tokenizers.audio import model_config
+from mmgen.tokenizers.losses import default_loss_config
+from mmgen.tokenizers.quantizers import default_quantizer_config
 
 
 def get_config(arg=None):

@@ -1,24 +1,14 @@
-"""Shared pieces of the tokenizer configs: variant parsing and the GAN/EMA recipe.
+"""Shared pieces of the tokenizer configs: the optimizer, GAN and EMA recipe per size.
 
-A variant is ``size[,key=value...]``, e.g. ``tiny``, ``tiny,quantizer=fsq``, ``B,gan=0``.
+A variant is ``size[,key=value...]``, e.g. ``tiny``, ``tiny,quantizer=fsq``, ``B,gan=0``
+(``mmgen.configs.common.parse_variant``).
 """
 
 import ml_collections
+from mmgen.configs.common import base_config
 
-from mmgen.config import base_config
 from mmgen.data.pipeline import default_dataset_config
 from mmgen.train.optim import default_optimizer_config, default_schedule_config
-
-
-def parse_variant(arg, default_size="tiny"):
-    parts = [p for p in (arg or default_size).split(",") if p]
-    size, options = parts[0], {}
-    for p in parts[1:]:
-        if "=" not in p:
-            raise KeyError(f"variant option {p!r} must look like key=value")
-        k, v = p.split("=", 1)
-        options[k] = v
-    return size, options
 
 
 def tokenizer_base(modality, size):

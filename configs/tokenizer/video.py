@@ -7,17 +7,13 @@ Variant: ``size[,quantizer=lfq|fsq|vq][,gan=0|1]``. The three quantizers carry t
 10 bits per token in ``tiny`` (LFQ K=10; FSQ levels 8x8x4x4; VQ 1024 codes), 18 in B/L.
 """
 
-import os
-import sys
+from mmgen.configs.common import parse_variant
+from mmgen.configs.tokenizer.common import tokenizer_base
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from common import parse_variant, tokenizer_base  # noqa: E402
-
-from mmgen.tokenizers.discriminators import discriminator_config  # noqa: E402
-from mmgen.tokenizers.losses import default_loss_config  # noqa: E402
-from mmgen.tokenizers.quantizers import default_quantizer_config  # noqa: E402
-from mmgen.tokenizers.video import model_config  # noqa: E402
+from mmgen.tokenizers.discriminators import discriminator_config
+from mmgen.tokenizers.losses import default_loss_config
+from mmgen.tokenizers.quantizers import default_quantizer_config
+from mmgen.tokenizers.video import model_config
 
 # Equal bits per token for the quantizer ablation.
 BITS = {"tiny": 10, "B": 18, "L": 18}
@@ -67,6 +63,6 @@ def get_config(arg=None):
 
 
 def get_sweep():
-    from mmgen.sweeps import sweep
+    from mmgen.commands.sweep import sweep
 
     return sweep("model.quantizer.kind", ["lfq", "fsq", "vq"])

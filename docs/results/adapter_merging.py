@@ -44,11 +44,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmgen import cli
+from mmgen import commands as cli
 from mmgen import config as config_lib
+from mmgen.families import generative, get_family
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
-from mmgen.train import generative, get_family, loop
+from mmgen.generative import tokens as tokens_lib
+from mmgen.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB, GRID = 16, (3, 4, 4)
@@ -96,7 +98,7 @@ class SyntheticTokens:
     def __next__(self) -> dict:
         if self.num_batches is not None and self.index >= self.num_batches:
             raise StopIteration
-        ids, key = generative.draw_tasks(self.cfg, self.seed, self.index, self.batch)
+        ids, key = tokens_lib.draw_tasks(self.cfg, self.seed, self.index, self.batch)
         rng = np.random.default_rng([self.seed, self.index, 7])
         tokens = clip_tokens(rng, ids, self.dataset)[self.start:self.start + self.local]
         ids = ids[self.start:self.start + self.local]

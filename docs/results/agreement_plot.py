@@ -19,11 +19,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mmgen.eval import generative_eval as ge
-from mmgen.generative.sample_cli import Generator, read_split
+from mmgen.families.generative import load_generator
+from mmgen.generative.generator import read_split
 
 
 def main(workdir: str, out: str, num: int = 64) -> None:
-    g = Generator.from_workdir(workdir)
+    g = load_generator(workdir)
     d = g.cfg.dataset
     clips = read_split(g.cfg, "test", num, extra_features="main_y")
     truth = clips["main_y"][:num]

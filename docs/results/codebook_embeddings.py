@@ -18,14 +18,16 @@ import numpy as np
 from flax import nnx
 
 from mmgen import config as config_lib
-from mmgen import tokenizers
-from mmgen.train import generative as gen
+from mmgen.families import generative as gen
+from mmgen.families import tokenizer as tokenizers
+from mmgen.generative import tokens
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 
 def code_vectors(cfg, modality: str) -> list[np.ndarray]:
     """One ``[vocab, code_dim]`` array per level (VQ / LFQ / FSQ: one; RVQ: one per level)."""
-    quantizer = tokenizers.load(gen.tokenizer_workdir(cfg, modality), devices=jax.devices()[0]).model.quantizer
+    quantizer = tokenizers.load(tokens.tokenizer_workdir(cfg, modality), devices=jax.devices()[0]).model.quantizer
     vocab = int(cfg.model[f"{modality}_vocab"])
     subs = list(quantizer.quantizers) if hasattr(quantizer, "quantizers") else [quantizer]
     return [np.asarray(q.indices_to_codes(jnp.arange(vocab)), np.float64) for q in subs]
@@ -36,7 +38,7 @@ def main(out: str, config_json: str) -> None:
     state = gen.create_state(cfg, nnx.Rngs(cfg.seed))
     rng = np.random.default_rng(0)
     width = int(cfg.model.width)
-    for m in gen.specs_of(cfg):
+    for m in tokens.specs_of(cfg):
         rows, levels = [], code_vectors(cfg, m)
         for codes in levels:
             z = (codes - codes.mean(0)) / (codes.std(0) + 1e-8)
@@ -46,7 +48,7 @@ def main(out: str, config_json: str) -> None:
         xavier = np.sqrt(2.0 / (width + table.shape[0]))
         state.model.heads[m].head.kernel.value = jnp.asarray(table.T * (xavier / table.std()), jnp.float32)
         print(f"{m}: {table.shape[0]} embedding rows from code vectors of {[c.shape for c in levels]}")
-    config_lib.write_config(cfg, out)
+    workdir_lib.write_config(cfg, out)
     ckpt = Checkpointer(out, async_save=False)
     ckpt.save(0, nnx.state(state), force=True)
     ckpt.close()

@@ -21,8 +21,8 @@ import optax  # noqa: E402
 import video as video_configs  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mmgen.families import tokenizer as family  # noqa: E402
 from mmgen.tokenizers.video import VideoTokenizer  # noqa: E402
-from mmgen.train import tokenizer as family  # noqa: E402
 
 STEPS, LR = 150, 1e-3
 

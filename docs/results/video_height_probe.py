@@ -17,7 +17,6 @@ import sys
 import jax
 import numpy as np
 
-from mmgen import tokenizers
 from mmgen.data.builders import sources
 from mmgen.eval.generative_eval import (
     HeightProbe,
@@ -25,6 +24,7 @@ from mmgen.eval.generative_eval import (
     token_features,
     video_heights,
 )
+from mmgen.families import tokenizer as tokenizers
 
 CHUNK = 50
 

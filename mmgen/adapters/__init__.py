@@ -17,7 +17,12 @@ from mmgen.adapters.flylora import (
     update_flylora_biases,
 )
 from mmgen.adapters.lora import AdapterParam, LoRA
-from mmgen.adapters.merge import fold_lora, lora_kernel_delta, merge_flylora_adapters, merge_lora_adapters
+from mmgen.adapters.merge import (
+    fold_lora,
+    lora_kernel_delta,
+    merge_flylora_adapters,
+    merge_lora_adapters,
+)
 from mmgen.adapters.surgery import (
     AdapterReport,
     adapter_filter,

@@ -41,7 +41,12 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from mmgen.adapters.lora import AdapterParam, adapter_axis_names, base_kernel_layout, make_variable
+from mmgen.adapters.lora import (
+    AdapterParam,
+    adapter_axis_names,
+    base_kernel_layout,
+    make_variable,
+)
 
 SELECT_MODES = ("abs", "signed")
 

@@ -7,8 +7,8 @@
   videos); importing this package registers them with TFDS.
 * ``mmgen.data.pipeline``: ``make_iterator`` / ``to_global_batch`` /
   ``default_dataset_config`` (grain over the prepared datasets).
-* ``mmgen.data.prepare``: ``main(dataset, data_dir, path, config)`` behind
-  ``python -m mmgen prepare``.
+
+``mmgen prepare`` (``mmgen.commands.prepare``) builds a dataset ahead of a run.
 """
 
 from mmgen.data import builders, media  # noqa: F401  (registers the TFDS builders)

@@ -42,9 +42,9 @@ from fractions import Fraction
 
 import grain.python as grain
 import jax
-from absl import flags as absl_flags
 import ml_collections
 import numpy as np
+from absl import flags as absl_flags
 from PIL import Image
 from scipy import signal
 

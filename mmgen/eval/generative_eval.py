@@ -62,11 +62,21 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
 from mmgen.eval import metrics
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
+from mmgen.generative.generator import read_split
+from mmgen.generative.tokens import (
+    draw_tasks,
+    specs_of,
+    task_weights,
+    tokenize_clips,
+    training_example,
+)
 from mmgen.generative.transformer import combine_digits, token_log_prob
+from mmgen.train import workdir as workdir_lib
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this
 PITCH_BAND_HZ = (150.0, 1100.0)
@@ -99,8 +109,6 @@ def video_heights(video) -> np.ndarray:
 
 def audio_heights(audio, frames: int, fps: float, sample_rate: int) -> np.ndarray:
     """Height implied by the dominant pitch of each video frame's window, ``[n, S] -> [n, frames]``."""
-    from mmgen.data.builders.moving_shapes_av import pitch_to_height
-
     audio = np.asarray(audio, np.float32)
     window = round(sample_rate / fps)
     freqs = np.fft.rfftfreq(FFT_POINTS, 1.0 / sample_rate)
@@ -203,8 +211,6 @@ class HeightProbe:
 # ---------------------------------------------------------------- token accuracy
 def _prediction_fn(cfg, graphdef):
     """Jitted: argmax predictions, targets, scored elements (masked targets) and log p(target) of one batch."""
-    from mmgen.train.generative import specs_of, training_example
-
     specs = specs_of(cfg)
 
     @jax.jit
@@ -238,8 +244,6 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     ``nll`` and ``accuracy``: float64 [clips, levels] (levels 1 for video), each clip's
     mean over its scored tokens of that level (nan where none was scored).
     """
-    from mmgen.train.generative import draw_tasks, tokenize_clips
-
     cfg = generator.cfg
     graphdef, state = nnx.split(generator.model)
     predict = _prediction_fn(cfg, graphdef)
@@ -368,26 +372,22 @@ def frame_prediction_psnr(generator, result, clips) -> dict:
             "predicted_frames": int(ref.shape[1] - given)}
 
 
-def evaluate(workdir: str, split: str = "test", num: int | None = None, step: int | None = None) -> dict:
+def evaluate(workdir: str, load_generator, split: str = "test", num: int | None = None,
+             step: int | None = None) -> dict:
     """Evaluate checkpoint ``step`` (default the newest) of the generative run in ``workdir``
-    (see the module docstring); writes eval.json (``eval_step{S}.json`` for a given step)."""
-    from mmgen.eval.eval_cli import output_paths
-    from mmgen.generative.sample_cli import Generator, read_split
-    from mmgen.train.generative import (
-        read_config,
-        specs_of,
-        task_weights,
-        tokenize_clips,
-    )
+    (see the module docstring); writes eval.json (``eval_step{S}.json`` for a given step).
 
-    cfg = read_config(workdir)
+    ``load_generator(workdir, step=...)`` gives its ``Generator``
+    (``mmgen.families.generative.load_generator``); flags are checked before it is called.
+    """
+    cfg = workdir_lib.read_config(workdir, ("generative", "adapters"), "a generative (or adapter) one")
     e = cfg.get("evaluation", {})
     num = int(num if num is not None else e.get("num", 32))
     if num < 2:
         raise UserError(f"--num {num} must be at least 2 (the shuffled baseline pairs different clips)")
     if cfg.data_source == "random_tokens":
         raise UserError(f"{workdir} was trained on {cfg.data_source}: there are no tokenizers to evaluate with")
-    generator = Generator.from_workdir(workdir, step=step)
+    generator = load_generator(workdir, step=step)
     cfg = generator.cfg
     try:
         clips = read_split(cfg, split, num, extra_features="main_y")
@@ -411,7 +411,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None, step: in
     train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))
-    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": _latest_step(workdir) if step is None else int(step),
+    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": workdir_lib.latest_step(workdir) if step is None else int(step),
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
@@ -420,7 +420,7 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None, step: in
         result["cross_modal_dependence"] = cross_modal_dependence(
             generator, clips, train_tokens, av_trained, float(e.get("dependence_mask_ratio", 1.0)))
 
-    result_path, out_dir = output_paths(workdir, step)
+    result_path, out_dir = workdir_lib.output_paths(workdir, step)
     have = specs_of(cfg)
     sampled = [t for t in ("frame_prediction", *AV_TASKS)
                if all(m in have for m in tasks_lib.get_task(t).modalities())]
@@ -477,12 +477,3 @@ def evaluate(workdir: str, split: str = "test", num: int | None = None, step: in
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
     return result
-
-
-def _latest_step(workdir: str) -> int | None:
-    from mmgen.train.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
-    return step

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.eval.frechet import frechet_distance, feature_statistics
+from mmgen.eval.frechet import feature_statistics, frechet_distance
 
 UNAVAILABLE = "unavailable (no I3D weights given)"
 

@@ -2,7 +2,7 @@
 
 ``evaluate(workdir, split, num)`` encodes and decodes ``num`` clips of ``split`` (the
 whole split by default) of the workdir's own ``cfg.dataset`` with the EMA weights
-``mmgen.tokenizers.load`` gives, and writes ``workdir/eval.json`` plus examples under
+``mmgen.families.tokenizer.load`` gives, and writes ``workdir/eval.json`` plus examples under
 ``workdir/eval/``.
 
 Video (frames compared as uint8, what a viewer sees):
@@ -11,7 +11,7 @@ Video (frames compared as uint8, what a viewer sees):
   ``psnr_stderr`` its standard error over clips;
 * ``ssim``: mean over all frames (Wang et al. 2004, ``mmgen.eval.metrics.ssim``);
 * ``codebook_usage``: distinct codes among all the split's tokens / vocabulary;
-  ``perplexity``: ``exp(H)`` of their empirical distribution (REFERENCE.md asks for both);
+  ``perplexity``: ``exp(H)`` of their empirical distribution (docs/ALGORITHMS.md asks for both);
 * ``bits_per_token`` = ``log2(vocab)``, ``bits_per_pixel`` = tokens x bits / pixels;
 * ``eval/recon.png``: rows alternate reference and reconstruction, columns are frames.
 
@@ -46,6 +46,7 @@ from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.eval import metrics
 from mmgen.nn.spectral import multiscale_mel_distance
+from mmgen.train import workdir as workdir_lib
 
 MULAW_BITS = 8  # G.711
 MULAW_MU = 255.0
@@ -233,29 +234,23 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     }
 
 
-def evaluate(workdir: str, split: str = "test", num: int | None = None, step: int | None = None) -> dict:
+def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None = None,
+             step: int | None = None) -> dict:
     """Evaluate the tokenizer in ``workdir`` (checkpoint ``step``, default the newest) on
     ``num`` clips of ``split`` (default all).
 
-    Writes ``workdir/eval.json`` (the returned dict) and ``workdir/eval/`` examples
-    (``eval_step{S}.json`` and ``eval_step{S}/`` for a given step).
-    The split and ``num`` are checked before the checkpoint is read.
+    ``load_tokenizer(workdir, step=...)`` gives the trained tokenizer
+    (``mmgen.families.tokenizer.load``). Writes ``workdir/eval.json`` (the returned
+    dict) and ``workdir/eval/`` examples (``eval_step{S}.json`` and ``eval_step{S}/``
+    for a given step). The split and ``num`` are checked before the checkpoint is read.
     """
-    from mmgen import config as config_lib
-    from mmgen.tokenizers import load
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir} is not a workdir (no config.json)")
-    cfg = config_lib.from_json_file(path)
+    cfg = workdir_lib.read_config(workdir)
     available = _split_size(cfg, split)
     num = available if num is None else int(num)
     if not 1 <= num <= available:
         raise UserError(f"--num {num}: split {split!r} of {pipeline.dataset_name(cfg.dataset)} has {available} clips")
-    from mmgen.eval.eval_cli import output_paths
-
-    tok = load(workdir, step=step)
-    result_path, out_dir = output_paths(workdir, step)
+    tok = load_tokenizer(workdir, step=step)
+    result_path, out_dir = workdir_lib.output_paths(workdir, step)
     os.makedirs(out_dir, exist_ok=True)
     num_show = min(num, int(cfg.get("num_samples", 4)))
     run = evaluate_video if tok.modality == "video" else evaluate_audio

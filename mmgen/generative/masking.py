@@ -1,6 +1,6 @@
 """Mask schedules, training inputs/targets/weights, and the masked token loss.
 
-MaskGIT training (REFERENCE.md "Masked multi-task transformer"), per example:
+MaskGIT training (docs/ALGORITHMS.md "Masked multi-task transformer"), per example:
 
 1. the task (``mmgen.generative.tasks``) gives the condition region of every
    modality and which modalities are absent;

@@ -1,6 +1,6 @@
 """Iterative MaskGIT decoding for any task, with classifier-free guidance.
 
-REFERENCE.md ("Masked multi-task transformer"), for ``T = steps`` and ``t = 0..T-1``:
+docs/ALGORITHMS.md ("Masked multi-task transformer"), for ``T = steps`` and ``t = 0..T-1``:
 
 1. build the input: decoded elements show their token; still-masked elements show
    ``[MASK]``, except that in ``commit`` mode masked elements inside the task's

@@ -1,6 +1,6 @@
 """The task registry: every generation task as data, and what it conditions on.
 
-A task (MAGVIT's multi-task setup, extended to audio; REFERENCE.md "Masked
+A task (MAGVIT's multi-task setup, extended to audio; docs/ALGORITHMS.md "Masked
 multi-task transformer") says, per modality, which latent positions are
 **condition** (given), which are **targets** (generated) and whether the modality
 is **absent**, plus whether the condition token is the class label. Training draws

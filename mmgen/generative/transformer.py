@@ -1,6 +1,6 @@
 """The masked multi-task, multi-modal transformer (MAGVIT / MaskGIT, with audio).
 
-One bidirectional transformer reads the sequence (REFERENCE.md, "Masked multi-task
+One bidirectional transformer reads the sequence (docs/ALGORITHMS.md, "Masked multi-task
 transformer")
 
     [task token][condition token: class label or UNCOND][video tokens][audio tokens]
@@ -8,7 +8,7 @@ transformer")
 and predicts, at every video and audio position, a distribution over that
 modality's vocabulary. ``[MASK]`` is one extra id per modality (``id == vocab``).
 
-Token contract (DESIGN.md): video ``int32 [B, T', H', W']`` with ``video_vocab``
+Token contract (docs/CONVENTIONS.md): video ``int32 [B, T', H', W']`` with ``video_vocab``
 ids; audio ``int32 [B, T_a]`` or, for RVQ with ``L = audio_levels > 1``,
 ``int32 [B, T_a, L]`` with ``audio_vocab`` ids per level.
 
@@ -440,7 +440,7 @@ def matmul_params_per_token(cfg) -> float:
 
 
 def flops_per_token(cfg, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward), REFERENCE "Scale, speed".
+    """Training FLOPs per token (forward + backward), docs/ALGORITHMS.md "Scale".
 
     ``6 * matmul_params_per_token + 12 * depth * seq_len * width``: the dense part counts
     the block matmuls and each modality's head on its own positions (embedding lookups

@@ -1,7 +1,7 @@
 """Pre-norm bidirectional transformer blocks and a scanned stack of them.
 
 The building blocks of the masked generative transformer (MaskGIT / MAGVIT,
-"Masked multi-task transformer" in REFERENCE.md): multi-head self-attention (no
+"Masked multi-task transformer" in docs/ALGORITHMS.md): multi-head self-attention (no
 causal mask: every token sees every other, except keys marked absent), a GELU MLP,
 and pre-norm residual blocks
 

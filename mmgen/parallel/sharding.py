@@ -20,7 +20,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # Metadata keys flax has used for logical names across versions.
 _NAME_KEYS = ("out_sharding", "sharding_names", "sharding")

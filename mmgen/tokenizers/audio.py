@@ -1,7 +1,7 @@
 """SoundStream-style causal audio tokenizer, STFT discriminator and audio losses.
 
 Follows Zeghidour et al. 2021 ("SoundStream: An End-to-End Neural Audio Codec") as
-restated in shared/REFERENCE.md "Audio tokenizer"; padding of strided causal convs
+restated in docs/ALGORITHMS.md "Audio tokenizer"; padding of strided causal convs
 as in EnCodec (Defossez et al. 2022).
 
 ``audio float32 [B, S]`` in [-1, 1] -> ``tokens int32 [B, T_a, levels]`` (RVQ) or
@@ -64,8 +64,17 @@ from flax import nnx
 
 from mmgen.errors import UserError
 from mmgen.nn.conv import CausalConv1d
-from mmgen.nn.spectral import magnitude, multiscale_mel_distance, multiscale_stft_loss, stft
-from mmgen.tokenizers.quantizers import ResidualVectorQuantizer, build_quantizer, default_quantizer_config
+from mmgen.nn.spectral import (
+    magnitude,
+    multiscale_mel_distance,
+    multiscale_stft_loss,
+    stft,
+)
+from mmgen.tokenizers.quantizers import (
+    ResidualVectorQuantizer,
+    build_quantizer,
+    default_quantizer_config,
+)
 
 _CONV1D_NAMES = (None, "conv_in", "conv_out")
 _CONV2D_NAMES = (None, None, "conv_in", "conv_out")

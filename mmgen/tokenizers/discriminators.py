@@ -1,7 +1,7 @@
 """3D StyleGAN-style discriminator for the video tokenizer's adversarial loss.
 
 MAGVIT / MAGVIT-v2 (Yu et al. 2023) inflate StyleGAN2's residual discriminator
-(Karras et al. 2020) to 3D, following shared/REFERENCE.md "Video tokenizer":
+(Karras et al. 2020) to 3D, following docs/ALGORITHMS.md "Video tokenizer":
 
     conv-in 3x3x3, leaky ReLU
     per level i (channels base * multipliers[i]):

@@ -1,6 +1,6 @@
 """Tokenizer training losses: reconstruction, perceptual, GAN, LeCAM and R1.
 
-Formulas (shared/REFERENCE.md "Video tokenizer"; logits are float32 ``[B]``):
+Formulas (docs/ALGORITHMS.md "Video tokenizer"; logits are float32 ``[B]``):
 
 * reconstruction: ``mean |x - y|`` (L1, MAGVIT-v2) or ``mean (x - y)^2`` (L2).
 * hinge (Lim & Ye 2017): ``L_D = mean relu(1 - D(x)) + mean relu(1 + D(G))``,

@@ -11,7 +11,7 @@ Every quantizer maps encoder outputs ``z: float [..., dim]`` (any leading dims) 
 
 and back with ``indices_to_codes(indices) -> z_q [..., dim]`` (float32).
 
-Formulas follow ``shared/REFERENCE.md`` ("Quantizers"):
+Formulas follow docs/ALGORITHMS.md ("Quantizers"):
 
 * **LFQ** (MAGVIT-v2, Yu et al. 2023): ``q_i = sign(z_i)`` in {-1, 1}^K, index
   ``sum_i 2^i [z_i > 0]`` -- channel 0 is the least significant bit by default

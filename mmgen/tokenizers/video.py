@@ -1,5 +1,5 @@
 """MAGVIT-v2-style causal 3D CNN video tokenizer (Yu et al. 2023, "Language Model
-Beats Diffusion"), following shared/REFERENCE.md "Video tokenizer".
+Beats Diffusion"), following docs/ALGORITHMS.md "Video tokenizer".
 
 ``video float32 [-1, 1] [B, T, H, W, 3]`` -> ``tokens int32 [B, T', H', W']`` (a
 trailing level axis for RVQ) -> ``video [B, T, H, W, 3]`` in [-1, 1], with

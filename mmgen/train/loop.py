@@ -31,8 +31,9 @@ from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
 from mmgen.train import optim
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics_writer import MetricsWriter, read_metrics
+from mmgen.train.metrics import MetricsWriter, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     train_iter = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
                                   process_index=pi, process_count=pc)
     if jax.process_index() == 0:
-        config_lib.write_config(cfg, workdir)
+        workdir_lib.write_config(cfg, workdir)
     log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
 
     # --- state: abstract shapes -> shardings from logical names -> init or restore
@@ -434,16 +435,11 @@ def check_warm_start(family: Family, cfg, workdir: str):
     source = cfg.get("init_from", "")
     if not source:
         return None
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        own = Checkpointer(workdir, read_only=True)
-        resuming = own.latest_step() is not None
-        own.close()
-        if resuming:
-            return None
-    config_path = os.path.join(source, "config.json")
-    if not os.path.exists(config_path):
+    if workdir_lib.latest_step(workdir) is not None:
+        return None
+    if not workdir_lib.has_config(source):
         raise UserError(f"init_from={source!r}: no config.json there (not a training workdir)")
-    other_cfg = config_lib.from_json_file(config_path)
+    other_cfg = workdir_lib.read_config(source)
     if other_cfg.get("family", "") != cfg.family:
         raise UserError(f"init_from={source!r} holds a {other_cfg.get('family')!r} run, not {cfg.family!r}")
     abstract = split_frozen(family, abstract_state(family, cfg)[1])[0]
@@ -458,11 +454,9 @@ def check_warm_start(family: Family, cfg, workdir: str):
                 f"init_from={source!r}: model variable {'/'.join(str(k) for k in path)} is "
                 f"{'missing' if b is None else b.get_value().shape} there and "
                 f"{'missing' if a is None else a.get_value().shape} here; the model configs must match")
-    if not os.path.isdir(os.path.join(source, "checkpoints")):
+    if not workdir_lib.has_checkpoints(source):
         raise UserError(f"init_from={source!r}: no checkpoints there")
-    ckpt = Checkpointer(source, read_only=True)
-    steps = ckpt.all_steps()
-    ckpt.close()
+    steps = workdir_lib.all_steps(source)
     step = (max(steps) if steps else None) if cfg.get("init_from_step", -1) < 0 else int(cfg.init_from_step)
     if step is None or step not in steps:
         raise UserError(f"init_from={source!r}: no checkpoint {'at all' if step is None else f'at step {step}'}"

@@ -5,9 +5,23 @@ TFDS, so ``tfds.builder`` / ``tfds.data_source`` find them by name.
 """
 
 from mmgen.data.builders import moving_shapes_av, sources, video_folder
-from mmgen.data.builders.moving_shapes_av import MovingShapesAv, MovingShapesConfig, height_to_pitch, pitch_to_height
-from mmgen.data.builders.sources import DatasetNotPreparedError, build, find_prepared, open_split
-from mmgen.data.builders.video_folder import VideoFolder, VideoFolderConfig, VideoFolderError
+from mmgen.data.builders.moving_shapes_av import (
+    MovingShapesAv,
+    MovingShapesConfig,
+    height_to_pitch,
+    pitch_to_height,
+)
+from mmgen.data.builders.sources import (
+    DatasetNotPreparedError,
+    build,
+    find_prepared,
+    open_split,
+)
+from mmgen.data.builders.video_folder import (
+    VideoFolder,
+    VideoFolderConfig,
+    VideoFolderError,
+)
 
 __all__ = [
     "DatasetNotPreparedError",

@@ -1,4 +1,4 @@
-"""``python -m mmgen eval --workdir W [--split test] [--num N] [--step S]``: evaluate any workdir.
+"""``mmgen eval --workdir W [--split test] [--num N] [--step S]``: evaluate any workdir.
 
 The workdir's ``config.json`` says which family trained it:
 
@@ -18,54 +18,26 @@ the summary is printed as ``key value`` lines. A missing workdir, a folder witho
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
-import os
 
-from mmgen import config as config_lib
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
 from mmgen.errors import UserError
-
-
-def output_paths(workdir: str, step: int | None = None) -> tuple[str, str]:
-    """(result json, folder for images and sounds) of an evaluation of ``step`` (None: the newest)."""
-    name = "eval" if step is None else f"eval_step{int(step)}"
-    return os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
-
-
-def check_step(workdir: str, step: int | None) -> None:
-    """One line when ``workdir`` holds no checkpoint at ``step`` (None: nothing to check)."""
-    if step is None:
-        return
-    from mmgen.train.checkpoint import Checkpointer
-
-    ckpt = Checkpointer(workdir, read_only=True)
-    steps = sorted(ckpt.all_steps())
-    ckpt.close()
-    if step not in steps:
-        raise UserError(f"--step {step}: {workdir} has checkpoints at steps {steps or 'none'}")
-
-
-def read_config(workdir: str):
-    if not os.path.isdir(workdir):
-        raise UserError(f"{workdir}: no such workdir")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir} is not a workdir (no config.json): train into it first")
-    return config_lib.from_json_file(path)
+from mmgen.eval import generative_eval, tokenizer_eval
+from mmgen.families import generative as generative_family
+from mmgen.families import get_family
+from mmgen.families import tokenizer as tokenizer_family
+from mmgen.parallel import mesh as mesh_lib
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 
 
 def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | None = None) -> dict:
     """Mean ``eval_step`` metrics of checkpoint ``step`` (default the newest) over ``num`` examples of ``split``."""
-    import dataclasses
-
-    import jax
-    import numpy as np
-    from flax import nnx
-    from tqdm.auto import tqdm
-
-    from mmgen.parallel import mesh as mesh_lib
-    from mmgen.train import get_family, loop
-
     family = get_family(cfg.get("family", ""))
     if family.eval_step is None:
         raise UserError(f"the {family.name!r} family defines no evaluation")
@@ -91,16 +63,10 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
         n += 1
     if n == 0:
         raise UserError(f"split {split!r} holds fewer than one batch of {cfg.batch_size} examples")
-    from mmgen.train.checkpoint import Checkpointer
-
-    scored_step = step
-    if scored_step is None:
-        ckpt = Checkpointer(workdir, read_only=True)
-        scored_step = ckpt.latest_step()
-        ckpt.close()
+    scored_step = workdir_lib.latest_step(workdir) if step is None else step
     result = {"family": family.name, "step": scored_step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
-    with open(output_paths(workdir, step)[0], "w") as f:
+    with open(workdir_lib.output_paths(workdir, step)[0], "w") as f:
         json.dump(result, f, indent=2)
     return result
 
@@ -126,25 +92,18 @@ def _print_summary(result: dict, path: str) -> None:
 def main(args, overrides) -> int:
     if overrides:
         raise UserError("eval takes no --config overrides: it uses the workdir's own config")
-    cfg = read_config(args.workdir)
+    cfg = workdir_lib.read_config(args.workdir)
     if args.num is not None and args.num < 1:
         raise UserError(f"--num {args.num} must be at least 1")
     family = cfg.get("family", "")
     step = getattr(args, "step", None)
-    check_step(args.workdir, step)
+    workdir_lib.check_step(args.workdir, step)
     if family == "tokenizer":
-        from mmgen.eval import tokenizer_eval
-
-        result = tokenizer_eval.evaluate(args.workdir, args.split, args.num, step=step)
+        result = tokenizer_eval.evaluate(args.workdir, tokenizer_family.load, args.split, args.num, step=step)
     elif family in ("generative", "adapters"):
-        try:
-            generative_eval = importlib.import_module("mmgen.eval.generative_eval")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("mmgen"):
-                raise UserError("evaluation of generative workdirs is not built yet in this version of mmgen") from None
-            raise
-        result = generative_eval.evaluate(args.workdir, args.split, args.num, step=step)
+        result = generative_eval.evaluate(args.workdir, generative_family.load_generator, args.split, args.num,
+                                          step=step)
     else:
         result = evaluate_loss(args.workdir, cfg, args.split, args.num, step=step)
-    _print_summary(result, output_paths(args.workdir, step)[0])
+    _print_summary(result, workdir_lib.output_paths(args.workdir, step)[0])
     return 0

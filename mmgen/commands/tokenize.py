@@ -1,4 +1,4 @@
-"""``python -m mmgen tokenize``: round-trip one video or sound through a tokenizer workdir.
+"""``mmgen tokenize``: round-trip one video or sound through a tokenizer workdir.
 
     python -m mmgen tokenize --workdir runs/vtok --input clip.mp4 --out recon.mp4 [--save-tokens t.npy]
     python -m mmgen tokenize --workdir runs/atok --input sound.wav --out recon.wav
@@ -28,11 +28,12 @@ import os
 import av
 import numpy as np
 
-from mmgen import config as config_lib
 from mmgen.data import media
 from mmgen.errors import UserError
 from mmgen.eval import metrics
 from mmgen.eval.tokenizer_eval import bits_per_token, mel_distance
+from mmgen.families import tokenizer as tokenizer_family
+from mmgen.train import workdir as workdir_lib
 
 VIDEO_OUT = (".mp4",)
 AUDIO_OUT = (".wav",)
@@ -40,14 +41,7 @@ AUDIO_OUT = (".wav",)
 
 def read_workdir_config(workdir: str):
     """The workdir's config; a ``UserError`` when it is not a trained tokenizer's."""
-    if not os.path.isdir(workdir):
-        raise UserError(f"{workdir}: no such workdir")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir} is not a workdir (no config.json)")
-    cfg = config_lib.from_json_file(path)
-    if cfg.get("family") != "tokenizer":
-        raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not a tokenizer: tokenize needs a tokenizer workdir")
+    cfg = workdir_lib.read_config(workdir, ("tokenizer",), "a tokenizer: tokenize needs a tokenizer workdir")
     if cfg.get("modality") not in ("video", "audio"):
         raise UserError(f"{workdir}: config.modality={cfg.get('modality')!r} is neither video nor audio")
     return cfg
@@ -191,9 +185,7 @@ def main(args, overrides) -> int:
     else:
         audio = read_sound(args.input, int(cfg.model.sample_rate))
 
-    from mmgen.tokenizers import load
-
-    tok = load(args.workdir)
+    tok = tokenizer_family.load(args.workdir)
     print(f"{cfg.modality} tokenizer {args.workdir} (step {tok.step}, {cfg.model.quantizer.kind})")
     if cfg.modality == "video":
         tokenize_video(tok, clip, args.out, args.save_tokens)

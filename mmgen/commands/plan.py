@@ -1,6 +1,6 @@
 """Ahead-of-time plan of a training run: memory per device and FLOPs, nothing allocated.
 
-    python -m mmgen plan --config configs/toy.py:small --devices 64 [--accelerator h100] [--config.k=v]
+    mmgen plan --config configs/toy.py:small --devices 64 [--accelerator h100] [--config.k=v]
 
 Compiles the family's real train step (``loop.make_train_step``: same shardings,
 same donation) for ``N`` devices with ``jax.jit(...).lower(...).compile()`` on
@@ -227,9 +227,10 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     """
     import jax
 
+    from mmgen.families import get_family
     from mmgen.nn import backend
     from mmgen.parallel import sharding as sharding_lib
-    from mmgen.train import get_family, loop, optim
+    from mmgen.train import loop, optim
 
     acc, hbm, peak = accelerator_spec(accelerator)
     devices = list(devices if devices is not None else jax.devices())

@@ -1,24 +1,22 @@
-"""``python -m mmgen sample``: generate clips for one task from a generative workdir.
+"""Sampling from a generative model: condition clips -> tokens -> MaskGIT -> media files.
 
-    python -m mmgen sample --workdir runs/gen --task frame_prediction --num 4 --out samples/
-    python -m mmgen sample --workdir runs/gen --task audio_to_video --input song.wav --out samples/
+``Generator`` holds a generative model and its frozen tokenizers on one device (both
+given by the caller; ``mmgen.families.generative.load_generator`` builds one from a
+workdir) and is shared by ``mmgen sample``, the trainer's evaluation hook,
+``mmgen eval`` and ``mmgen demo``.
 
-Writes into ``--out``: one ``<task>_<i>.mp4`` per sample (H.264 + AAC; the sound is
-the generated one, or the given one for ``audio_to_video``; a video-only task gives a
+``sample_task`` draws ``num`` samples of one task: conditional tasks take their
+condition from given clips (``read_input`` fits any video or sound file to the
+config's clip: cut or padded to its length, centre-cropped and resized to its
+resolution) or else from the first clips of a split (``read_split``);
+``class_conditional`` cycles through the labels ``0, 1, ...``. Sampling is compiled
+once per (task, batch shape) and runs ``cfg.sampling.batch_size`` clips at a time.
+
+``save`` writes one ``<task>_<i>.mp4`` per sample (H.264 + AAC; the sound is the
+generated one, or the given one for ``audio_to_video``; a video-only task gives a
 silent mp4; an audio-only task a ``.wav``), ``<task>.png`` (rows: reference clip then
 sample, for conditional tasks; samples alone otherwise) and ``<task>_tokens.npz``
 (the sampled tokens per modality, the task and the labels).
-
-Conditional tasks take their condition from ``--input`` (any video or sound file
-FFmpeg reads; cut or padded to the config's clip length, centre-cropped and resized
-to its resolution; every sample shares it) or else from the first clips of the test
-split. ``class_conditional`` cycles through the labels ``0, 1, ...``. Flags are
-checked and the input is read before anything compiles; sampling is compiled once
-per (task, batch shape) and runs ``cfg.sampling.batch_size`` clips at a time.
-
-``Generator`` (model + tokenizers on one device: clips -> condition tokens -> MaskGIT
-sampling -> decoded media) is shared with the trainer's ``on_eval``, ``mmgen eval``
-and ``mmgen demo``.
 """
 
 from __future__ import annotations
@@ -28,15 +26,16 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mmgen.data import media
+from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.generative import sampling
 from mmgen.generative import tasks as tasks_lib
+from mmgen.generative.tokens import clip_dataset_config, specs_of, tokenize_clips
+from mmgen.tokenizers.audio import audio_samples_for_video
 
 GIVEN = ("condition", "partial")
 
@@ -67,8 +66,6 @@ def conditioned_modalities(task: str) -> list[str]:
 
 def check_task(cfg, task: str) -> None:
     """Unknown task or one the model cannot do -> one-line ``UserError``."""
-    from mmgen.train.generative import specs_of
-
     if task not in tasks_lib.TASKS:
         raise UserError(f"unknown task {task!r}; valid tasks: {', '.join(tasks_lib.TASK_NAMES)}")
     have = list(specs_of(cfg))
@@ -94,8 +91,6 @@ def _fit_frames(video: np.ndarray, frames: int, resolution: int) -> np.ndarray:
 
 def read_input(path: str, cfg, task: str, num: int) -> dict:
     """The condition clip of ``--input``, fitted to the config and repeated ``num`` times."""
-    from mmgen.tokenizers.audio import audio_samples_for_video
-
     d = cfg.dataset
     frames, resolution, fps, rate = int(d.frames), int(d.resolution), float(d.fps), int(d.sample_rate)
     samples = audio_samples_for_video(frames, fps, rate)
@@ -123,9 +118,6 @@ def read_input(path: str, cfg, task: str, num: int) -> dict:
 
 def read_split(cfg, split: str, num: int, extra_features: str = "") -> dict:
     """The first ``num`` clips of ``split`` (evaluation preprocessing; cycling when it is shorter), numpy."""
-    from mmgen.data import pipeline
-    from mmgen.train.generative import clip_dataset_config
-
     dataset = clip_dataset_config(cfg, extra_features)
     dataset.read_threads = 1  # one clip at a time
     it = pipeline.make_iterator(dataset, split=split, global_batch_size=1, seed=0,
@@ -139,44 +131,22 @@ def read_split(cfg, split: str, num: int, extra_features: str = "") -> dict:
 
 
 class Generator:
-    """A generative model and its tokenizers on one device: clips -> samples -> media."""
+    """A generative model and its tokenizers (modality -> ``LoadedTokenizer``) on one device."""
 
-    def __init__(self, cfg, model, *, tokenizers: dict | None = None, device=None):
-        from mmgen.train.generative import load_tokenizers
-
+    def __init__(self, cfg, model, *, tokenizers: dict, device=None):
         self.cfg = cfg
         self.device = device or jax.local_devices()[0]
         graphdef, state = nnx.split(model)
         self.model = nnx.merge(graphdef, jax.device_put(state, self.device))
-        self.tokenizers = tokenizers if tokenizers is not None else load_tokenizers(cfg, self.device)
+        self.tokenizers = tokenizers
         d = cfg.dataset
         self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
-
-    @classmethod
-    def from_workdir(cls, workdir: str, overrides=(), step: int | None = None) -> Generator:
-        """The inference model (EMA when kept) of a generative workdir, on the first local device."""
-        from mmgen import config as config_lib
-        from mmgen.parallel import mesh as mesh_lib
-        from mmgen.train import generative as family_lib
-        from mmgen.train import loop
-
-        cfg = family_lib.read_config(workdir)
-        config_lib.apply_overrides(cfg, overrides)
-        device = jax.local_devices()[0]
-        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
-        tokenizers = family_lib.load_tokenizers(cfg, device)
-        from mmgen.train import get_family
-
-        state = loop.load_state(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)  # generative or adapters
-        return cls(cfg, family_lib.inference_model(state), tokenizers=tokenizers, device=device)
 
     # ------------------------------------------------------------------ sampling
     def sample_task(self, task: str, num: int, *, seed: int = 0, clips: dict | None = None, split: str = "test",
                     steps: int | None = None, guidance: float | None = None, temperature: float | None = None,
                     progress: bool = False) -> SampleResult:
         """``num`` samples of ``task``; conditions from ``clips`` or the first clips of ``split``."""
-        from mmgen.train.generative import tokenize_clips
-
         check_task(self.cfg, task)
         s = self.cfg.sampling
         steps = int(s.steps if steps is None else steps)
@@ -218,8 +188,6 @@ class Generator:
 
     def decode(self, tokens: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Tokens -> (uint8 video ``[n, T, H, W, 3]`` or None, float32 audio ``[n, S]`` or None)."""
-        from mmgen.tokenizers.audio import audio_samples_for_video
-
         video = audio = None
         chunk = max(1, int(self.cfg.sampling.batch_size))
         if "video" in tokens:
@@ -265,33 +233,3 @@ class Generator:
         np.savez(paths["tokens"], task=result.task, labels=result.labels,
                  **{f"{m}_tokens": t for m, t in result.tokens.items()})
         return paths
-
-
-def main(args, overrides) -> int:
-    """``mmgen sample``: flags and input checked first, then load, sample, decode, write."""
-    from mmgen import config as config_lib
-    from mmgen.train.generative import read_config
-
-    cfg = read_config(args.workdir)
-    config_lib.apply_overrides(cfg, overrides)
-    check_task(cfg, args.task)
-    if args.num < 1:
-        raise UserError(f"--num={args.num} must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps={args.steps} must be at least 1")
-    clips = None
-    if args.input:
-        if conditioned_modalities(args.task):
-            clips = read_input(args.input, cfg, args.task, args.num)
-        else:
-            print(f"mmgen sample: note: task {args.task!r} takes no condition clip; --input is ignored")
-    generator = Generator.from_workdir(args.workdir, overrides)
-    result = generator.sample_task(args.task, args.num, seed=args.seed, clips=clips, steps=args.steps,
-                                   guidance=args.guidance, temperature=getattr(args, "temperature", None),
-                                   progress=True)
-    paths = generator.save(result, args.out)
-    kind = "videos" if result.video is not None else "sounds"
-    print(f"wrote {len(paths['media'])} {kind} of {args.task} to {os.path.abspath(args.out)}"
-          + (f" (grid {os.path.basename(paths['grid'])}" if paths["grid"] else " (")
-          + f", tokens {os.path.basename(paths['tokens'])})")
-    return 0

@@ -1,4 +1,4 @@
-"""``python -m mmgen demo --workdir DIR``: the whole pipeline on synthetic data, on a CPU.
+"""``mmgen demo --workdir DIR``: the whole pipeline on synthetic data, on a CPU.
 
 Nothing is downloaded. In order, each stage a normal workdir that ``sample``,
 ``tokenize``, ``eval`` and ``train`` (to continue it) accept:
@@ -27,17 +27,13 @@ import time
 import ml_collections
 
 from mmgen import config as config_lib
-from mmgen.errors import UserError
-
-
-def configs_dir() -> str:
-    """The repository's ``configs/`` (the demo builds its stages from the shipped configs)."""
-    import mmgen
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(mmgen.__file__))), "configs")
-    if not os.path.isdir(os.path.join(path, "generative")):
-        raise UserError(f"the demo needs the repository's configs/ folder next to the mmgen package (looked in {path})")
-    return path
+from mmgen.data import pipeline
+from mmgen.families import get_family
+from mmgen.families.generative import load_generator
+from mmgen.generative import tasks as tasks_lib
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
+from mmgen.train.metrics import read_metrics
 
 
 def _flat(tree, prefix: str = "") -> list[str]:
@@ -54,7 +50,7 @@ def _flat(tree, prefix: str = "") -> list[str]:
 
 def stage_config(demo, stage: str, data_dir: str, extra: list[str] = ()):
     """A stage's tiny config with the demo's changes, reading and building data in ``data_dir``."""
-    cfg = config_lib.load_config(os.path.join(configs_dir(), demo.stages[stage]), _flat(demo[stage]) + list(extra))
+    cfg = config_lib.load_config(demo.stages[stage], _flat(demo[stage]) + list(extra))
     cfg.dataset.name = demo.dataset.name
     cfg.dataset.builder_overrides = ml_collections.ConfigDict(demo.dataset.builder_overrides.to_dict())
     cfg.dataset.data_dir = data_dir
@@ -75,20 +71,7 @@ def stage_configs(demo, root: str, data_dir: str) -> tuple[dict, dict]:
     return dirs, {s: cfgs[s] for s in stages}
 
 
-def _trained_steps(workdir: str) -> int:
-    from mmgen.train.checkpoint import Checkpointer
-
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return 0
-    ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
-    return step or 0
-
-
 def _last_eval(workdir: str) -> dict:
-    from mmgen.train.metrics_writer import read_metrics
-
     rows = [r for r in read_metrics(workdir) if any(k.startswith("eval/") for k in r)]
     return rows[-1] if rows else {}
 
@@ -99,10 +82,8 @@ def _banner(text: str, start: float) -> None:
 
 def train_stage(name: str, cfg, workdir: str, start: float) -> dict:
     """Train (or resume, or reuse) one stage; returns its last eval metrics and its seconds."""
-    from mmgen.train import get_family, loop
-
     began = time.perf_counter()
-    done = _trained_steps(workdir)
+    done = workdir_lib.latest_step(workdir) or 0
     if done >= cfg.total_steps:
         _banner(f"{name}: reusing {workdir} (trained to step {done})", start)
     else:
@@ -113,13 +94,8 @@ def train_stage(name: str, cfg, workdir: str, start: float) -> dict:
 
 
 def main(args, overrides) -> int:
-    from mmgen.data import pipeline
-    from mmgen.generative import tasks as tasks_lib
-    from mmgen.generative.sample_cli import Generator
-
     start = time.perf_counter()
-    demo = config_lib.load_config(os.path.join(configs_dir(), "generative", "demo.py") + (":fast" if args.fast else ""),
-                                  overrides)
+    demo = config_lib.load_config("generative/demo.py" + (":fast" if args.fast else ""), overrides)
     root = os.path.abspath(args.workdir)
     data_dir = os.path.join(root, "data")
     dirs, cfgs = stage_configs(demo, root, data_dir)
@@ -132,7 +108,7 @@ def main(args, overrides) -> int:
 
     began = time.perf_counter()
     _banner(f"samples: every task into {os.path.join(root, 'samples')}", start)
-    generator = Generator.from_workdir(dirs["generative"])
+    generator = load_generator(dirs["generative"])
     have = list(generator.model.specs)
     written = {}
     names = [t for t in tasks_lib.TASK_NAMES if all(m in have for m in tasks_lib.get_task(t).modalities())]
@@ -163,6 +139,6 @@ def main(args, overrides) -> int:
     for task in ("frame_prediction", "audio_video", "video_to_audio"):
         if task in written:
             print(f"                   {written[task]['media'][0]}")
-    print(f"next: python -m mmgen sample --workdir {dirs['generative']} --task audio_to_video --num 4 "
-          f"--out {os.path.join(root, 'more')}  |  python -m mmgen eval --workdir {dirs['generative']}")
+    print(f"next: mmgen sample --workdir {dirs['generative']} --task audio_to_video --num 4 "
+          f"--out {os.path.join(root, 'more')}  |  mmgen eval --workdir {dirs['generative']}")
     return 0

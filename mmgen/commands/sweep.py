@@ -22,7 +22,7 @@ finished once its ``metrics.jsonl`` reaches the ``total_steps`` of its
 ``config.json``. Re-running a sweep runs only the unfinished points, and the train
 command itself resumes each from its newest checkpoint.
 
-The command line is ``launch/sweep.py`` (see :func:`main`).
+The command line is ``mmgen sweep`` (``launch/sweep.py`` is the same): see :func:`run`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mmgen.config import load_config, load_module, parse_value, split_spec
 from mmgen.errors import UserError
 
 DONE = "DONE"
@@ -102,8 +103,6 @@ def zipit(*sweeps: list[dict]) -> list[dict]:
 def format_value(value: Any) -> str:
     """A value as ``--config.key=<text>`` text that ``mmgen.config.parse_value`` reads back."""
     if isinstance(value, str):
-        from mmgen.config import parse_value
-
         return value if parse_value(value) == value else repr(value)
     return repr(value)
 
@@ -140,8 +139,6 @@ def point_names(points: Sequence[dict]) -> list[str]:
 
 def load_sweep(config_spec: str) -> list[dict]:
     """The override dicts from ``get_sweep`` of ``path.py[:arg]``."""
-    from mmgen.config import load_module, split_spec
-
     path, arg = split_spec(config_spec)
     module = load_module(path)
     if not hasattr(module, "get_sweep"):
@@ -155,8 +152,6 @@ def load_sweep(config_spec: str) -> list[dict]:
 
 def check_points(config_spec: str, points: Sequence[dict]) -> None:
     """Apply every point to the config once, so a key typo fails before any launch."""
-    from mmgen.config import load_config
-
     for point in points:
         load_config(config_spec, [a.removeprefix("--config.") for a in override_args(point)])
 
@@ -365,7 +360,7 @@ def summarize(root: str, points: Sequence[dict], names: Sequence[str]) -> list[d
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch/sweep.py",
+        prog="mmgen sweep",
         description="Run the sweep of a config's get_sweep(): one `mmgen train` per point, "
         "resuming unfinished points; --summarize tabulates and plots the results.",
     )
@@ -397,7 +392,12 @@ def _load_points(args) -> tuple[list[dict], list[str]]:
     raise UserError("--config is required to run a sweep")
 
 
-def main(argv: Sequence[str] | None = None, log=print) -> int:
+def main(args, overrides) -> int:
+    """``mmgen sweep ...``: the flags after ``sweep`` are this module's own (``build_parser``)."""
+    return run(overrides)
+
+
+def run(argv: Sequence[str] | None = None, log=print) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

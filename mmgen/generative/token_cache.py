@@ -34,8 +34,11 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmgen.data import pipeline
 from mmgen.errors import UserError
-from mmgen.train import generative as gen
+from mmgen.generative import tasks as tasks_lib
+from mmgen.generative import tokens as gen
+from mmgen.train import workdir as workdir_lib
 
 CHUNK = 64  # clips tokenized at once while building
 DATASET_KEYS = ("name", "builder_config", "path", "data_dir", "frames", "resolution", "fps", "sample_rate")
@@ -43,8 +46,6 @@ DATASET_KEYS = ("name", "builder_config", "path", "data_dir", "frames", "resolut
 
 def whole_modality_tasks() -> tuple[str, ...]:
     """Tasks whose COMMIT condition clip is the clip itself (no partial region anywhere)."""
-    from mmgen.generative import tasks as tasks_lib
-
     return tuple(name for name, task in tasks_lib.TASKS.items()
                  if all(task.role(m).kind != "partial" for m in ("video", "audio")))
 
@@ -62,15 +63,10 @@ def check_tasks(cfg, weights: dict) -> None:
 
 def _origin(cfg, split: str) -> dict:
     """What a cache of ``split`` must have been made from to serve ``cfg``."""
-    from mmgen.data import pipeline
-    from mmgen.train.checkpoint import Checkpointer
-
     tokenizers = {}
     for m in gen.specs_of(cfg):
         workdir = os.path.abspath(gen.tokenizer_workdir(cfg, m))
-        ckpt = Checkpointer(workdir, read_only=True)
-        tokenizers[m] = {"workdir": workdir, "step": ckpt.latest_step()}
-        ckpt.close()
+        tokenizers[m] = {"workdir": workdir, "step": workdir_lib.latest_step(workdir)}
     dataset = {k: cfg.dataset.get(k) for k in DATASET_KEYS}
     dataset["builder_overrides"] = pipeline.builder_overrides(cfg.dataset)
     return {"split": split, "tokenizers": tokenizers, "dataset": dataset}
@@ -99,15 +95,17 @@ def check(cfg, split: str) -> bool:
     return True
 
 
-def build(cfg, split: str) -> str:
-    """Tokenize every clip of ``split`` (evaluation preprocessing) into the cache; returns its path."""
-    from mmgen.data import pipeline
+def build(cfg, split: str, load_tokenizers) -> str:
+    """Tokenize every clip of ``split`` (evaluation preprocessing) into the cache; returns its path.
 
+    ``load_tokenizers(cfg)`` gives the frozen tokenizers (modality -> ``LoadedTokenizer``);
+    it is called only when the cache has to be built.
+    """
     if check(cfg, split):
         return paths(cfg, split)[0]
     tokens_path, origin_path = paths(cfg, split)
     os.makedirs(os.path.dirname(tokens_path), exist_ok=True)
-    tokenizers = gen.load_tokenizers(cfg)
+    tokenizers = load_tokenizers(cfg)
     dataset = gen.clip_dataset_config(cfg)
     source, _ = pipeline.open_dataset(dataset, split)
     clips = pipeline.make_iterator(dataset, split=split, global_batch_size=1, seed=0, train=False,
@@ -138,9 +136,9 @@ def build(cfg, split: str) -> str:
     return tokens_path
 
 
-def load(cfg, split: str) -> dict:
-    """The cached arrays of ``split`` (built first when missing)."""
-    path = build(cfg, split)
+def load(cfg, split: str, load_tokenizers) -> dict:
+    """The cached arrays of ``split`` (built first when missing, see ``build``)."""
+    path = build(cfg, split, load_tokenizers)
     with np.load(path) as f:
         return {k: f[k] for k in f.files}
 

@@ -1,6 +1,6 @@
 """Tokenizer training (video and audio): reconstruction + quantizer + GAN, one family.
 
-One update step (MAGVIT-v2 / SoundStream recipes, shared/REFERENCE.md):
+One update step (MAGVIT-v2 / SoundStream recipes, docs/ALGORITHMS.md):
 
 1. Generator (the tokenizer): ``L_G = w_rec * rec(x, x_hat) [+ w_perc * perceptual]
    + quantizer losses (commitment, entropy / codebook) + gate * w_adv * G_adv(D(x_hat))
@@ -22,24 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from mmgen.data import pipeline
+from mmgen.data import media, pipeline
 from mmgen.errors import UserError
+from mmgen.parallel import mesh as mesh_lib
+from mmgen.tokenizers import LoadedTokenizer, build, input_shape, losses
 from mmgen.tokenizers import audio as audio_lib
-from mmgen.tokenizers import losses
 from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D
 from mmgen.tokenizers.quantizers import QuantizerState
-from mmgen.tokenizers.video import VideoTokenizer
-from mmgen.train import optim
+from mmgen.train import loop, optim
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.loop import Family
-
-
-def build_tokenizer(cfg, rngs: nnx.Rngs):
-    if cfg.modality == "video":
-        return VideoTokenizer(cfg.model, rngs=rngs)
-    if cfg.modality == "audio":
-        return audio_lib.AudioTokenizer(cfg.model, rngs=rngs)
-    raise UserError(f"config.modality={cfg.modality!r} must be 'video' or 'audio'")
 
 
 def model_input(cfg, batch) -> jax.Array:
@@ -57,7 +51,7 @@ class TokenizerState(nnx.Module):
     """Tokenizer + optimizer, discriminator + optimizer + LeCAM, and the EMA tokenizer."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        self.model = build_tokenizer(cfg, rngs)
+        self.model = build(cfg, rngs)
         self.optimizer = optim.make_optimizer(self.model, cfg.optimizer, cfg.schedule, cfg.total_steps)
         disc = disc_optimizer = lecam = None
         if gan_enabled(cfg):
@@ -205,13 +199,6 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
     return _SelectKeys(it, [cfg.modality])
 
 
-def input_shape(cfg) -> tuple[int, ...]:
-    d = cfg.dataset
-    if cfg.modality == "video":
-        return (1, int(d.frames), int(d.resolution), int(d.resolution), 3)
-    return (1, audio_lib.audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate)))
-
-
 def example_batch(cfg) -> dict:
     """One global batch's shapes, as ``make_data`` yields them (``plan`` compiles the step from the config alone)."""
     shape = (int(cfg.batch_size), *input_shape(cfg)[1:])
@@ -219,7 +206,7 @@ def example_batch(cfg) -> dict:
 
 
 def validate(cfg) -> None:
-    model = nnx.eval_shape(lambda: build_tokenizer(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
     shape = input_shape(cfg)
     if cfg.modality == "video":
         model.check_video_shape(shape)
@@ -238,7 +225,7 @@ def validate(cfg) -> None:
 def flops_per_example(cfg) -> float:
     """Model FLOPs of one training example (fwd + bwd = 3 x fwd) from XLA's cost model."""
     shape = input_shape(cfg)
-    model = nnx.eval_shape(lambda: build_tokenizer(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
 
     def forward(state, x):
@@ -258,8 +245,6 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio)."""
     if jax.process_index() != 0:
         return {}
-    from mmgen.data import media
-
     n = int(cfg.get("num_samples", 4))
     it = pipeline.make_iterator(cfg.dataset, split=cfg.eval_split, global_batch_size=n, seed=0, train=False,
                                 process_index=0, process_count=1)
@@ -279,6 +264,26 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
         media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
         media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
     return {}
+
+
+def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer:
+    """The tokenizer trained in ``workdir`` (newest checkpoint unless ``step``), EMA weights when kept.
+
+    ``devices`` says where the weights go: ``None`` lays them out as the run was
+    trained (``cfg.mesh`` over every device); a ``jax.Device`` or a sequence of them
+    puts them on a ``data``-only mesh of those devices (replicated, unless the run's
+    sharding rules split weights over ``data``), e.g. a frozen tokenizer on one device
+    beside the training step; a ``jax.sharding.Mesh`` lays them out on that mesh by the
+    run's sharding rules. Encoding and decoding then run where the weights are.
+    """
+    cfg = workdir_lib.read_config(workdir, ("tokenizer",), "a tokenizer")
+    if devices is None or isinstance(devices, Mesh):
+        mesh = devices
+    else:
+        mesh = mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
+    step = workdir_lib.latest_step(workdir) if step is None else step
+    state = loop.load_state(FAMILY, cfg, workdir, mesh=mesh, step=step)
+    return LoadedTokenizer(cfg.modality, inference_model(state), cfg, workdir, int(step))
 
 
 FAMILY = Family(

@@ -1,8 +1,10 @@
-"""Command line: ``python -m mmgen {train,sample,tokenize,eval,prepare,plan,adapters,demo}``.
+"""Command line: ``mmgen {train,sample,tokenize,eval,prepare,plan,adapters,demo,sweep}``.
 
-Each subcommand parses its flags, checks the user's input, and hands over to the
-module that does the work. A ``UserError`` anywhere before compilation ends the run
-with one line ``mmgen <cmd>: error: <what is wrong>`` and exit status 2.
+The top layer of the package: this module parses the flags and hands over to one
+module per subcommand (``mmgen.commands.<name>.main(args, overrides)``), which checks
+the user's input and calls the layers below (families, eval, models, train, data).
+A ``UserError`` anywhere before compilation ends the run with one line
+``mmgen <cmd>: error: <what is wrong>`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from mmgen.errors import UserError
@@ -26,50 +27,11 @@ def _overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
     return out
 
 
-def _train_config(args, overrides):
-    from mmgen import config as config_lib
-
-    saved = os.path.join(args.workdir, "config.json")
-    if args.config:
-        return config_lib.load_config(args.config, overrides)
-    if os.path.exists(saved):  # resume a workdir with its own config
-        cfg = config_lib.from_json_file(saved)
-        config_lib.apply_overrides(cfg, overrides)
-        return cfg
-    raise UserError(f"--config is required: {args.workdir} holds no config.json to resume from")
-
-
-def cmd_train(args, overrides) -> int:
-    from mmgen.parallel import distributed
-
-    distributed.maybe_initialize()
-    cfg = _train_config(args, overrides)
-    from mmgen.train import get_family, loop
-
-    family = get_family(cfg.get("family", ""))
-    try:
-        out = loop.run(family, cfg, args.workdir, stop_after=args.stop_after)
-    except loop.TrainingDiverged as e:
-        print(f"mmgen train: error: {e}", file=sys.stderr)
-        return 1
-    import jax
-
-    if jax.process_index() == 0:
-        print(f"trained to step {out['step']}: loss {out.get('loss', float('nan')):.5f}; workdir {args.workdir}")
-    return 0
-
-
-def _delegate(module: str, what: str):
-    """Run ``module.main(args, overrides)`` or say in one line that it is not built yet."""
+def _run(name: str):
+    """``mmgen.commands.<name>.main(args, overrides)``, imported when the subcommand runs."""
 
     def run(args, overrides) -> int:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("mmgen"):
-                raise UserError(f"{what} is not built yet in this version of mmgen") from None
-            raise
-        return mod.main(args, overrides)
+        return importlib.import_module(f"mmgen.commands.{name}").main(args, overrides)
 
     return run
 
@@ -85,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop with a checkpoint after N steps of this call (the schedule still runs to "
                         "total_steps; run again to resume)")
-    s.set_defaults(fn=cmd_train)
+    s.set_defaults(fn=_run("train"))
 
     s = sub.add_parser("sample", help="sample clips for a task from a generative (or adapter) workdir")
     s.add_argument("--workdir", required=True)
@@ -97,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--temperature", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(fn=_delegate("mmgen.generative.sample_cli", "sampling"))
+    s.set_defaults(fn=_run("sample"))
 
     s = sub.add_parser("tokenize", help="round-trip a video or sound through a tokenizer workdir")
     s.add_argument("--workdir", required=True)
     s.add_argument("--input", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--save-tokens", dest="save_tokens")
-    s.set_defaults(fn=_delegate("mmgen.tokenizers.tokenize_cli", "the tokenize command"))
+    s.set_defaults(fn=_run("tokenize"))
 
     s = sub.add_parser("eval", help="evaluate a workdir on a split; writes eval.json")
     s.add_argument("--workdir", required=True)
@@ -115,20 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.evaluation.num for generative and adapter runs, config.eval_batches batches otherwise)")
     s.add_argument("--step", type=int, default=None,
                    help="checkpoint to evaluate (default: the newest); writes eval_step{S}.json beside eval.json")
-    s.set_defaults(fn=_delegate("mmgen.eval.eval_cli", "evaluation"))
+    s.set_defaults(fn=_run("eval"))
 
     s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")
     s.add_argument("--dataset", required=True)
     s.add_argument("--path", help="input folder (video_folder)")
     s.add_argument("--data-dir", dest="data_dir", required=True)
     s.add_argument("--builder-config", dest="builder_config", help="builder variant, e.g. tiny")
-    s.set_defaults(fn=cmd_prepare)
+    s.set_defaults(fn=_run("prepare"))
 
     s = sub.add_parser("plan", help="compile the train step ahead of time; memory per device")
     s.add_argument("--config", required=True)
     s.add_argument("--devices", type=int, required=True)
     s.add_argument("--accelerator", default="h100", help="memory budget to check against")
-    s.set_defaults(fn=_delegate("mmgen.parallel.plan", "the plan command"))
+    s.set_defaults(fn=_run("plan"))
 
     s = sub.add_parser("adapters", help="adapter utilities")
     asub = s.add_subparsers(dest="adapters_command", required=True)
@@ -137,23 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--weights", type=float, nargs="*", default=None)
     m.add_argument("--fold", action="store_true", help="fold LoRA into the base weights")
-    m.set_defaults(fn=_delegate("mmgen.adapters.merge_cli", "adapter merging"))
+    m.set_defaults(fn=_run("adapters_merge"))
 
     s = sub.add_parser("demo", help="the whole pipeline on synthetic data, on a CPU, in minutes")
     s.add_argument("--workdir", required=True)
     s.add_argument("--config.fast", dest="fast", action="store_true", help=argparse.SUPPRESS)
-    s.set_defaults(fn=_delegate("mmgen.demo", "the demo"))
+    s.set_defaults(fn=_run("demo"))
+
+    s = sub.add_parser("sweep", add_help=False, help="run, resume or summarise a config's get_sweep() "
+                       "(mmgen sweep --help for its flags)")
+    s.set_defaults(fn=_run("sweep"))
     return p
-
-
-def cmd_prepare(args, overrides) -> int:
-    try:
-        from mmgen.data import prepare
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("mmgen"):
-            raise UserError("dataset preparation is not built yet in this version of mmgen") from None
-        raise
-    return prepare.main(args.dataset, args.data_dir, path=args.path, config=args.builder_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     name = args.command if args.command != "adapters" else f"adapters {args.adapters_command}"
     try:
-        overrides = _overrides(extra, parser)
+        overrides = extra if args.command == "sweep" else _overrides(extra, parser)
         return int(args.fn(args, overrides) or 0)
     except UserError as e:
         print(f"mmgen {name}: error: {e}", file=sys.stderr)

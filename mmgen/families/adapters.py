@@ -5,7 +5,7 @@
 
 A trained masked transformer (``cfg.base_workdir``, family ``generative``) is fine-tuned
 on a task subset or a new dataset through low-rank adapters on its ``nnx.Linear``
-layers (REFERENCE.md "Adapters"): LoRA, ``y = W x + (alpha/r) B A x`` (Hu et al.,
+layers (docs/ALGORITHMS.md "Adapters"): LoRA, ``y = W x + (alpha/r) B A x`` (Hu et al.,
 2021), or FlyLoRA, ``y = W x + (alpha/r) B (A x * topk_mask)`` with a frozen sparse
 random A (FlyLoRA, 2025). Everything but the adapters is the generative family's:
 the same data, masking, loss and AdamW step (``generative.train_step``), with the
@@ -49,7 +49,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mmgen import config as config_lib
 from mmgen.adapters import (
     adapter_filter,
     adapter_state,
@@ -63,13 +62,14 @@ from mmgen.adapters.flylora import SELECT_MODES
 from mmgen.adapters.lora import LORA_INITS
 from mmgen.adapters.surgery import ADAPTER_KINDS, adapter_module_paths, pre_surgery_path
 from mmgen.errors import UserError
+from mmgen.families import generative
 from mmgen.generative.transformer import (
     MaskedTransformer,
     matmul_params_per_token,
     sequence_length,
 )
-from mmgen.train import generative, optim
-from mmgen.train.checkpoint import Checkpointer
+from mmgen.train import optim
+from mmgen.train import workdir as workdir_lib
 
 # What the base workdir decides for the adapted model (copied into the config by ``validate``).
 BASE_KEYS = ("model", "tokenizers", "conditioning")
@@ -86,10 +86,9 @@ def read_base_config(base_workdir: str):
                         "(--config.base_workdir=DIR)")
     if not os.path.isdir(base_workdir):
         raise UserError(f"config.base_workdir={base_workdir!r} does not exist")
-    path = os.path.join(base_workdir, "config.json")
-    if not os.path.exists(path):
+    if not workdir_lib.has_config(base_workdir):
         raise UserError(f"config.base_workdir={base_workdir!r} is not a workdir (no config.json)")
-    base = config_lib.from_json_file(path)
+    base = workdir_lib.read_config(base_workdir)
     if base.get("family") != "generative":
         raise UserError(f"config.base_workdir={base_workdir!r} holds a {base.get('family')!r} run; adapters "
                         "need a generative (masked transformer) workdir")
@@ -101,17 +100,9 @@ def base_source(base_cfg) -> str:
     return "ema" if float(base_cfg.get("ema_decay", 0.0) or 0.0) > 0 else "model"
 
 
-def base_steps(base_workdir: str) -> list[int]:
-    ckpt = Checkpointer(base_workdir, read_only=True)
-    try:
-        return sorted(ckpt.all_steps())
-    finally:
-        ckpt.close()
-
-
 def check_base_step(cfg) -> int:
     """The pinned base step, still present in the base workdir (``UserError`` otherwise)."""
-    step, steps = int(cfg.base_step), base_steps(cfg.base_workdir)
+    step, steps = int(cfg.base_step), workdir_lib.all_steps(cfg.base_workdir)
     if step not in steps:
         raise UserError(
             f"the base workdir {cfg.base_workdir} no longer holds checkpoint step {step}, which these adapters "
@@ -248,7 +239,7 @@ def pin_base(cfg) -> None:
         if key not in cfg:
             cfg[key] = base_cfg[key]
     if int(cfg.base_step) < 0:
-        steps = base_steps(cfg.base_workdir)
+        steps = workdir_lib.all_steps(cfg.base_workdir)
         if not steps:
             raise UserError(f"the base workdir {cfg.base_workdir} has no checkpoint yet: train it first")
         cfg.base_step = steps[-1]

@@ -1,7 +1,7 @@
 """``python -m mmgen prepare``: build a dataset into a TFDS data directory.
 
-``main("moving_shapes_av", data_dir, config="tiny")`` generates the synthetic
-audio-visual dataset; ``main("video_folder", data_dir, path=DIR, config="small")``
+``prepare("moving_shapes_av", data_dir, config="tiny")`` generates the synthetic
+audio-visual dataset; ``prepare("video_folder", data_dir, path=DIR, config="small")``
 turns a folder of videos into clips; any other registered TFDS name is downloaded
 and prepared by TFDS in ArrayRecord format (needs the network, and TensorFlow for
 most video datasets). Progress is shown by tqdm bars (TFDS's example counter, and
@@ -25,7 +25,11 @@ def _fail(message: str) -> int:
     return 1
 
 
-def main(dataset: str, data_dir: str, path: str | None = None, config: str | None = None) -> int:
+def main(args, overrides) -> int:
+    return prepare(args.dataset, args.data_dir, path=args.path, config=args.builder_config)
+
+
+def prepare(dataset: str, data_dir: str, path: str | None = None, config: str | None = None) -> int:
     """Build ``dataset`` (optionally "name/config") into ``data_dir``; returns an exit code."""
     try:
         base, config = sources.split_name(dataset, config)

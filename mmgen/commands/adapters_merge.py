@@ -1,7 +1,7 @@
-"""``python -m mmgen adapters merge --workdirs A B ... --out DIR [--weights w ...] [--fold]``.
+"""``mmgen adapters merge --workdirs A B ... --out DIR [--weights w ...] [--fold]``.
 
-Combines task adapters trained on one base (adapter workdirs of ``mmgen.train.adapters``)
-into one workdir that ``sample`` and ``eval`` read like any other (REFERENCE.md
+Combines task adapters trained on one base (adapter workdirs of ``mmgen.families.adapters``)
+into one workdir that ``sample`` and ``eval`` read like any other (docs/ALGORITHMS.md
 "Adapters"; LoRA merging, Hu et al. 2021 sec. 4.1; task arithmetic, Ilharco et al.
 2023; FlyLoRA's multi-task merging, 2025):
 
@@ -37,16 +37,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmgen import config as config_lib
 from mmgen.adapters.flylora import FlyLoRA, RoutingCount
 from mmgen.adapters.lora import LoRA
 from mmgen.adapters.merge import merge_flylora_adapters, merge_lora_adapters
 from mmgen.adapters.surgery import adapter_state_filter
 from mmgen.errors import UserError
+from mmgen.families import adapters as adapters_family
+from mmgen.families import generative
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
-from mmgen.train import adapters as adapters_family
-from mmgen.train import generative, loop, optim
+from mmgen.train import loop, optim
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 FAMILY = adapters_family.FAMILY
@@ -57,12 +58,7 @@ SHAPE_KEYS = ("kind", "targets", "rank", "alpha", "k", "select", "init")
 
 # ------------------------------------------------------------------------ inputs
 def read_adapter_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"{workdir} is not a workdir (no config.json)")
-    cfg = config_lib.from_json_file(path)
-    if cfg.get("family") != "adapters":
-        raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not an adapter run (family 'adapters')")
+    cfg = workdir_lib.read_config(workdir, ("adapters",), "an adapter run (family 'adapters')")
     if int(cfg.adapter.get("branches", 1)) > 1:
         raise UserError(f"{workdir} is already a merge of {cfg.adapter.branches} adapters; merge the task "
                         "adapters it came from instead")
@@ -171,7 +167,7 @@ def fresh_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.Sta
 def write_workdir(family, cfg, out: str, step: int, values: dict, mesh, prefixes=("model",)) -> None:
     """config.json + one checkpoint of ``family``'s state: ``values`` and a fresh optimizer."""
     state = fresh_state(family, cfg, mesh, values, prefixes)
-    config_lib.write_config(cfg, out)
+    workdir_lib.write_config(cfg, out)
     ckpt = Checkpointer(out, async_save=False)
     ckpt.save(step, state, force=True)
     ckpt.close()

@@ -1,0 +1,1 @@
+"""The shipped configs (installed as ``mmgen.configs``); see ``common.py``."""

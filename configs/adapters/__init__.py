@@ -1,0 +1,1 @@
+"""LoRA / FlyLoRA adapter configs."""

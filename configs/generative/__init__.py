@@ -1,0 +1,1 @@
+"""Masked multi-task transformer configs."""

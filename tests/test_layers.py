@@ -1,0 +1,146 @@
+"""The package's layers point one way: a module imports only from its own layer or below.
+
+Read from the source (every ``import mmgen...`` and ``from mmgen... import``, also inside
+functions), so the architecture in docs/CONVENTIONS.md stays true because a test holds it.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "mmgen")
+
+# Top to bottom. A module may import from its own layer and the layers below it.
+LAYERS = (
+    ("mmgen", "mmgen.__main__", "mmgen.commands"),  # the command line (and the package's front door)
+    ("mmgen.families",),  # what the loop runs: state, step, data, evaluation hook, load
+    ("mmgen.eval",),  # metrics and evaluators over loaded models
+    ("mmgen.generative", "mmgen.tokenizers", "mmgen.adapters"),  # models and their host-side inputs
+    ("mmgen.train",),  # the loop, checkpoints, optimizers, metrics files, workdirs
+    ("mmgen.data",),  # datasets, media, the input pipeline
+    ("mmgen.nn",),  # shared layers
+    ("mmgen.parallel",),  # meshes, sharding rules, multi-host start-up
+    ("mmgen.config", "mmgen.errors"),  # config files and overrides; the user-error type
+)
+
+# (importer, imported) pairs allowed to point up, each with its reason. Keep it at most one.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+
+
+def module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, ".")
+    return rel.removesuffix(".__init__")
+
+
+def all_modules() -> dict[str, str]:
+    out = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                out[module_name(path)] = path
+    return out
+
+
+def imports_of(name: str, path: str, modules: dict[str, str]) -> set[str]:
+    """The mmgen modules ``name`` imports (a ``from pkg import sub`` of a submodule names the submodule)."""
+    tree = ast.parse(open(path).read())
+    is_package = path.endswith("__init__.py")
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "mmgen")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".") if is_package else name.split(".")[:-1]
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "mmgen":
+                continue
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
+            found.update(subs if len(subs) == len(node.names) else [target, *subs])
+    found.discard(name)
+    return found
+
+
+def layer_of(module: str) -> int:
+    best, index = "", None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > len(best):
+                best, index = p, i
+    assert index is not None, f"{module} is in no layer: add it to LAYERS (and docs/CONVENTIONS.md)"
+    return index
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_import_graph_has_no_cycles():
+    assert cycles(import_graph()) == []
+
+
+def test_no_import_points_up_the_layer_list():
+    upward = sorted((a, b) for a, targets in import_graph().items() for b in targets
+                    if layer_of(b) < layer_of(a) and (a, b) not in ALLOWED_UPWARD)
+    assert upward == []
+    assert len(ALLOWED_UPWARD) <= 1
+
+
+def test_the_layer_check_sees_a_violation():
+    # The checks above could pass by finding nothing: a planted upward import and cycle are found.
+    graph = {"mmgen.train.loop": {"mmgen.families.toy"}, "mmgen.families.toy": {"mmgen.train.loop"}}
+    assert cycles(graph) == [["mmgen.families.toy", "mmgen.train.loop"]]
+    assert layer_of("mmgen.families.toy") < layer_of("mmgen.train.loop")
+    assert "mmgen.generative.tokens" in import_graph()["mmgen.families.generative"]
+
+
+def test_every_package_folder_ships_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    folders = {module_name(os.path.join(d, "__init__.py")) for d, _, files in os.walk(PACKAGE) if "__init__.py" in files}
+    configs = {"mmgen." + os.path.relpath(d, ROOT).replace(os.sep, ".")
+               for d, _, files in os.walk(os.path.join(ROOT, "configs")) if "__init__.py" in files}
+    assert folders | configs == listed

@@ -230,6 +230,28 @@ def test_folded_lora_gives_the_adapter_models_logits(runs, tmp_path, probe_input
     assert max(float(jnp.abs(want[m] - logits_of(adapted, *probe_inputs)[m]).max()) for m in want) > 1e-5
 
 
+def test_a_merge_holds_weights_only_and_fine_tunes_through_init_from(runs, tmp_path, capsys, probe_inputs):
+    merged = str(tmp_path / "merged")
+    assert cli.main(["adapters", "merge", "--workdirs", runs["lora"], runs["lora"], "--out", merged]) == 0
+    keys = checkpoint_keys(merged)
+    assert keys and {k[0] for k in keys} == {"model"}  # no optimizer state was made up
+    assert saved_config(merged).weights_only
+    # train cannot resume it (no optimizer): one line naming the way to fine-tune it
+    code = cli.main(["train", "--workdir", merged])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and f"--config.init_from={merged}" in err
+    # a fresh run starts from its weights: the first step's model is the merged one
+    tuned = str(tmp_path / "tuned")
+    start = load(merged).model
+    cfg = saved_config(merged)
+    cfg.update(init_from=merged, weights_only=False, total_steps=int(cfg.total_steps) + 1)
+    loop.run(get_family("adapters"), cfg, tuned, stop_after=1, devices=jax.devices()[:1])
+    assert {k[0] for k in checkpoint_keys(tuned, step=1)} >= {"model", "optimizer"}
+    moved = logits_of(load(tuned).model, *probe_inputs)
+    want = logits_of(start, *probe_inputs)
+    assert max(float(jnp.abs(moved[m] - want[m]).max()) for m in want) < 0.05  # one small step away
+
+
 def test_flylora_merges_load_as_summed_branches_or_averaged_shared_a(runs, tmp_path, probe_inputs):
     out = str(tmp_path / "fly_sum")
     assert cli.main(["adapters", "merge", "--workdirs", runs["flylora"], runs["flylora_other"], "--out", out]) == 0

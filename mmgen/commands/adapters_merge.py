@@ -46,7 +46,7 @@ from mmgen.families import adapters as adapters_family
 from mmgen.families import generative
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
-from mmgen.train import loop, optim
+from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
@@ -111,7 +111,7 @@ def restore_adapters(cfg, workdir: str, mesh) -> tuple[nnx.State, int]:
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"no checkpoint in {workdir}/checkpoints: train the adapters first")
-        state, _ = ckpt.restore(step, loop.with_shardings(trained, shardings))
+        state = ckpt.restore_parts(step, loop.with_shardings(trained, shardings), ("model",))
     finally:
         ckpt.close()
     return state["model"], int(step)
@@ -122,36 +122,28 @@ def _flat(state) -> dict[tuple[str, ...], jax.Array]:
     return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
-def check_fresh_optimizer_is_zeros(cfg) -> None:
-    """A fresh optimizer state is all zeros (moments, counts) for the configured optimizer."""
-    probe = optim.make_tx(cfg.optimizer, cfg.schedule, int(cfg.total_steps)).init({"w": jnp.ones((2,), jnp.float32)})
-    if any(np.any(np.asarray(leaf) != 0) for leaf in jax.tree.leaves(probe)):
-        raise UserError(f"optimizer.name={cfg.optimizer.name!r} starts from a non-zero state; the merged workdir "
-                        "cannot be given a fresh one")
+def weights_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.State:
+    """The weights of ``family``'s state for ``cfg`` (its ``prefixes`` entries only): ``values``.
 
-
-def fresh_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.State:
-    """``family``'s checkpointed state for ``cfg``: ``values`` under each prefix, zeros elsewhere.
-
-    Zeros elsewhere is exactly a fresh optimizer (checked) and FlyLoRA's empty routing
-    counts; any other variable without a value is an error. Built without compiling the
-    random initialisation.
+    A variable without a value is an error, except FlyLoRA's routing counts (statistics of
+    a training batch, which start at zero). Built without compiling the random
+    initialisation; nothing else of a training state (no optimizer) is made up.
     """
-    check_fresh_optimizer_is_zeros(cfg)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     _, abstract = loop.abstract_state(family, cfg)
     trained, _ = loop.split_frozen(family, abstract)
+    trained = nnx.State({p: trained[p] for p in prefixes})
     shardings = nnx.to_flat_state(sharding_lib.state_shardings(trained, mesh, rules))
     used, flat = set(), []
     for (path, var), (_, sharding) in zip(nnx.to_flat_state(trained), shardings):
         key = tuple(str(p) for p in path)
         target, where = var.get_value(), sharding.get_value()
-        if key[0] in prefixes and key[1:] in values:
+        if key[1:] in values:
             value = values[key[1:]]
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"merged {'.'.join(key)} has shape {value.shape}, the workdir expects {target.shape}")
             used.add(key[1:])
-        elif key[0] == "optimizer" or isinstance(var, RoutingCount):
+        elif isinstance(var, RoutingCount):
             value = np.zeros(target.shape, target.dtype)
         else:
             raise ValueError(f"the merged state has no value for {'.'.join(key)}")
@@ -165,8 +157,14 @@ def fresh_state(family, cfg, mesh, values: dict, prefixes=("model",)) -> nnx.Sta
 
 
 def write_workdir(family, cfg, out: str, step: int, values: dict, mesh, prefixes=("model",)) -> None:
-    """config.json + one checkpoint of ``family``'s state: ``values`` and a fresh optimizer."""
-    state = fresh_state(family, cfg, mesh, values, prefixes)
+    """config.json (``weights_only``) + one checkpoint holding ``family``'s weights ``values``.
+
+    ``sample``, ``eval`` and ``init_from`` read it (``loop.load_state``,
+    ``loop.load_warm_start``); ``train`` refuses to resume it, since it holds no optimizer.
+    """
+    state = weights_state(family, cfg, mesh, values, prefixes)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.weights_only = True
     workdir_lib.write_config(cfg, out)
     ckpt = Checkpointer(out, async_save=False)
     ckpt.save(step, state, force=True)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,24 @@ class Checkpointer:
             items["data"] = DataIteratorRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"], bool(restored.get("data", False)) if "data" in items else False
+
+    def restore_parts(self, step: int, abstract_state, parts) -> nnx.State:
+        """Only the entries ``parts`` of a saved state (e.g. ``("model", "ema")``), into the
+        shapes/shardings of ``abstract_state[part]``.
+
+        Reads just those arrays (an Orbax partial restore), from a whole training state or
+        from a weights-only one (``adapters merge``); a part the checkpoint lacks is an error.
+        """
+        item = nnx.State({p: abstract_state[p] for p in parts})
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+        item_dir = os.path.join(self.directory, str(step), "state")
+        restored = ocp.PyTreeCheckpointer().restore(
+            item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+        missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+                   if isinstance(leaf, jax.ShapeDtypeStruct)]  # targets a partial restore did not find
+        if missing:
+            raise ValueError(f"checkpoint {item_dir} lacks {len(missing)} arrays of {list(parts)}, e.g. {missing[0]}")
+        return restored
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -272,6 +272,9 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                         best_metric=cfg.get("best_metric"), best_mode=cfg.get("best_mode", "min"),
                         async_save=cfg.get("async_checkpointing", True))
     start = ckpt.latest_step()
+    if start is not None and cfg.get("weights_only"):
+        raise UserError(f"{workdir} holds model weights only (written by adapters merge), not a training state to "
+                        f"resume: fine-tune from it in a new workdir with --config.init_from={workdir}")
     if start is not None:
         state, data_restored = ckpt.restore(start, with_shardings(abstract, shardings), train_iter)
         if not data_restored:
@@ -282,7 +285,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         warm = load_warm_start(cfg, *warm_source, mesh, rules) if warm_source else None
         full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
         state, start = split_frozen(family, init_state(family, cfg, mesh, full_shardings))[0], 0
-        for part in WARM_START_PARTS if warm is not None else ():
+        for part in WEIGHT_PARTS if warm is not None else ():
             if part in state and jax.tree.leaves(state[part]):
                 state[part] = jax.tree.map(jnp.copy, warm)  # a copy each: the step donates its buffers
     frozen = load_frozen(family, cfg, abstract_frozen, frozen_shardings)
@@ -422,7 +425,13 @@ def _truncate_metrics(workdir: str, step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-WARM_START_PARTS = ("model", "ema")  # state entries a warm start copies; optimizer, step and data start fresh
+# The state entries that are model weights: what a warm start copies (optimizer, step and data
+# start fresh) and all a weights-only workdir holds.
+WEIGHT_PARTS = ("model", "ema")
+
+
+def weight_parts(abstract) -> tuple[str, ...]:
+    return tuple(p for p in WEIGHT_PARTS if p in abstract and jax.tree.leaves(abstract[p]))
 
 
 def check_warm_start(family: Family, cfg, workdir: str):
@@ -472,7 +481,8 @@ def load_warm_start(cfg, other, step, mesh, rules):
     one); optimizer state, step and data position start fresh.
     """
     ckpt = Checkpointer(cfg.init_from, read_only=True)
-    restored, _ = ckpt.restore(step, with_shardings(other, sharding_lib.state_shardings(other, mesh, rules)))
+    target = with_shardings(other, sharding_lib.state_shardings(other, mesh, rules))
+    restored = ckpt.restore_parts(step, target, ("model",))
     ckpt.close()
     log.info("model weights from %s at step %d (optimizer and step start fresh)", cfg.init_from, step)
     return restored["model"]
@@ -489,7 +499,19 @@ def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = 
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = ckpt.restore(step, with_shardings(abstract, shardings))
+    target = with_shardings(abstract, shardings)
+    if cfg.get("weights_only"):
+        # Weights only (adapters merge): the rest of the state (optimizer moments, counters) is
+        # not on disk and not needed to sample or evaluate; it is zeros.
+        parts = weight_parts(abstract)
+        weights = ckpt.restore_parts(step, target, parts)
+        rest = nnx.State({k: v for k, v in abstract.items() if k not in parts})
+        rest_shardings = nnx.State({k: v for k, v in shardings.items() if k not in parts})
+        zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest),
+                        out_shardings=rest_shardings)()
+        state = nnx.merge_state(zeros, weights)
+    else:
+        state, _ = ckpt.restore(step, target)
     ckpt.close()
     if family.frozen is not None:
         frozen = load_frozen(family, cfg, abstract_frozen, sharding_lib.state_shardings(abstract_frozen, mesh, rules))

@@ -10,7 +10,6 @@ in numpy and compare; they never call mmgen to get the expected values.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +213,7 @@ def test_training_mask_matches_the_task_definition(all_tasks_batch, name):
         region = np.asarray(x != mask_id[m])  # what the prefix input still shows
         np.testing.assert_array_equal(region, expected, err_msg=f"{name} {m} condition region")
         # prefix: the region shows the real tokens, every target is [MASK] and scored
+        # (loss_on="all" scores the maskable elements: the targets)
         np.testing.assert_array_equal(x[expected], tokens[m][i][expected])
         np.testing.assert_array_equal(w, (~expected).astype(np.float32))
         # commit: every element masked; the region shows the condition clip's tokens
@@ -223,17 +223,74 @@ def test_training_mask_matches_the_task_definition(all_tasks_batch, name):
         assert np.all(commit.weights[m][i] == 1.0)
 
 
-def test_mask_count_is_ceil_of_ratio_times_maskable_elements():
-    names = ["frame_prediction"] * 3 + ["audio_video"] * (N - 3)
+def test_mask_count_is_floor_of_ratio_times_maskable_elements_at_least_one():
+    # MAGVIT's random_mask: num_masked = clip(floor(num_maskable * mask_ratio), 1, num_maskable),
+    # in float32 like the released code.
+    names = ["frame_prediction", "unconditional", "audio_video"] * 5
+    maskable = [48, 80, 80 + 16] * 5  # prefix: 3 of 5 frames x 16; all video; video + 8 x 2 audio
+    rs = [0.05] * 3 + [0.3] * 3 + [0.99] * 3 + [1e-4] * 3 + [1.0] * 3
     ids = jnp.asarray([tasks.task_id(n) for n in names], jnp.int32)
-    ratio = jnp.asarray([0.5, 0.01, 1.0] + [0.3] * (N - 3))
     tokens = _tokens(1)
+    ratio = jnp.asarray(rs, jnp.float32)
     ex = jax.device_get(_build(tokens, ids, tokens, LABELS, ratio, 0.0, jax.random.key(2), mode="prefix"))
     counts = ex.masked["video"].sum(axis=(1, 2, 3)) + ex.masked["audio"].sum(axis=(1, 2))
-    maskable = [48] * 3 + [80 + 16] * (N - 3)  # 3 of 5 frames x 16; or all video + 8 x 2 audio
-    assert counts.tolist() == [math.ceil(float(r) * n) for r, n in zip(np.asarray(ratio, np.float32), maskable)]
+    golden = [max(1, int(np.floor(np.float32(r) * np.float32(n)))) for r, n in zip(rs, maskable)]
+    assert golden[:9] == [2, 4, 4, 14, 24, 28, 47, 79, 95]
+    assert counts.tolist() == golden
     # frame prediction never masks the given frames (prefix mode)
-    assert not np.any(ex.masked["video"][:3, :2])
+    assert not np.any(ex.masked["video"][::3, :2])
+    # the earlier rule, kept as mask_count="ceil"
+    ceil = masking.mask_count(jnp.asarray(rs[:9], jnp.float32), jnp.asarray(maskable[:9]), "ceil")
+    assert ceil.tolist() == [3, 4, 5, 15, 24, 29, 48, 80, 96]
+    with pytest.raises(ValueError, match="mask_count='round'"):
+        masking.mask_count(ratio, jnp.asarray(maskable), "round")
+
+
+def test_loss_weights_per_token_class_follow_magvit_mask_refine_recons():
+    # MAGVIT's multi-task config sets weight_mode="mask+refine+recons": with cond->input
+    # (COMMIT) every token is scored (masked, refined condition, reconstructed); with
+    # input->input (prefix) every maskable token, i.e. not the condition region.
+    names = ["frame_prediction", "audio_continuation", "audio_video_continuation"] * 5
+    ids = jnp.asarray([tasks.task_id(n) for n in names], jnp.int32)
+    tokens = _tokens(3)
+    cond = _condition_tokens(tokens)
+    args = (tokens, ids, cond, LABELS, jnp.full(N, 0.5), 0.0, jax.random.key(4))
+    for mode in ("commit", "prefix"):
+        ex = jax.device_get(_build(*args, mode=mode))
+        for m in ("video", "audio"):
+            present = np.asarray(ex.present[m])
+            expand = (slice(None),) + (None,) * (ex.masked[m].ndim - 1)
+            region = np.stack([EXPECTED[n][0 if m == "video" else 1] if EXPECTED[n][0 if m == "video" else 1]
+                               is not None else np.zeros(ex.masked[m].shape[1:], bool) for n in names])
+            masked = np.asarray(ex.masked[m])
+            classes = {
+                "masked target": masked & ~region,
+                "masked condition (refined)": masked & region,
+                "unmasked target (reconstructed)": ~masked & ~region,
+                "unmasked condition": ~masked & region,
+            }
+            golden = {  # weight of each class, present modality
+                "commit": {"masked target": 1, "masked condition (refined)": 1,
+                           "unmasked target (reconstructed)": 1, "unmasked condition": 1},
+                "prefix": {"masked target": 1, "masked condition (refined)": None,
+                           "unmasked target (reconstructed)": 1, "unmasked condition": 0},
+            }[mode]
+            w = np.asarray(ex.weights[m])
+            assert np.all(w[~present] == 0), f"{mode} {m}: an absent modality is never scored"
+            for cls, sel in classes.items():
+                sel = sel & present[expand]
+                if golden[cls] is None:  # prefix never masks the condition region
+                    assert not sel.any()
+                    continue
+                assert sel.any(), f"{mode} {m} {cls}: the batch has no such element"
+                assert np.all(w[sel] == golden[cls]), f"{mode} {m} {cls}"
+    # the other rules, kept as options: masked only (MAGVIT "mask+refine"); masked + region (mmgen)
+    masked = jnp.asarray([[True, True, False, False, False]])
+    region = jnp.asarray([[False, True, True, False, False]])
+    present = jnp.asarray([[True, True, True, True, False]])
+    maskable = jnp.asarray([[True, False, False, True, True]])  # prefix: the region is not maskable
+    w = {k: np.asarray(masking.loss_weights(masked, region, present, k, maskable)).tolist() for k in masking.LOSS_ON}
+    assert w == {"all": [[1, 0, 0, 1, 0]], "masked": [[1, 1, 0, 0, 0]], "masked+cond": [[1, 1, 1, 0, 0]]}
 
 
 def test_cfg_dropout_replaces_label_and_condition_tokens():
@@ -252,7 +309,7 @@ def test_cfg_dropout_replaces_label_and_condition_tokens():
     assert np.all(dropped.inputs["audio"][2] == A_VOCAB)
 
 
-def test_loss_on_selects_masked_condition_or_all_elements():
+def test_loss_on_selects_all_masked_or_masked_and_condition_elements():
     masked = jnp.asarray([[True, False, False, False]])
     region = jnp.asarray([[False, False, True, True]])
     present = jnp.asarray([[True, True, True, False]])

@@ -1,4 +1,9 @@
-"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ (REFERENCE.md "Quantizers")."""
+"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ.
+
+Golden values are restated in numpy from the papers' formulas and the authors'
+published code (FSQ: Mentzer et al. 2023, appendix A.1; RVQ quantizer dropout:
+SoundStream, Zeghidour et al. 2021), never by calling the quantizer under test.
+"""
 
 import itertools
 
@@ -170,6 +175,66 @@ def test_fsq_shapes_mixed_radix_and_gradient():
     np.testing.assert_allclose(q.indices_to_codes(indices), z_q, atol=1e-6)
     g = nnx.jit(lambda q, z: jax.grad(lambda z: jnp.sum(q(z, train=True)[0]))(z))(q, z)
     assert np.all(np.asarray(g) > 0)  # round_ste passes the tanh gradient
+
+
+def paper_fsq(z, levels, eps=1e-3):
+    """FSQ as the paper's published code: shift = tan(offset / half_l); float64 numpy."""
+    levels = np.asarray(levels)
+    half_l = (levels - 1) * (1 - eps) / 2
+    offset = np.where(levels % 2 == 1, 0.0, 0.5)
+    shift = np.tan(offset / half_l)
+    bounded = np.tanh(np.asarray(z, np.float64) + shift) * half_l - offset
+    return np.round(bounded) / (levels // 2)
+
+
+def _inputs_for_codes(codes, levels, eps=1e-3):
+    """Encoder outputs the paper's bound sends to ``codes`` (a hair inside each rounding cell)."""
+    levels = np.asarray(levels)
+    half_l = (levels - 1) * (1 - eps) / 2
+    offset = np.where(levels % 2 == 1, 0.0, 0.5)
+    target = np.clip(np.asarray(codes) * (levels // 2), -half_l - offset + 0.01, half_l - offset - 0.01)
+    return np.arctanh((target + offset) / half_l) - np.tan(offset / half_l)
+
+
+@pytest.mark.parametrize("levels", [(2, 3), (8, 5, 5, 5)])
+def test_fsq_is_finite_and_bijective_for_levels_with_two_and_more(levels):
+    q = make("fsq", levels=levels)
+    vocab = int(np.prod(levels))
+    # the issue's input for (2, 3), and a spread of values, extremes included
+    z = np.asarray([[0.3, -0.2], [-1.0, 1.0]]) if levels == (2, 3) else np.zeros((0, len(levels)))
+    z = np.concatenate([z, 3.0 * np.random.default_rng(0).normal(size=(256, len(levels))),
+                        np.full((2, len(levels)), 50.0) * [[1.0], [-1.0]]])
+    z_q, indices, _ = call(q, jnp.asarray(z, jnp.float32), train=True)
+    assert np.all(np.isfinite(np.asarray(z_q)))
+    np.testing.assert_allclose(z_q, paper_fsq(z, levels), atol=1e-6)
+    if levels == (2, 3):
+        # channel 0 (L = 2) takes the codes {-1, 0} of the paper's code; it rounds to -1
+        # only below z = -tan(0.5 / 0.4995) = -1.56, so [0.3, -0.2] and [-1, 1] give:
+        assert set(np.unique(np.asarray(z_q)[:, 0]).tolist()) == {-1.0, 0.0}
+        np.testing.assert_allclose(z_q[:2], [[0.0, 0.0], [0.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(q.indices_to_codes(indices), z_q, atol=1e-6)
+    # bijective: every index has its own code, and that code's preimage gives the index back
+    codes = np.asarray(q.indices_to_codes(jnp.arange(vocab)))
+    assert len(np.unique(codes, axis=0)) == vocab
+    back_q, back, aux = call(q, jnp.asarray(_inputs_for_codes(codes, levels), jnp.float32), train=False)
+    np.testing.assert_array_equal(back, np.arange(vocab))
+    np.testing.assert_allclose(back_q, codes, atol=1e-6)
+    assert float(aux["usage"]) == 1.0
+    g = nnx.jit(lambda q, z: jax.grad(lambda z: jnp.sum(q(z, train=True)[0]))(z))(q, jnp.asarray(z, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_fsq_atanh_shift_stays_an_option_and_rejects_two_levels():
+    z = 2.0 * jax.random.normal(jax.random.key(9), (64, 4))
+    q = make("fsq", shift="atanh")  # (8, 5, 5, 5): bound(0) is exactly 0 on the 8-level channel
+    np.testing.assert_allclose(q.bound(jnp.zeros((1, 4))), 0.0, atol=1e-6)
+    z_q, _, _ = call(q, z, train=False)
+    z_q_tan, _, _ = call(make("fsq"), z, train=False)
+    assert np.mean(np.asarray(z_q) == np.asarray(z_q_tan)) > 0.99  # the shifts differ by 4e-6
+    with pytest.raises(ValueError, match="undefined for a level count of 2.*shift='tan'"):
+        make("fsq", levels=(2, 3), shift="atanh")
+    with pytest.raises(ValueError, match="shift='sin' must be one of"):
+        make("fsq", shift="sin")
 
 
 # ----------------------------------------------------------------------------- VQ

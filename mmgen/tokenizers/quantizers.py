@@ -11,7 +11,7 @@ Every quantizer maps encoder outputs ``z: float [..., dim]`` (any leading dims) 
 
 and back with ``indices_to_codes(indices) -> z_q [..., dim]`` (float32).
 
-Formulas follow ``shared/REFERENCE.md`` ("Quantizers"):
+Formulas follow the papers and, where they leave room, the authors' released code:
 
 * **LFQ** (MAGVIT-v2, Yu et al. 2023): ``q_i = sign(z_i)`` in {-1, 1}^K, index
   ``sum_i 2^i [z_i > 0]`` -- channel 0 is the least significant bit by default
@@ -24,7 +24,8 @@ Formulas follow ``shared/REFERENCE.md`` ("Quantizers"):
   product over bits; the codebook term becomes the sum of per-group entropies, an
   upper bound of the joint one, as in Open-MAGVIT2's factorised codebook).
 * **FSQ** (Mentzer et al. 2023): bounded ``tanh`` with shift, ``round_ste``, mixed-radix
-  index (channel 0 least significant).
+  index (channel 0 least significant); the shift is the paper's published code's
+  ``tan(offset / half_l)`` by default, finite for every level count >= 2.
 * **VQ** (van den Oord et al. 2017; EMA variant of Razavi et al. 2019): nearest code in
   float32, codebook loss + 0.25 commitment, optional EMA codebook (decay 0.99) with
   Laplace smoothing, dead-code restart from random encoder outputs of the batch.
@@ -74,7 +75,11 @@ def default_quantizer_config(kind: str) -> ml_collections.ConfigDict:
             entropy_anneal_steps=2000,  # S
         )
     elif kind == "fsq":
-        fields = dict(levels=(8, 5, 5, 5), eps=1e-3)
+        fields = dict(
+            levels=(8, 5, 5, 5),
+            eps=1e-3,
+            shift="tan",  # the paper's code: tan(offset / half_l); "atanh": bound(0) = 0, needs every L >= 3
+        )
     elif kind in ("vq", "rvq"):
         fields = dict(
             codebook_size=1024,
@@ -341,23 +346,43 @@ def round_ste(x: jax.Array) -> jax.Array:
     return straight_through(x, jnp.round(x))
 
 
+FSQ_SHIFTS = ("tan", "atanh")
+
+
 class FiniteScalarQuantizer(Quantizer):
     """FSQ: channel i is bounded and rounded to ``levels[i]`` values in [-1, 1].
 
     ``bound(z) = tanh(z + shift) * half_l - offset`` with ``half_l = (L-1)(1-eps)/2``,
-    ``offset = 0.5`` for even L else 0, ``shift = atanh(offset / half_l)``;
-    ``q = round_ste(bound(z)) / (L // 2)``; index ``sum_i digit_i prod_{j<i} L_j`` with
-    ``digit_i = round(bound(z_i)) + L_i // 2`` in ``[0, L_i)``.
-    ``z: [..., len(levels)] -> indices: int32 [...]`` in ``[0, prod(levels))``.
-    FSQ has no losses: ``aux["loss"]`` is 0.
+    ``offset = 0.5`` for even L else 0, and
+
+    * ``shift="tan"`` (default; the code published with the paper, Mentzer et al. 2023,
+      appendix A.1): ``shift = tan(offset / half_l)``. Finite for every ``L >= 2``;
+      for ``L = 2`` (``half_l < 0.5``) the bounded value lies in ``(-1, 0)`` and the
+      codes are ``{-1, 0}``;
+    * ``shift="atanh"``: ``shift = atanh(offset / half_l)``, which puts ``bound(0)``
+      exactly at 0 for even L; undefined (NaN) for ``L = 2``, which it rejects.
+
+    Both agree for odd L (shift 0); for even ``L >= 4`` the shifts differ by about
+    ``(offset/half_l)^5 / 15`` (3.2e-4 for L = 4, 4e-6 for L = 8). ``q = round_ste(bound(z)) / (L // 2)``; index
+    ``sum_i digit_i prod_{j<i} L_j`` with ``digit_i = round(bound(z_i)) + L_i // 2`` in
+    ``[0, L_i)``. ``z: [..., len(levels)] -> indices: int32 [...]`` in
+    ``[0, prod(levels))``. FSQ has no losses: ``aux["loss"]`` is 0.
     """
 
-    def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), *, eps: float = 1e-3):
+    def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), *, eps: float = 1e-3, shift: str = "tan"):
         levels = tuple(int(l) for l in levels)
         if not levels or min(levels) < 2:
             raise ValueError(f"FSQ levels={levels} must all be >= 2")
+        if shift not in FSQ_SHIFTS:
+            raise ValueError(f"FSQ shift={shift!r} must be one of {FSQ_SHIFTS}")
+        if shift == "atanh" and min(levels) < 3:
+            raise ValueError(
+                f"FSQ levels={levels} with shift='atanh': atanh(offset / half_l) is undefined for a level "
+                "count of 2 (half_l < 0.5); use shift='tan' (the paper's code) or levels >= 3"
+            )
         self.levels = levels
         self.eps = eps
+        self.shift = shift
         self.dim = len(levels)
         self.vocab_size = int(np.prod(levels))
         self.num_levels = 1
@@ -368,7 +393,7 @@ class FiniteScalarQuantizer(Quantizer):
         L = np.asarray(self.levels, np.float64)
         half_l = (L - 1) * (1 - self.eps) / 2
         offset = np.where(self.levels_even, 0.5, 0.0)
-        shift = np.arctanh(offset / half_l)
+        shift = np.tan(offset / half_l) if self.shift == "tan" else np.arctanh(offset / half_l)
         half_width = np.asarray(self.levels, np.int32) // 2
         basis = np.cumprod([1] + list(self.levels[:-1])).astype(np.int32)
         f = lambda a: jnp.asarray(a, _F32)

@@ -341,23 +341,77 @@ def test_rvq_shapes_and_more_levels_never_reconstruct_worse():
     np.testing.assert_allclose(q.indices_to_codes(indices2), partial[1], atol=1e-5)
 
 
-def test_rvq_quantizer_dropout_changes_the_number_of_levels_used():
-    q = make("rvq", num_quantizers=3, codebook_size=8, code_dim=3, use_ema=False,
+def _depth_of_each_example(z_q, indices, codebooks):
+    """The depth n_b at which sum_{l < n_b} codebook_l[indices_b] reproduces example b's z_q."""
+    depths = []
+    for b in range(z_q.shape[0]):
+        partial = np.cumsum([cb[indices[b, ..., l]] for l, cb in enumerate(codebooks)], axis=0)
+        match = [n + 1 for n in range(len(codebooks)) if np.allclose(partial[n], z_q[b], atol=1e-5)]
+        assert len(match) == 1, f"example {b}: depth not unique {match}"
+        depths.append(match[0])
+    return np.asarray(depths)
+
+
+def test_rvq_quantizer_dropout_draws_a_depth_per_example():
+    # SoundStream: "for each input example, we sample n_q uniformly at random in
+    # [1; N_q] and only use quantizers Q_i for i = 1 ... n_q".
+    levels, batch, frames, dim = 4, 64, 5, 3
+    q = make("rvq", num_quantizers=levels, codebook_size=8, code_dim=dim, use_ema=False,
              dead_code_unused_steps=0)
-    z = jax.random.normal(jax.random.key(13), (2, 5, 3))
+    z = np.asarray(jax.random.normal(jax.random.key(13), (batch, frames, dim)))
     step = nnx.jit(lambda q, z: q(z, train=True))
-    codebooks = [np.asarray(v.codebook[...]) for v in q.quantizers]  # fixed: no EMA, no restart
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]  # fixed: no EMA, no restart
+    seen = []
+    for _ in range(3):
+        z_q, indices, aux = step(q, jnp.asarray(z))
+        z_q, indices = np.asarray(z_q, np.float64), np.asarray(indices)
+        assert indices.shape == (batch, frames, levels)  # every level still gets indices
+        depths = _depth_of_each_example(z_q, indices, codebooks)
+        assert set(depths.tolist()) == {1, 2, 3, 4}  # 64 examples, one batch: all depths occur
+        assert float(aux["levels_used"]) == pytest.approx(depths.mean())
+        # golden loss: level l's commitment mean_{b, t, d}([l < n_b] (r_l - q_l)^2), 0.25 x summed
+        residual, commit = z.astype(np.float64), 0.0
+        for l, cb in enumerate(codebooks):
+            code = cb[indices[..., l]]
+            active = (l < depths)[:, None, None]
+            commit += np.mean(active * (residual - code) ** 2)
+            residual = residual - code
+        assert float(aux["commit_loss"]) == pytest.approx(commit, rel=1e-5)
+        seen.append(depths)
+    assert not all(np.array_equal(seen[0], d) for d in seen[1:])  # fresh draws every call
+    _, _, aux = call(q, jnp.asarray(z), train=False)
+    assert float(aux["levels_used"]) == float(levels)
+
+
+def test_rvq_per_example_dropout_updates_a_codebook_only_from_examples_that_reach_it():
+    levels, batch, frames = 3, 32, 4
+    q = make("rvq", num_quantizers=levels, codebook_size=4, code_dim=2, use_ema=True, ema_decay=0.5,
+             dead_code_threshold=0.0, dead_code_unused_steps=0)
+    z = jax.random.normal(jax.random.key(21), (batch, frames, 2))
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]  # before the update
+    z_q, indices, _ = call(q, z, train=True)
+    depths = _depth_of_each_example(np.asarray(z_q, np.float64), np.asarray(indices), codebooks)
+    for l, vq in enumerate(q.quantizers):
+        # EMA counts start at 1 per code: N_c <- 0.5 * 1 + 0.5 * (vectors of examples with n_b > l)
+        expected = 0.5 * 4 + 0.5 * frames * int(np.sum(depths > l))
+        assert float(np.sum(vq.ema_cluster_size[...])) == pytest.approx(expected), l
+
+
+def test_rvq_per_batch_dropout_stays_an_option():
+    q = make("rvq", num_quantizers=3, codebook_size=8, code_dim=3, use_ema=False, dead_code_unused_steps=0,
+             quantizer_dropout_scope="batch")
+    z = jax.random.normal(jax.random.key(13), (16, 5, 3))
+    step = nnx.jit(lambda q, z: q(z, train=True))
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]
     used = set()
     for _ in range(8):
         z_q, indices, aux = step(q, z)
-        n = int(aux["levels_used"])
-        used.add(n)
-        assert indices.shape == (2, 5, 3)
-        expected = sum(codebooks[l][indices[..., l]] for l in range(n))
-        np.testing.assert_allclose(z_q, expected, atol=1e-5)
+        depths = _depth_of_each_example(np.asarray(z_q, np.float64), np.asarray(indices), codebooks)
+        assert len(set(depths.tolist())) == 1 and float(aux["levels_used"]) == depths[0]
+        used.add(int(depths[0]))
     assert len(used) > 1 and used <= {1, 2, 3}
-    _, _, aux = call(q, z, train=False)
-    assert float(aux["levels_used"]) == 3.0
+    with pytest.raises(ValueError, match="quantizer_dropout_scope='token' must be one of"):
+        make("rvq", quantizer_dropout_scope="token")
 
 
 def test_rvq_losses_only_count_active_levels_and_reach_the_codebooks():

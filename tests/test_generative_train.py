@@ -258,8 +258,10 @@ def test_host_rows_of_condition_clips_match_the_global_batch():
     whole = tokens.condition_video(video, ids, key, grid=(3, 4, 4), temporal_factor=4, start=0)
     rows = tokens.condition_video(video[4:], ids, key, grid=(3, 4, 4), temporal_factor=4, start=4)
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(whole[4:]))
-    alone = tasks_lib.build_condition_video(video[4:], ids[4:], key, (3, 4, 4))  # a host-local draw differs
-    assert not np.array_equal(np.asarray(alone), np.asarray(whole[4:]))
+    # MAGVIT's dynamic tasks sweep deterministically: a host-local build agrees as well
+    # (only tasks with motion="random" draw their box from the key).
+    alone = tasks_lib.build_condition_video(video[4:], ids[4:], jax.random.key(8), (3, 4, 4))
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(whole[4:]))
 
 
 def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path):

@@ -1,4 +1,9 @@
-"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ (docs/ALGORITHMS.md "Quantizers")."""
+"""Specification of mmgen.tokenizers.quantizers: LFQ, FSQ, VQ and RVQ.
+
+Golden values are restated in numpy from the papers' formulas and the authors'
+published code (FSQ: Mentzer et al. 2023, appendix A.1; RVQ quantizer dropout:
+SoundStream, Zeghidour et al. 2021), never by calling the quantizer under test.
+"""
 
 import itertools
 
@@ -173,6 +178,66 @@ def test_fsq_shapes_mixed_radix_and_gradient():
     assert np.all(np.asarray(g) > 0)  # round_ste passes the tanh gradient
 
 
+def paper_fsq(z, levels, eps=1e-3):
+    """FSQ as the paper's published code: shift = tan(offset / half_l); float64 numpy."""
+    levels = np.asarray(levels)
+    half_l = (levels - 1) * (1 - eps) / 2
+    offset = np.where(levels % 2 == 1, 0.0, 0.5)
+    shift = np.tan(offset / half_l)
+    bounded = np.tanh(np.asarray(z, np.float64) + shift) * half_l - offset
+    return np.round(bounded) / (levels // 2)
+
+
+def _inputs_for_codes(codes, levels, eps=1e-3):
+    """Encoder outputs the paper's bound sends to ``codes`` (a hair inside each rounding cell)."""
+    levels = np.asarray(levels)
+    half_l = (levels - 1) * (1 - eps) / 2
+    offset = np.where(levels % 2 == 1, 0.0, 0.5)
+    target = np.clip(np.asarray(codes) * (levels // 2), -half_l - offset + 0.01, half_l - offset - 0.01)
+    return np.arctanh((target + offset) / half_l) - np.tan(offset / half_l)
+
+
+@pytest.mark.parametrize("levels", [(2, 3), (8, 5, 5, 5)])
+def test_fsq_is_finite_and_bijective_for_levels_with_two_and_more(levels):
+    q = make("fsq", levels=levels)
+    vocab = int(np.prod(levels))
+    # the issue's input for (2, 3), and a spread of values, extremes included
+    z = np.asarray([[0.3, -0.2], [-1.0, 1.0]]) if levels == (2, 3) else np.zeros((0, len(levels)))
+    z = np.concatenate([z, 3.0 * np.random.default_rng(0).normal(size=(256, len(levels))),
+                        np.full((2, len(levels)), 50.0) * [[1.0], [-1.0]]])
+    z_q, indices, _ = call(q, jnp.asarray(z, jnp.float32), train=True)
+    assert np.all(np.isfinite(np.asarray(z_q)))
+    np.testing.assert_allclose(z_q, paper_fsq(z, levels), atol=1e-6)
+    if levels == (2, 3):
+        # channel 0 (L = 2) takes the codes {-1, 0} of the paper's code; it rounds to -1
+        # only below z = -tan(0.5 / 0.4995) = -1.56, so [0.3, -0.2] and [-1, 1] give:
+        assert set(np.unique(np.asarray(z_q)[:, 0]).tolist()) == {-1.0, 0.0}
+        np.testing.assert_allclose(z_q[:2], [[0.0, 0.0], [0.0, 1.0]], atol=1e-6)
+    np.testing.assert_allclose(q.indices_to_codes(indices), z_q, atol=1e-6)
+    # bijective: every index has its own code, and that code's preimage gives the index back
+    codes = np.asarray(q.indices_to_codes(jnp.arange(vocab)))
+    assert len(np.unique(codes, axis=0)) == vocab
+    back_q, back, aux = call(q, jnp.asarray(_inputs_for_codes(codes, levels), jnp.float32), train=False)
+    np.testing.assert_array_equal(back, np.arange(vocab))
+    np.testing.assert_allclose(back_q, codes, atol=1e-6)
+    assert float(aux["usage"]) == 1.0
+    g = nnx.jit(lambda q, z: jax.grad(lambda z: jnp.sum(q(z, train=True)[0]))(z))(q, jnp.asarray(z, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_fsq_atanh_shift_stays_an_option_and_rejects_two_levels():
+    z = 2.0 * jax.random.normal(jax.random.key(9), (64, 4))
+    q = make("fsq", shift="atanh")  # (8, 5, 5, 5): bound(0) is exactly 0 on the 8-level channel
+    np.testing.assert_allclose(q.bound(jnp.zeros((1, 4))), 0.0, atol=1e-6)
+    z_q, _, _ = call(q, z, train=False)
+    z_q_tan, _, _ = call(make("fsq"), z, train=False)
+    assert np.mean(np.asarray(z_q) == np.asarray(z_q_tan)) > 0.99  # the shifts differ by 4e-6
+    with pytest.raises(ValueError, match="undefined for a level count of 2.*shift='tan'"):
+        make("fsq", levels=(2, 3), shift="atanh")
+    with pytest.raises(ValueError, match="shift='sin' must be one of"):
+        make("fsq", shift="sin")
+
+
 # ----------------------------------------------------------------------------- VQ
 
 
@@ -277,23 +342,77 @@ def test_rvq_shapes_and_more_levels_never_reconstruct_worse():
     np.testing.assert_allclose(q.indices_to_codes(indices2), partial[1], atol=1e-5)
 
 
-def test_rvq_quantizer_dropout_changes_the_number_of_levels_used():
-    q = make("rvq", num_quantizers=3, codebook_size=8, code_dim=3, use_ema=False,
+def _depth_of_each_example(z_q, indices, codebooks):
+    """The depth n_b at which sum_{l < n_b} codebook_l[indices_b] reproduces example b's z_q."""
+    depths = []
+    for b in range(z_q.shape[0]):
+        partial = np.cumsum([cb[indices[b, ..., l]] for l, cb in enumerate(codebooks)], axis=0)
+        match = [n + 1 for n in range(len(codebooks)) if np.allclose(partial[n], z_q[b], atol=1e-5)]
+        assert len(match) == 1, f"example {b}: depth not unique {match}"
+        depths.append(match[0])
+    return np.asarray(depths)
+
+
+def test_rvq_quantizer_dropout_draws_a_depth_per_example():
+    # SoundStream: "for each input example, we sample n_q uniformly at random in
+    # [1; N_q] and only use quantizers Q_i for i = 1 ... n_q".
+    levels, batch, frames, dim = 4, 64, 5, 3
+    q = make("rvq", num_quantizers=levels, codebook_size=8, code_dim=dim, use_ema=False,
              dead_code_unused_steps=0)
-    z = jax.random.normal(jax.random.key(13), (2, 5, 3))
+    z = np.asarray(jax.random.normal(jax.random.key(13), (batch, frames, dim)))
     step = nnx.jit(lambda q, z: q(z, train=True))
-    codebooks = [np.asarray(v.codebook[...]) for v in q.quantizers]  # fixed: no EMA, no restart
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]  # fixed: no EMA, no restart
+    seen = []
+    for _ in range(3):
+        z_q, indices, aux = step(q, jnp.asarray(z))
+        z_q, indices = np.asarray(z_q, np.float64), np.asarray(indices)
+        assert indices.shape == (batch, frames, levels)  # every level still gets indices
+        depths = _depth_of_each_example(z_q, indices, codebooks)
+        assert set(depths.tolist()) == {1, 2, 3, 4}  # 64 examples, one batch: all depths occur
+        assert float(aux["levels_used"]) == pytest.approx(depths.mean())
+        # golden loss: level l's commitment mean_{b, t, d}([l < n_b] (r_l - q_l)^2), 0.25 x summed
+        residual, commit = z.astype(np.float64), 0.0
+        for l, cb in enumerate(codebooks):
+            code = cb[indices[..., l]]
+            active = (l < depths)[:, None, None]
+            commit += np.mean(active * (residual - code) ** 2)
+            residual = residual - code
+        assert float(aux["commit_loss"]) == pytest.approx(commit, rel=1e-5)
+        seen.append(depths)
+    assert not all(np.array_equal(seen[0], d) for d in seen[1:])  # fresh draws every call
+    _, _, aux = call(q, jnp.asarray(z), train=False)
+    assert float(aux["levels_used"]) == float(levels)
+
+
+def test_rvq_per_example_dropout_updates_a_codebook_only_from_examples_that_reach_it():
+    levels, batch, frames = 3, 32, 4
+    q = make("rvq", num_quantizers=levels, codebook_size=4, code_dim=2, use_ema=True, ema_decay=0.5,
+             dead_code_threshold=0.0, dead_code_unused_steps=0)
+    z = jax.random.normal(jax.random.key(21), (batch, frames, 2))
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]  # before the update
+    z_q, indices, _ = call(q, z, train=True)
+    depths = _depth_of_each_example(np.asarray(z_q, np.float64), np.asarray(indices), codebooks)
+    for l, vq in enumerate(q.quantizers):
+        # EMA counts start at 1 per code: N_c <- 0.5 * 1 + 0.5 * (vectors of examples with n_b > l)
+        expected = 0.5 * 4 + 0.5 * frames * int(np.sum(depths > l))
+        assert float(np.sum(vq.ema_cluster_size[...])) == pytest.approx(expected), l
+
+
+def test_rvq_per_batch_dropout_stays_an_option():
+    q = make("rvq", num_quantizers=3, codebook_size=8, code_dim=3, use_ema=False, dead_code_unused_steps=0,
+             quantizer_dropout_scope="batch")
+    z = jax.random.normal(jax.random.key(13), (16, 5, 3))
+    step = nnx.jit(lambda q, z: q(z, train=True))
+    codebooks = [np.asarray(v.codebook[...], np.float64) for v in q.quantizers]
     used = set()
     for _ in range(8):
         z_q, indices, aux = step(q, z)
-        n = int(aux["levels_used"])
-        used.add(n)
-        assert indices.shape == (2, 5, 3)
-        expected = sum(codebooks[l][indices[..., l]] for l in range(n))
-        np.testing.assert_allclose(z_q, expected, atol=1e-5)
+        depths = _depth_of_each_example(np.asarray(z_q, np.float64), np.asarray(indices), codebooks)
+        assert len(set(depths.tolist())) == 1 and float(aux["levels_used"]) == depths[0]
+        used.add(int(depths[0]))
     assert len(used) > 1 and used <= {1, 2, 3}
-    _, _, aux = call(q, z, train=False)
-    assert float(aux["levels_used"]) == 3.0
+    with pytest.raises(ValueError, match="quantizer_dropout_scope='token' must be one of"):
+        make("rvq", quantizer_dropout_scope="token")
 
 
 def test_rvq_losses_only_count_active_levels_and_reach_the_codebooks():

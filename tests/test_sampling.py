@@ -80,6 +80,24 @@ def test_masked_count_follows_the_cosine_schedule_and_reaches_zero(prefix_frame_
     assert sampling.decoding_mask_counts(32, 5) == expected
 
 
+def test_choice_noise_is_annealed_as_the_released_maskgit_decoder_over_12_steps(model):
+    # Released MaskGIT / MAGVIT decoders (parallel_decode.py): at step t of T the Gumbel
+    # noise on the confidence is scaled by choice_temperature * (1 - (t + 1) / T).
+    steps, temp = 12, 4.5
+    golden = [temp * (1.0 - (t + 1) / steps) for t in range(steps)]
+    assert golden[-1] == 0.0 and golden[0] == pytest.approx(4.125)
+    cond = random_tokens(4)["video"]
+    _, trace = sampling.sample(model, "frame_prediction", {"video": cond}, jax.random.key(3), steps=steps,
+                               mode="prefix", choice_temperature=temp, return_trace=True)
+    np.testing.assert_allclose(np.asarray(trace["noise_scale"]), golden, rtol=1e-6, atol=1e-6)
+    # the earlier form, kept as an option: one step more noise, never noise-free
+    earlier = [float(sampling.choice_noise_scale(t, steps, temp, "step_start")) for t in range(steps)]
+    np.testing.assert_allclose(earlier, [temp * (1.0 - t / steps) for t in range(steps)], rtol=1e-6)
+    assert [float(sampling.choice_noise_scale(t, steps, temp)) for t in range(steps)] == pytest.approx(golden)
+    with pytest.raises(ValueError, match="choice_anneal 'late' is unknown"):
+        sampling.sample(model, "frame_prediction", {"video": cond}, jax.random.key(3), choice_anneal="late")
+
+
 def test_at_least_one_token_is_revealed_per_step_when_steps_exceed_the_schedule():
     # 3 masked tokens over 5 steps: the schedule alone would keep 2 masked twice.
     assert sampling.decoding_mask_counts(3, 5) == [2, 1, 0, 0, 0]

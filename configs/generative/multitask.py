@@ -77,9 +77,15 @@ def get_config(arg=None):
     cfg.dataset = default_dataset_config()
     cfg.task_weights = ml_collections.ConfigDict(dict(TASK_WEIGHTS))
     cfg.conditioning = options.get("conditioning", "commit")  # commit | prefix
+    # Defaults follow MAGVIT's released code (google-research/magvit: mask_utils.random_mask
+    # and the multi-task config maskgvt_bair_multitask_config.py); the other values are options.
     cfg.masking = ml_collections.ConfigDict({
-        "schedule": "cosine",  # r = cos(pi/2 u), u ~ U(0, 1]
-        "loss_on": "masked",  # masked | masked+cond | all
+        "schedule": "cosine",  # r = cos(pi/2 u), u ~ U(0, 1] (MaskGIT)
+        # all (MAGVIT multi-task config: weight_mode="mask+refine+recons", every maskable token)
+        # | masked (MAGVIT "mask+refine") | masked+cond (mmgen: masked and the condition region)
+        "loss_on": "all",
+        # floor (MAGVIT random_mask: max(1, floor(r N))) | ceil (mmgen's earlier max(1, ceil(r N)))
+        "mask_count": "floor",
         "label_smoothing": 0.1,
         "cfg_dropout": 0.1,  # classifier-free guidance: condition dropped with this probability
     })
@@ -87,7 +93,7 @@ def get_config(arg=None):
         "steps": 12,  # MaskGIT / MAGVIT
         "guidance": 0.0,  # logits = cond + s * (cond - uncond); 0 = one pass
         "temperature": 1.0,
-        "choice_temperature": 4.5,
+        "choice_temperature": 4.5,  # Gumbel scale 4.5 * (1 - (t+1)/T) at step t (MaskGIT / MAGVIT decoders)
         "schedule": "cosine",
         "batch_size": 16,  # clips decoded at once by `sample` and `eval`
         "eval_tasks": "frame_prediction,audio_video",  # sampled into workdir/samples at every eval

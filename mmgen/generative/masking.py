@@ -1,26 +1,37 @@
 """Mask schedules, training inputs/targets/weights, and the masked token loss.
 
-MaskGIT training (docs/ALGORITHMS.md "Masked multi-task transformer"), per example:
+MaskGIT / MAGVIT training (Chang et al. 2022; Yu et al. 2023, whose released code,
+google-research/magvit ``videogvt/train_lib/mask_utils.py``, gives the defaults here),
+per example:
 
 1. the task (``mmgen.generative.tasks``) gives the condition region of every
    modality and which modalities are absent;
 2. a mask ratio ``r = schedule(u)``, ``u ~ U(0, 1]`` (cosine ``cos(pi/2 u)`` by
-   default), masks ``ceil(r * N)`` of the ``N`` maskable elements, drawn uniformly
-   and jointly over the modalities;
+   default), masks ``n`` of the ``N`` maskable elements, drawn uniformly and jointly
+   over the modalities: ``mask_count="floor"`` (default, MAGVIT's ``random_mask``):
+   ``n = clip(floor(r * N), 1, N)``; ``"ceil"`` (mmgen's earlier rule):
+   ``n = clip(ceil(r * N), 1, N)``;
 3. conditioning mode:
 
-   * ``commit`` (MAGVIT's COMMIT): every element is maskable; a masked element inside
-     the condition region shows the condition token (from tokenizing the task's
-     condition clip, ``tasks.build_condition_video``) instead of ``[MASK]``;
-   * ``prefix`` (the baseline): condition elements always show the real token and
-     only target elements are maskable;
+   * ``commit`` (MAGVIT's COMMIT, ``condition_mode="cond->input"``): every element is
+     maskable; a masked element inside the condition region shows the condition token
+     (from tokenizing the task's condition clip, ``tasks.build_condition_video``)
+     instead of ``[MASK]``;
+   * ``prefix`` (the baseline, MAGVIT's ``"input->input"``): condition elements always
+     show the real token and only target elements are maskable;
 
 4. classifier-free guidance dropout with probability ``cfg_dropout``: the class
    label becomes UNCOND and every element that would show a condition token shows
    ``[MASK]`` (the very input the unconditional pass sees at sampling);
-5. the loss weights ``loss_on``: ``masked`` (elements whose input was replaced),
-   ``masked+cond`` (those and the whole condition region; MAGVIT's refinement of
-   the condition) or ``all`` present elements.
+5. the loss weights ``loss_on``:
+
+   * ``all`` (default; MAGVIT's ``weight_mode="mask+refine+recons"``, the setting of
+     its multi-task config): every maskable present element, i.e. the masked ones,
+     the refined condition tokens and the unmasked ones the model reconstructs (in
+     ``commit`` mode every present element; in ``prefix`` mode the condition region,
+     which shows its own tokens, is left out);
+   * ``masked`` (MAGVIT's ``"mask+refine"``): the elements whose input was replaced;
+   * ``masked+cond`` (mmgen's): those and the whole condition region.
 
 The loss is the factorised cross-entropy (sum of the group cross-entropies, with
 label smoothing per group) averaged over weighted elements of the global batch.
@@ -40,7 +51,8 @@ from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.transformer import ModalitySpec, group_digits, modality_specs
 
 SCHEDULES = ("cosine", "linear", "square", "exp")
-LOSS_ON = ("masked", "masked+cond", "all")
+LOSS_ON = ("all", "masked", "masked+cond")
+MASK_COUNTS = ("floor", "ceil")
 MODES = ("commit", "prefix")
 
 
@@ -100,8 +112,21 @@ def element_regions(specs: Mapping[str, ModalitySpec], task_ids, region_rng) -> 
     return out
 
 
-def choose_masked(scores: jax.Array, candidates: dict, ratio: jax.Array) -> dict:
-    """Mask ``ceil(ratio * N)`` (at least one) of each example's ``N`` candidate elements.
+def mask_count(ratio: jax.Array, count: jax.Array, rule: str = "floor") -> jax.Array:
+    """int32 number of elements to mask of ``count`` maskable ones at ``ratio``.
+
+    ``floor`` (MAGVIT's ``random_mask``): ``clip(floor(ratio * count), 1, count)``;
+    ``ceil`` (mmgen's earlier rule): ``clip(ceil(ratio * count), 1, count)``; 0 when
+    nothing is maskable.
+    """
+    _check_choice(rule, MASK_COUNTS, "mask_count")
+    raw = ratio * count
+    n = jnp.floor(raw) if rule == "floor" else jnp.ceil(raw)
+    return jnp.clip(n, jnp.minimum(count, 1), count).astype(jnp.int32)
+
+
+def choose_masked(scores: jax.Array, candidates: dict, ratio: jax.Array, rule: str = "floor") -> dict:
+    """Mask ``mask_count(ratio, N, rule)`` of each example's ``N`` candidate elements.
 
     ``candidates``: dict modality -> bool ``[B, ...]``; ``scores``: uniform ``[B,
     total elements]`` in modality order; the lowest-scoring candidates are masked,
@@ -111,8 +136,7 @@ def choose_masked(scores: jax.Array, candidates: dict, ratio: jax.Array) -> dict
     names = list(candidates)
     batch = ratio.shape[0]
     flat = jnp.concatenate([candidates[m].reshape(batch, -1) for m in names], axis=1)
-    count = flat.sum(axis=1)
-    n_mask = jnp.clip(jnp.ceil(ratio * count), jnp.minimum(count, 1), count).astype(jnp.int32)
+    n_mask = mask_count(ratio, flat.sum(axis=1), rule)
     rank = jnp.argsort(jnp.argsort(jnp.where(flat, scores, 2.0), axis=1), axis=1)
     chosen = rank < n_mask[:, None]
     out, start = {}, 0
@@ -123,15 +147,21 @@ def choose_masked(scores: jax.Array, candidates: dict, ratio: jax.Array) -> dict
     return out
 
 
-def loss_weights(masked: jax.Array, region: jax.Array, present: jax.Array, loss_on: str = "masked") -> jax.Array:
-    """float32 loss weight per element: ``masked``, ``masked | region`` or all, times ``present``."""
+def loss_weights(
+    masked: jax.Array, region: jax.Array, present: jax.Array, loss_on: str = "all", maskable: jax.Array | None = None
+) -> jax.Array:
+    """float32 loss weight per element, times ``present``.
+
+    ``all``: ``maskable`` (every element when None); ``masked``: ``masked``;
+    ``masked+cond``: ``masked | region``.
+    """
     _check_choice(loss_on, LOSS_ON, "loss_on")
     if loss_on == "masked":
         w = masked
     elif loss_on == "masked+cond":
         w = masked | region
     else:
-        w = jnp.ones_like(masked)
+        w = jnp.ones_like(masked) if maskable is None else jnp.broadcast_to(maskable, masked.shape)
     return (w & present).astype(jnp.float32)
 
 
@@ -147,9 +177,10 @@ def make_training_example(
     region_rng: jax.Array | None = None,
     mode: str = "commit",
     schedule: str = "cosine",
-    loss_on: str = "masked",
+    loss_on: str = "all",
     cfg_dropout: float = 0.1,
     ratio: jax.Array | None = None,
+    mask_count: str = "floor",
 ) -> MaskedExample:
     """Inputs, targets and weights for a batch of (tokens, task) pairs.
 
@@ -157,12 +188,14 @@ def make_training_example(
     * ``tokens``: dict modality -> ground-truth int32 tokens.
     * ``condition_tokens``: COMMIT only: tokens of the condition clips built with
       ``tasks.build_condition_video`` / ``build_condition_audio`` (same shapes).
-    * ``region_rng``: the key given to ``build_condition_video`` so that the dynamic
+    * ``region_rng``: the key given to ``build_condition_video`` so that the random
       boxes agree (derived from ``rng`` when None).
     * ``has_audio``: bool ``[B]``; False makes audio absent for that example.
     * ``ratio``: optional ``[B]`` mask ratios overriding the schedule draw.
+    * ``loss_on`` / ``mask_count``: see the module docstring (defaults: MAGVIT's).
     """
     _check_choice(mode, MODES, "mode")
+    _check_choice(mask_count, MASK_COUNTS, "mask_count")
     _check_choice(schedule, SCHEDULES, "schedule")
     _check_choice(loss_on, LOSS_ON, "loss_on")
     all_specs = modality_specs(cfg)
@@ -196,7 +229,7 @@ def make_training_example(
     total = sum(c.reshape(batch, -1).sum(axis=1) for c in candidates.values())
     if ratio is None:
         ratio = mask_ratio(1.0 - draw[:, 0], schedule, total)  # u ~ U(0, 1]
-    masked = choose_masked(draw[:, 2:], candidates, jnp.asarray(ratio, jnp.float32))
+    masked = choose_masked(draw[:, 2:], candidates, jnp.asarray(ratio, jnp.float32), mask_count)
 
     dropped = draw[:, 1] < cfg_dropout  # classifier-free guidance: condition dropped
     uncond = int(cfg.num_classes)
@@ -215,7 +248,7 @@ def make_training_example(
             x = jnp.where(region, jnp.where(drop, mask_tok, target), jnp.where(masked[m], mask_tok, target))
         is_present = expand(present[m], region)
         inputs[m] = jnp.where(is_present, x, mask_tok)
-        weights[m] = loss_weights(masked[m], region, is_present, loss_on)
+        weights[m] = loss_weights(masked[m], region, is_present, loss_on, candidates[m])
     return MaskedExample(
         inputs=inputs,
         targets={m: tokens[m] for m in specs},

@@ -1,6 +1,8 @@
 """Iterative MaskGIT decoding for any task, with classifier-free guidance.
 
-docs/ALGORITHMS.md ("Masked multi-task transformer"), for ``T = steps`` and ``t = 0..T-1``:
+MaskGIT (Chang et al. 2022) as MAGVIT's released decoder runs it
+(google-research/magvit ``videogvt/train_lib/parallel_decode.py``; google-research/
+maskgit), for ``T = steps`` and ``t = 0..T-1``:
 
 1. build the input: decoded elements show their token; still-masked elements show
    ``[MASK]``, except that in ``commit`` mode masked elements inside the task's
@@ -12,8 +14,11 @@ docs/ALGORITHMS.md ("Masked multi-task transformer"), for ``T = steps`` and ``t 
    with ``s = 0`` only the conditional pass runs;
 3. sample every masked element from ``softmax(logits / temperature)`` (per factor
    group; ``temperature = 0`` is greedy) and score it with
-   ``confidence = log p(sampled) + choice_temperature * (1 - t/T) * Gumbel``, with
-   ``log p`` the (guided, untempered) factorised log-probability;
+   ``confidence = log p(sampled) + choice_temperature * a_t * Gumbel``, with ``log p``
+   the (guided, untempered) factorised log-probability and the annealing
+   ``a_t = 1 - (t+1)/T`` (``choice_anneal="maskgit"``, the default: the released
+   MaskGIT / MAGVIT decoders, noise-free at the last step) or ``a_t = 1 - t/T``
+   (``"step_start"``, mmgen's earlier form, one step more noise);
 4. keep the most confident and re-mask the rest so that
    ``n_{t+1} = clip(floor(N_0 * schedule((t+1)/T)), 0, n_t - 1)`` elements stay
    masked (at least one revealed per step; ``n_T = 0``). ``N_0`` counts the
@@ -21,7 +26,7 @@ docs/ALGORITHMS.md ("Masked multi-task transformer"), for ``T = steps`` and ``t 
    region, whose tokens are refined) over all modalities of the task together.
 
 The whole loop is one ``jax.lax.fori_loop`` inside one ``jax.jit``, compiled once per
-(model graph, task, shapes, steps, schedule, mode, guidance on/off).
+(model graph, task, shapes, steps, schedule, mode, guidance on/off, annealing).
 """
 
 from __future__ import annotations
@@ -35,6 +40,21 @@ from flax import nnx
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.masking import MODES, SCHEDULES, element_regions, mask_ratio
 from mmgen.generative.transformer import combine_digits, token_log_prob
+
+CHOICE_ANNEALS = ("maskgit", "step_start")
+
+
+def choice_noise_scale(t, steps: int, choice_temperature, anneal: str = "maskgit"):
+    """Scale of the Gumbel noise added to the confidence at step ``t`` of ``steps``.
+
+    ``maskgit``: ``choice_temperature * (1 - (t+1)/steps)`` (released MaskGIT / MAGVIT);
+    ``step_start``: ``choice_temperature * (1 - t/steps)``. Works on python numbers and
+    traced arrays alike.
+    """
+    if anneal not in CHOICE_ANNEALS:
+        raise ValueError(f"choice_anneal {anneal!r} is unknown; choose one of {', '.join(CHOICE_ANNEALS)}")
+    done = t + 1 if anneal == "maskgit" else t
+    return choice_temperature * (1.0 - done / steps)
 
 
 def guided_logits(model, inputs, task_ids, labels, uncond_inputs=None, uncond_labels=None, guidance=0.0):
@@ -77,7 +97,9 @@ def _unflat(flat, like: dict, names, batch):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "task", "steps", "schedule", "mode", "use_guidance"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "task", "steps", "schedule", "mode", "use_guidance", "choice_anneal")
+)
 def _decode(
     graphdef,
     state,
@@ -94,6 +116,7 @@ def _decode(
     schedule: str,
     mode: str,
     use_guidance: bool,
+    choice_anneal: str,
 ):
     model = nnx.merge(graphdef, state)  # for static facts; the loop body merges its own copy
     task_obj = tasks_lib.get_task(task)
@@ -121,7 +144,7 @@ def _decode(
     n0 = _flat(unknown0, names, batch).sum(axis=1)  # [B]
 
     def step(t, carry):
-        state, current, unknown, counts = carry
+        state, current, unknown, counts, scales = carry
         inputs = show(current, unknown, True)
         # NNX transforms need the parameters traced at the loop's level: they ride in the carry.
         model = nnx.merge(graphdef, state)
@@ -141,7 +164,8 @@ def _decode(
             sampled[m] = combine_digits(digits, specs[m])
             logp[m] = token_log_prob(logits[m], sampled[m], specs[m])
         noise = gumbel[:, start:]
-        confidence = _flat(logp, names, batch) + choice_temperature * (1.0 - t / steps) * noise
+        scale = choice_noise_scale(t, steps, choice_temperature, choice_anneal)
+        confidence = _flat(logp, names, batch) + scale * noise
         confidence = jnp.where(flat_unknown, confidence, jnp.inf)
 
         n_now = flat_unknown.sum(axis=1)
@@ -151,11 +175,13 @@ def _decode(
         rank = jnp.argsort(jnp.argsort(confidence, axis=1), axis=1)
         still = _unflat(rank < n_next[:, None], unknown, names, batch)
         current = {m: jnp.where(unknown[m] & ~still[m], sampled[m], current[m]) for m in names}
-        return state, current, still, counts.at[t].set(n_next)
+        return state, current, still, counts.at[t].set(n_next), scales.at[t].set(scale)
 
     counts0 = jnp.zeros((steps, batch), jnp.int32)
-    _, current, _, counts = jax.lax.fori_loop(0, steps, step, (state, current0, unknown0, counts0))
-    return current, {"num_masked": counts, "initial_masked": n0, "region": regions}
+    scales0 = jnp.zeros((steps,), jnp.float32)
+    carry0 = (state, current0, unknown0, counts0, scales0)
+    _, current, _, counts, scales = jax.lax.fori_loop(0, steps, step, carry0)
+    return current, {"num_masked": counts, "initial_masked": n0, "region": regions, "noise_scale": scales}
 
 
 def sample(
@@ -168,6 +194,7 @@ def sample(
     *,
     temperature: float = 1.0,
     choice_temperature: float = 4.5,
+    choice_anneal: str = "maskgit",
     schedule: str = "cosine",
     mode: str = "commit",
     batch_size: int | None = None,
@@ -181,8 +208,10 @@ def sample(
       (same shape as the model's tokens: in ``commit`` mode the tokens of the
       condition clip from ``tasks.build_condition_video``; in ``prefix`` mode real
       tokens, of which the condition region is used).
-    * ``region_rng``: the key the condition clip was built with (dynamic tasks);
-      derived from ``rng`` when None. ``batch_size`` is needed only when
+    * ``choice_anneal``: ``maskgit`` (default) or ``step_start``, see the module
+      docstring.
+    * ``region_rng``: the key the condition clip was built with (tasks with
+      ``motion="random"`` only); derived from ``rng`` when None. ``batch_size`` is needed only when
       ``condition`` holds nothing to read it from.
 
     Returns dict modality -> int32 tokens for the task's modalities; with
@@ -197,6 +226,8 @@ def sample(
         raise ValueError(f"mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1")
+    if choice_anneal not in CHOICE_ANNEALS:
+        raise ValueError(f"choice_anneal {choice_anneal!r} is unknown; choose one of {', '.join(CHOICE_ANNEALS)}")
     condition = dict(condition or {})
     names = task_obj.modalities()
     needs = [m for m in names if task_obj.role(m).kind in ("condition", "partial")]
@@ -239,5 +270,6 @@ def sample(
         schedule=schedule,
         mode=mode,
         use_guidance=bool(guidance != 0.0),
+        choice_anneal=choice_anneal,
     )
     return (tokens, trace) if return_trace else tokens

@@ -296,6 +296,7 @@ def training_example(cfg, batch: dict, rng: jax.Array, *, cfg_dropout: float | N
         mode=cfg.conditioning,
         schedule=cfg.masking.schedule,
         loss_on=cfg.masking.loss_on,
+        mask_count=cfg.masking.get("mask_count", "floor"),
         cfg_dropout=cfg.masking.cfg_dropout if cfg_dropout is None else cfg_dropout,
         ratio=ratio,
     )

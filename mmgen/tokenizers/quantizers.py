@@ -11,7 +11,7 @@ Every quantizer maps encoder outputs ``z: float [..., dim]`` (any leading dims) 
 
 and back with ``indices_to_codes(indices) -> z_q [..., dim]`` (float32).
 
-Formulas follow docs/ALGORITHMS.md ("Quantizers"):
+Formulas follow the papers and, where they leave room, the authors' released code:
 
 * **LFQ** (MAGVIT-v2, Yu et al. 2023): ``q_i = sign(z_i)`` in {-1, 1}^K, index
   ``sum_i 2^i [z_i > 0]`` -- channel 0 is the least significant bit by default
@@ -24,13 +24,15 @@ Formulas follow docs/ALGORITHMS.md ("Quantizers"):
   product over bits; the codebook term becomes the sum of per-group entropies, an
   upper bound of the joint one, as in Open-MAGVIT2's factorised codebook).
 * **FSQ** (Mentzer et al. 2023): bounded ``tanh`` with shift, ``round_ste``, mixed-radix
-  index (channel 0 least significant).
+  index (channel 0 least significant); the shift is the paper's published code's
+  ``tan(offset / half_l)`` by default, finite for every level count >= 2.
 * **VQ** (van den Oord et al. 2017; EMA variant of Razavi et al. 2019): nearest code in
   float32, codebook loss + 0.25 commitment, optional EMA codebook (decay 0.99) with
   Laplace smoothing, dead-code restart from random encoder outputs of the batch.
 * **RVQ** (SoundStream, Zeghidour et al. 2021): VQ levels on successive residuals,
-  quantizer dropout (a random depth 1..N per training batch), ``num_levels_used`` for
-  variable bitrate at inference.
+  quantizer dropout (a random depth 1..N per training example, as the paper's
+  "for each input example, we sample n_q uniformly at random in [1; N_q]"; per batch
+  as an option), ``num_levels_used`` for variable bitrate at inference.
 
 Batch statistics (the entropy's ``mean_tokens``, EMA counts, usage) use ``jnp.mean``
 / sums over all tokens; under ``jax.jit`` over a sharded batch these reductions are
@@ -74,7 +76,11 @@ def default_quantizer_config(kind: str) -> ml_collections.ConfigDict:
             entropy_anneal_steps=2000,  # S
         )
     elif kind == "fsq":
-        fields = dict(levels=(8, 5, 5, 5), eps=1e-3)
+        fields = dict(
+            levels=(8, 5, 5, 5),
+            eps=1e-3,
+            shift="tan",  # the paper's code: tan(offset / half_l); "atanh": bound(0) = 0, needs every L >= 3
+        )
     elif kind in ("vq", "rvq"):
         fields = dict(
             codebook_size=1024,
@@ -89,7 +95,8 @@ def default_quantizer_config(kind: str) -> ml_collections.ConfigDict:
             init_scale=1.0,  # stddev of the normal codebook initialisation
         )
         if kind == "rvq":
-            fields.update(num_quantizers=8, quantizer_dropout=1.0)
+            # SoundStream: a depth per example; "batch": one depth for the whole batch
+            fields.update(num_quantizers=8, quantizer_dropout=1.0, quantizer_dropout_scope="example")
     else:
         raise ValueError(f"unknown quantizer kind {kind!r}; choose one of {KINDS}")
     return ml_collections.ConfigDict(dict(kind=kind, **fields))
@@ -341,23 +348,43 @@ def round_ste(x: jax.Array) -> jax.Array:
     return straight_through(x, jnp.round(x))
 
 
+FSQ_SHIFTS = ("tan", "atanh")
+
+
 class FiniteScalarQuantizer(Quantizer):
     """FSQ: channel i is bounded and rounded to ``levels[i]`` values in [-1, 1].
 
     ``bound(z) = tanh(z + shift) * half_l - offset`` with ``half_l = (L-1)(1-eps)/2``,
-    ``offset = 0.5`` for even L else 0, ``shift = atanh(offset / half_l)``;
-    ``q = round_ste(bound(z)) / (L // 2)``; index ``sum_i digit_i prod_{j<i} L_j`` with
-    ``digit_i = round(bound(z_i)) + L_i // 2`` in ``[0, L_i)``.
-    ``z: [..., len(levels)] -> indices: int32 [...]`` in ``[0, prod(levels))``.
-    FSQ has no losses: ``aux["loss"]`` is 0.
+    ``offset = 0.5`` for even L else 0, and
+
+    * ``shift="tan"`` (default; the code published with the paper, Mentzer et al. 2023,
+      appendix A.1): ``shift = tan(offset / half_l)``. Finite for every ``L >= 2``;
+      for ``L = 2`` (``half_l < 0.5``) the bounded value lies in ``(-1, 0)`` and the
+      codes are ``{-1, 0}``;
+    * ``shift="atanh"``: ``shift = atanh(offset / half_l)``, which puts ``bound(0)``
+      exactly at 0 for even L; undefined (NaN) for ``L = 2``, which it rejects.
+
+    Both agree for odd L (shift 0); for even ``L >= 4`` the shifts differ by about
+    ``(offset/half_l)^5 / 15`` (3.2e-4 for L = 4, 4e-6 for L = 8). ``q = round_ste(bound(z)) / (L // 2)``; index
+    ``sum_i digit_i prod_{j<i} L_j`` with ``digit_i = round(bound(z_i)) + L_i // 2`` in
+    ``[0, L_i)``. ``z: [..., len(levels)] -> indices: int32 [...]`` in
+    ``[0, prod(levels))``. FSQ has no losses: ``aux["loss"]`` is 0.
     """
 
-    def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), *, eps: float = 1e-3):
+    def __init__(self, levels: Sequence[int] = (8, 5, 5, 5), *, eps: float = 1e-3, shift: str = "tan"):
         levels = tuple(int(l) for l in levels)
         if not levels or min(levels) < 2:
             raise ValueError(f"FSQ levels={levels} must all be >= 2")
+        if shift not in FSQ_SHIFTS:
+            raise ValueError(f"FSQ shift={shift!r} must be one of {FSQ_SHIFTS}")
+        if shift == "atanh" and min(levels) < 3:
+            raise ValueError(
+                f"FSQ levels={levels} with shift='atanh': atanh(offset / half_l) is undefined for a level "
+                "count of 2 (half_l < 0.5); use shift='tan' (the paper's code) or levels >= 3"
+            )
         self.levels = levels
         self.eps = eps
+        self.shift = shift
         self.dim = len(levels)
         self.vocab_size = int(np.prod(levels))
         self.num_levels = 1
@@ -368,7 +395,7 @@ class FiniteScalarQuantizer(Quantizer):
         L = np.asarray(self.levels, np.float64)
         half_l = (L - 1) * (1 - self.eps) / 2
         offset = np.where(self.levels_even, 0.5, 0.0)
-        shift = np.arctanh(offset / half_l)
+        shift = np.tan(offset / half_l) if self.shift == "tan" else np.arctanh(offset / half_l)
         half_width = np.asarray(self.levels, np.int32) // 2
         basis = np.cumprod([1] + list(self.levels[:-1])).astype(np.int32)
         f = lambda a: jnp.asarray(a, _F32)
@@ -509,19 +536,28 @@ class VectorQuantizer(Quantizer):
     def quantize_flat(self, x: jax.Array, *, train: bool, active=None) -> dict[str, jax.Array]:
         """Quantize ``x: float32 [N, D]`` and, when training, update the codebook state.
 
-        ``active`` (bool scalar, default True) gates every state update: RVQ passes
-        False for the levels quantizer dropout switched off. Returns ``q`` (``[N, D]``,
-        differentiable w.r.t. a gradient codebook), ``indices`` (``[N]``),
+        ``active`` (default: everything) says which vectors take part: a bool scalar
+        gates the whole call, a bool ``[N]`` each vector (RVQ's quantizer dropout passes
+        False for the levels it switched off, per batch or per example). Inactive
+        vectors add nothing to the losses (``mean_{N, D}(active * err)``) or to the
+        codebook state, and restarts draw from active vectors only. Returns ``q``
+        (``[N, D]``, differentiable w.r.t. a gradient codebook), ``indices`` (``[N]``),
         ``commit_loss``, ``codebook_loss`` and ``restarted`` (fraction of codes replaced).
         """
         codebook = self.codebook[...]
         indices = nearest_code(jax.lax.stop_gradient(x), jax.lax.stop_gradient(codebook))
         q = jnp.take(codebook, indices, axis=0)
+        commit_err = (x - jax.lax.stop_gradient(q)) ** 2
+        codebook_err = (jax.lax.stop_gradient(x) - q) ** 2
+        if active is not None:
+            w = jnp.asarray(active).astype(_F32)
+            w = w[:, None] if w.ndim == 1 else w
+            commit_err, codebook_err = w * commit_err, w * codebook_err
         out = {
             "q": q,
             "indices": indices,
-            "commit_loss": jnp.mean((x - jax.lax.stop_gradient(q)) ** 2),
-            "codebook_loss": jnp.mean((jax.lax.stop_gradient(x) - q) ** 2),
+            "commit_loss": jnp.mean(commit_err),
+            "codebook_loss": jnp.mean(codebook_err),
             "restarted": jnp.zeros((), _F32),
         }
         if train:
@@ -530,8 +566,14 @@ class VectorQuantizer(Quantizer):
 
     def _update_state(self, x: jax.Array, indices: jax.Array, active) -> jax.Array:
         v = self.vocab_size
-        gate = jnp.asarray(True) if active is None else jnp.asarray(active)
-        counts = jax.ops.segment_sum(jnp.ones(indices.shape, _F32), indices, num_segments=v)
+        per_vector = active is not None and jnp.ndim(active) == 1
+        if per_vector:
+            token_w = jnp.asarray(active).astype(_F32)
+            gate = jnp.any(jnp.asarray(active))
+        else:
+            token_w = jnp.ones(indices.shape, _F32)
+            gate = jnp.asarray(True) if active is None else jnp.asarray(active)
+        counts = jax.ops.segment_sum(token_w, indices, num_segments=v)
         old_unused = self.unused_steps[...]
         unused = jnp.where(counts > 0, 0, old_unused + 1)
         codebook = jax.lax.stop_gradient(self.codebook[...])
@@ -540,7 +582,7 @@ class VectorQuantizer(Quantizer):
             d = self.ema_decay
             size = d * self.ema_cluster_size[...] + (1 - d) * counts
             embed_sum = d * self.ema_embed_sum[...] + (1 - d) * jax.ops.segment_sum(
-                x, indices, num_segments=v
+                x * token_w[:, None] if per_vector else x, indices, num_segments=v
             )
             total = jnp.sum(size)
             smoothed = (size + self.ema_epsilon) / (total + v * self.ema_epsilon) * total
@@ -554,7 +596,10 @@ class VectorQuantizer(Quantizer):
             if self.dead_code_unused_steps > 0:
                 dead = dead | (unused >= self.dead_code_unused_steps)
             dead = dead & gate
-            pick = jax.random.randint(self.rngs(), (v,), 0, x.shape[0])
+            if per_vector:  # a random active vector of the batch
+                pick = jax.random.categorical(self.rngs(), jnp.where(active, 0.0, -jnp.inf), shape=(v,))
+            else:
+                pick = jax.random.randint(self.rngs(), (v,), 0, x.shape[0])
             fresh = jnp.take(x, pick, axis=0)
             codebook = jnp.where(dead[:, None], fresh, codebook)
             unused = jnp.where(dead, 0, unused)
@@ -601,15 +646,23 @@ class VectorQuantizer(Quantizer):
 # --------------------------------------------------------------------------- RVQ
 
 
+DROPOUT_SCOPES = ("example", "batch")
+
+
 class ResidualVectorQuantizer(Quantizer):
     """RVQ: ``num_quantizers`` VQ levels, level l quantizing what levels < l left over.
 
-    ``z: [..., code_dim] -> indices: int32 [..., n]`` (n = ``num_quantizers``, or
+    ``z: [B, ..., code_dim] -> indices: int32 [B, ..., n]`` (n = ``num_quantizers``, or
     ``num_levels_used``), ``z_q = sum_l q_l``. Quantizer dropout (SoundStream): with
-    probability ``quantizer_dropout`` a training batch uses a random depth uniform in
-    ``1..N``; the deeper levels still compute indices (returned) but contribute nothing
-    to ``z_q``, to the losses or to their codebook updates. ``aux["levels_used"]`` is the
-    depth used. Each level has its own codebook (``codebook_size`` codes) and options.
+    probability ``quantizer_dropout`` a training example uses a random depth ``n_q``
+    uniform in ``1..N`` (``quantizer_dropout_scope="example"``, the default and the
+    paper's "for each input example, we sample n_q"; ``"batch"``: one draw for the
+    whole batch, mmgen's earlier behaviour). Axis 0 of ``z`` is the example axis. The
+    deeper levels of an example still compute indices (returned) but contribute
+    nothing to its ``z_q``, to the losses or to their codebook updates; a level's
+    losses are ``mean_{tokens, channels}(active * err)``. ``aux["levels_used"]`` is the
+    mean depth over the examples. Each level has its own codebook (``codebook_size``
+    codes) and options.
     """
 
     def __init__(
@@ -619,15 +672,19 @@ class ResidualVectorQuantizer(Quantizer):
         code_dim: int = 256,
         *,
         quantizer_dropout: float = 1.0,
+        quantizer_dropout_scope: str = "example",
         rngs: nnx.Rngs,
         **vq_options,
     ):
         if num_quantizers < 1:
             raise ValueError(f"RVQ num_quantizers={num_quantizers} must be >= 1")
+        if quantizer_dropout_scope not in DROPOUT_SCOPES:
+            raise ValueError(f"RVQ quantizer_dropout_scope={quantizer_dropout_scope!r} must be one of {DROPOUT_SCOPES}")
         self.dim = code_dim
         self.vocab_size = codebook_size
         self.num_levels = num_quantizers
         self.quantizer_dropout = quantizer_dropout
+        self.quantizer_dropout_scope = quantizer_dropout_scope
         self.quantizers = nnx.List(
             [
                 VectorQuantizer(codebook_size, code_dim, rngs=rngs, **vq_options)
@@ -636,38 +693,53 @@ class ResidualVectorQuantizer(Quantizer):
         )
         self.rngs = runtime_stream(rngs)
 
-    def _depth(self, train: bool, num_levels_used: int | None):
+    def dropout_depths(self, key: jax.Array, batch: int) -> jax.Array:
+        """int32 ``[batch]``: the depth of each example under quantizer dropout.
+
+        ``n_q ~ U{1..N}`` with probability ``quantizer_dropout``, else ``N``; one draw per
+        example (``scope="example"``) or one for the batch (``"batch"``).
+        """
+        n = self.num_levels
+        shape = (batch,) if self.quantizer_dropout_scope == "example" else ()
+        k_depth, k_apply = jax.random.split(key)
+        depth = jax.random.randint(k_depth, shape, 1, n + 1)
+        apply = jax.random.uniform(k_apply, shape) < self.quantizer_dropout
+        return jnp.broadcast_to(jnp.where(apply, depth, n), (batch,)).astype(jnp.int32)
+
+    def _depth(self, train: bool, num_levels_used: int | None, batch: int):
+        """(levels computed, depth per example ``[batch]``, whether every example shares it)."""
         n = self.num_levels
         if num_levels_used is not None:
             if not 1 <= int(num_levels_used) <= n:
                 raise ValueError(f"num_levels_used={num_levels_used} must be in 1..{n}")
-            return int(num_levels_used), jnp.asarray(int(num_levels_used))
+            return int(num_levels_used), jnp.full((batch,), int(num_levels_used), jnp.int32), True
         if train and self.quantizer_dropout > 0:
-            k_depth, k_apply = jax.random.split(self.rngs())
-            depth = jax.random.randint(k_depth, (), 1, n + 1)
-            apply = jax.random.uniform(k_apply) < self.quantizer_dropout
-            return n, jnp.where(apply, depth, n)
-        return n, jnp.asarray(n)
+            shared = self.quantizer_dropout_scope == "batch"
+            return n, self.dropout_depths(self.rngs(), batch), shared
+        return n, jnp.full((batch,), n, jnp.int32), True
 
     def __call__(self, z: jax.Array, *, train: bool, step=None, num_levels_used: int | None = None):
         """``num_levels_used`` (python int) quantizes with only the first levels (bitrate)."""
         self._check_input(z)
         z32 = z.astype(_F32)
         residual = z32.reshape(-1, self.dim)
-        computed, depth = self._depth(train, num_levels_used)
+        batch = z.shape[0] if z.ndim >= 2 else 1
+        computed, depth, shared = self._depth(train, num_levels_used, batch)
+        # depth of every vector: its example's (the example axis leads)
+        vector_depth = depth[0] if shared else jnp.repeat(depth, residual.shape[0] // batch)
         total = jnp.zeros_like(residual)
         indices, sums = [], {"loss": 0.0, "commit_loss": 0.0, "codebook_loss": 0.0}
         usage, perplexity, restarted = [], [], []
         for level in range(computed):
             vq = self.quantizers[level]
-            active = level < depth
+            active = level < vector_depth  # bool scalar, or bool [N] per vector
             out = vq.quantize_flat(residual, train=train, active=active)
             on = active.astype(_F32)
-            total = total + on * out["q"]
+            total = total + (on if shared else on[:, None]) * out["q"]
             residual = residual - jax.lax.stop_gradient(out["q"])
-            sums["loss"] = sums["loss"] + on * vq._level_loss(out)
-            sums["commit_loss"] = sums["commit_loss"] + on * out["commit_loss"]
-            sums["codebook_loss"] = sums["codebook_loss"] + on * out["codebook_loss"]
+            sums["loss"] = sums["loss"] + vq._level_loss(out)
+            sums["commit_loss"] = sums["commit_loss"] + out["commit_loss"]
+            sums["codebook_loss"] = sums["codebook_loss"] + out["codebook_loss"]
             stats = code_statistics(out["indices"], self.vocab_size)
             usage.append(stats["usage"])
             perplexity.append(stats["perplexity"])
@@ -679,7 +751,7 @@ class ResidualVectorQuantizer(Quantizer):
             "usage": jnp.mean(jnp.stack(usage)),  # mean over the levels computed
             "perplexity": jnp.mean(jnp.stack(perplexity)),
             "restarted_codes": jnp.mean(jnp.stack(restarted)),
-            "levels_used": depth.astype(_F32),
+            "levels_used": jnp.mean(depth.astype(_F32)),
         }
         z_q = straight_through(z32, total.reshape(z32.shape))
         return z_q.astype(z.dtype), indices, aux

@@ -1,12 +1,11 @@
-"""The run in which picture and sound agree (docs/RESULTS.md "Agreement on a GPU").
+"""Audio-visual agreement: a transformer big enough, trained long enough, for picture and sound to agree.
 
 The masked transformer of ``multitask.py`` at the tiny token layout, trained only on
 ``audio_to_video`` and ``video_to_audio`` from a token cache of ``moving_shapes_av`` with
 one main shape on a plain background (12,000 distinct clips): 8 layers x 256 (7.4M
-parameters) in bf16, batch 128, AdamW 5e-4, dropout 0.1. On one H200 it runs 40 steps/s
-(26 ms per step); the measured run was stopped by its time limit at step 6,868 of 8,000
-(879k clips seen, 3.5 min). The 4 x 128 CPU runs at up to 64k clips seen showed no
-agreement; this one does (paired gains of 24 and 6 standard errors).
+parameters) in bf16, batch 128, AdamW 5e-4, dropout 0.1, 8,000 steps (40 steps/s on one
+H200). What it reaches, and how the run was measured, is in docs/RESULTS.md
+("Agreement on a GPU").
 
     python -m mmgen train --config configs/generative/agreement.py --workdir runs/agree \
         --config.tokenizers.video_workdir=runs/vtok --config.tokenizers.audio_workdir=runs/atok \

@@ -1,4 +1,4 @@
-"""Sizes of ``python -m mmgen demo``: the whole pipeline on 2 CPU cores in about 15 minutes.
+"""Sizes of ``mmgen demo``: the whole pipeline on 2 CPU cores in minutes.
 
 Each stage trains from its own tiny config (``stages``) with the changes below
 applied on top, into its own workdir under the demo's ``--workdir``. The tiny
@@ -8,14 +8,10 @@ Adam with momentum, short schedules. Change any number from the command line:
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
-Measured (2 idle CPU cores): 9.8 min wall, 16.6 min of CPU (dataset 6 s, video
-tokenizer on single frames 198 s, then on clips 142 s, audio tokenizer 72 s, transformer
-141 s, 15 tasks sampled in 26 s). What it reaches: video tokenizer PSNR 17.97 dB on clips
-(21.91 dB on single frames; the earlier demo, 300 clip steps from scratch, reached 16.64
-in more time), transformer masked-token accuracy 9.8% (eval batches). The audio
-tokenizer keeps the tiny preset's C = 4 for the budget; C = 16 learns the tone
-(docs/RESULTS.md "Audio tokenizer"). Longer stages (--config.<stage>.total_steps) give
-more.
+The time per stage and what each reaches are measured in docs/RESULTS.md ("Masked
+multi-task transformer (demo scale)"). The audio tokenizer keeps the tiny preset's C = 4
+for the budget; C = 16 learns the tone (docs/RESULTS.md "Audio tokenizer"). Longer
+stages (--config.<stage>.total_steps) give more.
 
 Variant ``fast`` (the CLI's hidden ``--config.fast``) shrinks every stage to a few
 steps on a 16-clip dataset: it checks the plumbing, it learns nothing.

@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mmgen.errors import UserError
+from mmgen.parallel import distributed
 from mmgen.eval import generative_eval, tokenizer_eval
 from mmgen.families import generative as generative_family
 from mmgen.families import get_family
@@ -66,8 +67,9 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
     scored_step = workdir_lib.latest_step(workdir) if step is None else step
     result = {"family": family.name, "step": scored_step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
-    with open(workdir_lib.output_paths(workdir, step)[0], "w") as f:
-        json.dump(result, f, indent=2)
+    if distributed.is_writer():
+        with open(workdir_lib.output_paths(workdir, step)[0], "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 
@@ -90,6 +92,7 @@ def _print_summary(result: dict, path: str) -> None:
 
 
 def main(args, overrides) -> int:
+    distributed.maybe_initialize()  # launched like a multi-host run: evaluate/sample on every host
     if overrides:
         raise UserError("eval takes no --config overrides: it uses the workdir's own config")
     cfg = workdir_lib.read_config(args.workdir)
@@ -105,5 +108,6 @@ def main(args, overrides) -> int:
                                           step=step)
     else:
         result = evaluate_loss(args.workdir, cfg, args.split, args.num, step=step)
-    _print_summary(result, workdir_lib.output_paths(args.workdir, step)[0])
+    if distributed.is_writer():
+        _print_summary(result, workdir_lib.output_paths(args.workdir, step)[0])
     return 0

@@ -15,12 +15,14 @@ import os
 
 from mmgen import config as config_lib
 from mmgen.errors import UserError
+from mmgen.parallel import distributed
 from mmgen.families.generative import load_generator, read_config
 from mmgen.generative.generator import check_task, conditioned_modalities, read_input
 
 
 def main(args, overrides) -> int:
     """``mmgen sample``: flags and input checked first, then load, sample, decode, write."""
+    distributed.maybe_initialize()  # launched like a multi-host run: evaluate/sample on every host
     cfg = read_config(args.workdir)
     config_lib.apply_overrides(cfg, overrides)
     check_task(cfg, args.task)
@@ -40,7 +42,8 @@ def main(args, overrides) -> int:
                                    progress=True)
     paths = generator.save(result, args.out)
     kind = "videos" if result.video is not None else "sounds"
-    print(f"wrote {len(paths['media'])} {kind} of {args.task} to {os.path.abspath(args.out)}"
-          + (f" (grid {os.path.basename(paths['grid'])}" if paths["grid"] else " (")
-          + f", tokens {os.path.basename(paths['tokens'])})")
+    if distributed.is_writer():
+        print(f"wrote {len(paths['media'])} {kind} of {args.task} to {os.path.abspath(args.out)}"
+              + (f" (grid {os.path.basename(paths['grid'])}" if paths["grid"] else " (")
+              + f", tokens {os.path.basename(paths['tokens'])})")
     return 0

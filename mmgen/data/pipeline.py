@@ -28,6 +28,12 @@ iterator is grain's ``DataLoaderIterator``: ``get_state()`` (bytes, stored in
 checkpoints beside the model) and ``set_state()`` resume at exactly the next batch.
 Same seed, same process layout and same ``num_workers`` -> same batches.
 
+Elastic resume: with ``num_workers=0`` global batch ``k`` is stream positions
+``[k G, (k+1) G)`` whatever the process count, so ``seek(iterator, examples, ...)`` puts
+a fresh iterator of any process layout right after ``examples`` examples in constant
+time (no batch is read). With worker processes each worker reads its own interleaved
+slice, and a seek gives every worker its share of ``examples``.
+
 If ``moving_shapes_av`` (or a ``video_folder`` with ``dataset.path`` set) is not
 prepared in ``data_dir`` it is built first (it needs no download); any other dataset
 must be prepared already (one clear error line says how).
@@ -36,8 +42,10 @@ must be prepared already (one clear error line says how).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import time
 from fractions import Fraction
 
 import grain.python as grain
@@ -125,6 +133,12 @@ def open_dataset(dataset_cfg, split: str):
     base, _ = sources.split_name(name)
     buildable = base == "moving_shapes_av" or (base == "video_folder" and dataset_cfg.get("path", ""))
     if dataset_cfg.get("auto_prepare", True) and buildable and sources.find_prepared(name, data_dir) is None:
+        if jax.process_index() != 0:
+            # One builder per job: process 0 builds, the others wait for the finished dataset
+            # (TFDS renames it into place only when complete). No collective, so any subset
+            # of processes may open a split at any time.
+            _wait_for_prepared(name, data_dir)
+            return sources.open_split(name, split, data_dir)
         base_config = dataset_cfg.name.split("/", 1)[1] if "/" in dataset_cfg.name else dataset_cfg.get("builder_config", "")
         print(f"mmgen: {name} is not prepared in {data_dir}; building it now (no download needed)", flush=True)
         try:
@@ -135,6 +149,18 @@ def open_dataset(dataset_cfg, split: str):
             if sources.find_prepared(name, data_dir) is None:
                 raise
     return sources.open_split(name, split, data_dir)
+
+
+PREPARE_WAIT_S = 6 * 3600  # how long the other processes wait for process 0 to build a dataset
+
+
+def _wait_for_prepared(name: str, data_dir: str, poll_s: float = 2.0) -> None:
+    deadline = time.monotonic() + PREPARE_WAIT_S
+    while sources.find_prepared(name, data_dir) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"{name} did not appear in {data_dir} within {PREPARE_WAIT_S} s while process 0 built it; "
+                            f"prepare it first with `mmgen prepare --dataset {name} --data-dir {data_dir}`")
+        time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------------
@@ -383,6 +409,32 @@ class EpochShuffleSampler:
 # --------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------
+
+
+def seek(iterator, examples: int, *, global_batch_size: int, process_index: int, process_count: int) -> None:
+    """Move a fresh ``make_iterator`` iterator to just after ``examples`` examples of the global stream.
+
+    Constant time: grain's position state is written directly (per worker: the records it
+    has read), so resuming at step 100k costs what resuming at step 1 costs.
+    """
+    if examples % global_batch_size:
+        raise ValueError(f"{examples} examples is not a whole number of global batches of {global_batch_size}")
+    state = json.loads(iterator.get_state().decode())
+    workers = int(state["worker_count"])
+    local_batch = global_batch_size // process_count
+    batches = examples // global_batch_size  # batches this process has taken
+    p, n = process_index, process_count
+    if workers == 0:
+        state["last_seen_indices"] = {"0": p + (batches * local_batch - 1) * n}
+        state["last_worker_index"] = -1
+    else:
+        # Worker w of process p reads positions p + w n + k (W n), k = 0, 1, ...; batches
+        # are taken from the workers in turn, so worker w has made ceil((batches - w) / W).
+        made = [(batches - w + workers - 1) // workers if batches > w else 0 for w in range(workers)]
+        state["last_seen_indices"] = {str(w): p + w * n + (made[w] * local_batch - 1) * workers * n
+                                      for w in range(workers)}
+        state["last_worker_index"] = batches % workers - 1
+    iterator.set_state(json.dumps(state).encode())
 
 
 def make_iterator(

@@ -76,6 +76,7 @@ from mmgen.generative.tokens import (
     training_example,
 )
 from mmgen.generative.transformer import combine_digits, token_log_prob
+from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.train import workdir as workdir_lib
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this
@@ -265,7 +266,7 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
             batch.update(task_id=ids, label=clips["label"][rows].astype(np.int32),
                          has_audio=clips["has_audio"][rows].astype(bool),
                          region_key=np.broadcast_to(key_data, (chunk, *key_data.shape)).copy())
-            out = predict(state, batch, jax.random.key(seed + c), jnp.float32(ratio))
+            out = jax.tree.map(host_value, predict(state, batch, jax.random.key(seed + c), jnp.float32(ratio)))
             for m, (pred, target, scored, logp) in out.items():
                 pred, target, scored = np.asarray(pred), np.asarray(target), np.asarray(scored) & real.reshape(
                     (-1,) + (1,) * (np.ndim(target) - 1))
@@ -430,7 +431,8 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     heights_of = {m: (lambda toks, m=m: probes[m](token_features(generator.tokenizers[m], toks))) for m in probes}
     for task in tqdm(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
-        generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))
+        if is_writer():
+            generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))
         if task == "frame_prediction":
             result["frame_prediction"] = frame_prediction_psnr(generator, res, clips)
         elif "main_y" in clips:
@@ -474,6 +476,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
                     **{f"test_{k}": v for k, v in agreement(heights_of[m](real_tokens[m]), truth).items()}}
                 for m, p in probes.items()}
     result["grids"] = out_dir
-    with open(result_path, "w") as f:
-        json.dump(result, f, indent=2)
+    if is_writer():
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=2)
     return result

@@ -46,6 +46,7 @@ from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.eval import metrics
 from mmgen.nn.spectral import multiscale_mel_distance
+from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.train import workdir as workdir_lib
 
 MULAW_BITS = 8  # G.711
@@ -153,7 +154,8 @@ def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     per_clip = int(np.prod(tokens.shape[1:4]))
     bpt = bits_per_token(tok.vocab_size, levels)
     grid = os.path.join(out_dir, "recon.png")
-    media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
+    if is_writer():
+        media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
     psnrs = np.concatenate(psnrs)
     return {
         "psnr": float(np.mean(psnrs)),
@@ -194,7 +196,7 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
         t = np.asarray(t)
         tokens.append(t)
         weights.append(len(x))
-        by_depth = np.asarray(_decode_depths(tok.model, t, len(depths) if rvq else 0))[..., : x.shape[1]]
+        by_depth = np.asarray(host_value(_decode_depths(tok.model, t, len(depths) if rvq else 0)))[..., : x.shape[1]]
         for depth, recon in zip(depths, by_depth):  # the deepest last: ``recon`` is then the full one
             scores[depth]["si_snr"].append(metrics.si_snr(x, recon))
             scores[depth]["mel"].append(mel_distance(x, recon, cfg))
@@ -203,10 +205,10 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
         baseline["mel"].append(mel_distance(x, coded, cfg))
         for i in range(min(len(x), num_show - len(files) // 2)):
             k = len(files) // 2
-            files.append(os.path.join(out_dir, f"clip{k}_orig.wav"))
-            media.write_wav(files[-1], x[i], sample_rate=rate)
-            files.append(os.path.join(out_dir, f"clip{k}_recon.wav"))
-            media.write_wav(files[-1], recon[i], sample_rate=rate)
+            files += [os.path.join(out_dir, f"clip{k}_orig.wav"), os.path.join(out_dir, f"clip{k}_recon.wav")]
+            if is_writer():
+                media.write_wav(files[-2], x[i], sample_rate=rate)
+                media.write_wav(files[-1], recon[i], sample_rate=rate)
     tokens = np.concatenate(tokens)
     w = np.asarray(weights, np.float64)
 
@@ -251,7 +253,8 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
         raise UserError(f"--num {num}: split {split!r} of {pipeline.dataset_name(cfg.dataset)} has {available} clips")
     tok = load_tokenizer(workdir, step=step)
     result_path, out_dir = workdir_lib.output_paths(workdir, step)
-    os.makedirs(out_dir, exist_ok=True)
+    if is_writer():
+        os.makedirs(out_dir, exist_ok=True)
     num_show = min(num, int(cfg.get("num_samples", 4)))
     run = evaluate_video if tok.modality == "video" else evaluate_audio
     result = {
@@ -264,6 +267,7 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
         "num_examples": num,
         **run(tok, split, num, out_dir, num_show),
     }
-    with open(result_path, "w") as f:
-        json.dump(result, f, indent=2)
+    if is_writer():
+        with open(result_path, "w") as f:
+            json.dump(result, f, indent=2)
     return result

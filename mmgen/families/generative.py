@@ -248,8 +248,12 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
 
 # ------------------------------------------------------------------------ evals
 def on_eval(state: GenerativeState, cfg, workdir: str, step: int, mesh) -> dict:
-    """A few samples of ``cfg.sampling.eval_tasks`` into ``workdir/samples`` (mp4 with sound + PNG)."""
-    if jax.process_index() != 0 or cfg.data_source == "random_tokens" or not cfg.sampling.get("eval_tasks"):
+    """A few samples of ``cfg.sampling.eval_tasks`` into ``workdir/samples`` (mp4 with sound + PNG).
+
+    Every process samples (SPMD on the training mesh: the model may be sharded over all of
+    them, with the same conditions everywhere); process 0 writes the files.
+    """
+    if cfg.data_source == "random_tokens" or not cfg.sampling.get("eval_tasks"):
         return {}
     generator = Generator(cfg, inference_model(state), tokenizers=load_tokenizers(cfg))
     out_dir = os.path.join(workdir, "samples")
@@ -267,12 +271,20 @@ def read_config(workdir: str):
 
 
 def load_generator(workdir: str, overrides=(), step: int | None = None) -> Generator:
-    """The inference model (EMA when kept) of a generative or adapter workdir and its tokenizers,
-    on the first local device."""
+    """The inference model (EMA when kept) of a generative or adapter workdir and its tokenizers.
+
+    One process: the model on the first local device. Several (``mmgen eval``/``sample``
+    launched like the training run): the model laid out on the run's own mesh over every
+    process, which all run the same sampling (the tokenizers sit on each process's first
+    device).
+    """
     cfg = read_config(workdir)
     config_lib.apply_overrides(cfg, overrides)
     device = jax.local_devices()[0]
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
+    if jax.process_count() > 1:
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+    else:
+        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
     tokenizers = load_tokenizers(cfg, device)
     state = loop.load_state(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)
     return Generator(cfg, inference_model(state), tokenizers=tokenizers, device=device)

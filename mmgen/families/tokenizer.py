@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.tokenizers import LoadedTokenizer, build, input_shape, losses
 from mmgen.tokenizers import audio as audio_lib
 from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D
@@ -174,10 +175,10 @@ def eval_step(cfg, state: TokenizerState, batch, rng) -> dict:
 
 # ------------------------------------------------------------------------ data
 class _SelectKeys:
-    """Keeps only the batch entries a tokenizer needs; forwards resume state."""
+    """Keeps only the batch entries a tokenizer needs; forwards resume state and ``seek``."""
 
-    def __init__(self, iterator, keys):
-        self.iterator, self.keys = iterator, keys
+    def __init__(self, iterator, keys, **layout):
+        self.iterator, self.keys, self.layout = iterator, keys, layout
 
     def __iter__(self):
         return self
@@ -192,11 +193,15 @@ class _SelectKeys:
     def set_state(self, state):
         self.iterator.set_state(state)
 
+    def seek(self, examples: int) -> None:
+        pipeline.seek(self.iterator, examples, **self.layout)
+
 
 def make_data(cfg, *, split, train, seed, batch_size, process_index, process_count):
     it = pipeline.make_iterator(cfg.dataset, split=split, global_batch_size=batch_size, seed=seed, train=train,
                                 process_index=process_index, process_count=process_count)
-    return _SelectKeys(it, [cfg.modality])
+    return _SelectKeys(it, [cfg.modality], global_batch_size=batch_size, process_index=process_index,
+                       process_count=process_count)
 
 
 def example_batch(cfg) -> dict:
@@ -242,16 +247,21 @@ def flops_per_example(cfg) -> float:
 
 
 def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
-    """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio)."""
-    if jax.process_index() != 0:
-        return {}
+    """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio).
+
+    Every process runs it (the model may be sharded over all of them) on the same clips;
+    process 0 writes the files.
+    """
     n = int(cfg.get("num_samples", 4))
     it = pipeline.make_iterator(cfg.dataset, split=cfg.eval_split, global_batch_size=n, seed=0, train=False,
                                 process_index=0, process_count=1)
     batch = next(it)
     model = inference_model(state)
     x = np.asarray(batch[cfg.modality])
-    recon = np.asarray(jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(model_input(cfg, {cfg.modality: x}))))
+    recon = jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(model_input(cfg, {cfg.modality: x})))
+    recon = np.asarray(host_value(recon))
+    if not is_writer():
+        return {}
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     if cfg.modality == "video":

@@ -35,6 +35,7 @@ from mmgen.errors import UserError
 from mmgen.generative import sampling
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.tokens import clip_dataset_config, specs_of, tokenize_clips
+from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.tokenizers.audio import audio_samples_for_video
 
 GIVEN = ("condition", "partial")
@@ -131,13 +132,21 @@ def read_split(cfg, split: str, num: int, extra_features: str = "") -> dict:
 
 
 class Generator:
-    """A generative model and its tokenizers (modality -> ``LoadedTokenizer``) on one device."""
+    """A generative model and its tokenizers (modality -> ``LoadedTokenizer``).
+
+    Where the model runs: a model this process holds whole is sampled on one local device
+    (``device``, default the first); a model spread over several processes (a multi-host
+    run's evaluation) stays on its mesh, every process runs the same sampling calls
+    (SPMD) and gets the whole result back (``distributed.host_value``). Only process 0
+    writes files (``save``).
+    """
 
     def __init__(self, cfg, model, *, tokenizers: dict, device=None):
         self.cfg = cfg
-        self.device = device or jax.local_devices()[0]
         graphdef, state = nnx.split(model)
-        self.model = nnx.merge(graphdef, jax.device_put(state, self.device))
+        if all(x.is_fully_addressable for x in jax.tree.leaves(state)):
+            state = jax.device_put(state, device or jax.local_devices()[0])
+        self.model = nnx.merge(graphdef, state)
         self.tokenizers = tokenizers
         d = cfg.dataset
         self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
@@ -176,7 +185,7 @@ class Generator:
             tokens = sampling.sample(self.model, task, condition, k_sample, steps, guidance, temperature=temperature,
                                      choice_temperature=float(s.choice_temperature), schedule=s.schedule,
                                      mode=self.cfg.conditioning, batch_size=chunk, region_rng=k_region)
-            pieces.append({m: np.asarray(t)[: min(chunk, num - lo)] for m, t in tokens.items()})
+            pieces.append({m: np.asarray(host_value(t))[: min(chunk, num - lo)] for m, t in tokens.items()})
         tokens = {m: np.concatenate([p[m] for p in pieces]) for m in pieces[0]}
         video, audio = self.decode(tokens)
         if clips is not None and task_obj.video.kind == "condition":
@@ -216,20 +225,27 @@ class Generator:
     def save(self, result: SampleResult, out_dir: str, prefix: str | None = None) -> dict:
         """mp4 (or wav) per sample, a PNG grid and the tokens; returns {"media": [...], "grid": path, "tokens": path}."""
         prefix = prefix or result.task
-        os.makedirs(out_dir, exist_ok=True)
         paths = {"media": [], "grid": None, "tokens": os.path.join(out_dir, f"{prefix}_tokens.npz")}
         n = len(result.labels)
+        writer = is_writer()
+        if writer:
+            os.makedirs(out_dir, exist_ok=True)
         for i in range(n):
             if result.video is not None:
                 path = os.path.join(out_dir, f"{prefix}_{i:03d}.mp4")
                 audio = result.audio[i] if result.audio is not None else None
-                media.write_video(path, result.video[i], fps=self.fps, audio=audio, sample_rate=self.sample_rate)
+                if writer:
+                    media.write_video(path, result.video[i], fps=self.fps, audio=audio, sample_rate=self.sample_rate)
             else:
                 path = os.path.join(out_dir, f"{prefix}_{i:03d}.wav")
-                media.write_wav(path, result.audio[i], sample_rate=self.sample_rate)
+                if writer:
+                    media.write_wav(path, result.audio[i], sample_rate=self.sample_rate)
             paths["media"].append(path)
         if result.video is not None:
-            paths["grid"] = self.save_grid(result, os.path.join(out_dir, f"{prefix}.png"))
-        np.savez(paths["tokens"], task=result.task, labels=result.labels,
-                 **{f"{m}_tokens": t for m, t in result.tokens.items()})
+            paths["grid"] = os.path.join(out_dir, f"{prefix}.png")
+            if writer:
+                self.save_grid(result, paths["grid"])
+        if writer:
+            np.savez(paths["tokens"], task=result.task, labels=result.labels,
+                     **{f"{m}_tokens": t for m, t in result.tokens.items()})
         return paths

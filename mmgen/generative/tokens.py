@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
@@ -223,6 +224,12 @@ class TokenBatches:
         self.clips.set_state(clips.encode() if isinstance(clips, str) else clips)
         self.index = int(state["index"])
 
+    def seek(self, examples: int) -> None:
+        """Just after ``examples`` examples of the global stream, for any process layout."""
+        pipeline.seek(self.clips, examples, global_batch_size=self.global_batch,
+                      process_index=self.start // self.local_batch, process_count=self.global_batch // self.local_batch)
+        self.index = examples // self.global_batch
+
 
 class IndexedBatches:
     """A batch stream whose position is its batch index (``get_state`` / ``set_state``).
@@ -251,23 +258,32 @@ class IndexedBatches:
     def set_state(self, state: dict) -> None:
         self.index = int(state["index"])
 
+    def seek(self, examples: int) -> None:
+        """Just after ``examples`` examples of the global stream, for any process layout."""
+        self.index = examples // self.global_batch
+
 
 class RandomTokenBatches(IndexedBatches):
-    """Uniform random tokens of the configured layout (no tokenizer, no files); resumable."""
+    """Uniform random tokens of the configured layout (no tokenizer, no files); resumable.
+
+    Batch ``i`` is drawn whole from ``default_rng([seed, i, 1])`` and each host keeps its
+    rows, so the global batch does not depend on the number of processes.
+    """
 
     def __next__(self) -> dict:
         if self._exhausted():
             raise StopIteration
         ids, key_data = draw_tasks(self.cfg, self.seed, self.index, self.global_batch)
-        rng = np.random.default_rng([self.seed, self.index, self.process_index, 1])
-        b, start = self.local_batch, self.start
+        rng = np.random.default_rng([self.seed, self.index, 1])
+        n, b, start = self.global_batch, self.local_batch, self.start
+        rows = slice(start, start + b)
         out = {}
         for m, spec in specs_of(self.cfg).items():
-            out[f"{m}_tokens"] = rng.integers(0, spec.vocab, (b, *spec.shape), dtype=np.int32)
+            out[f"{m}_tokens"] = rng.integers(0, spec.vocab, (n, *spec.shape), dtype=np.int32)[rows]
             if self.cfg.conditioning == "commit":
-                out[f"{m}_condition"] = rng.integers(0, spec.vocab, (b, *spec.shape), dtype=np.int32)
+                out[f"{m}_condition"] = rng.integers(0, spec.vocab, (n, *spec.shape), dtype=np.int32)[rows]
         out.update(host_task_fields(key_data, ids, start, b),
-                   label=rng.integers(0, int(self.cfg.model.num_classes), (b,), dtype=np.int32),
+                   label=rng.integers(0, int(self.cfg.model.num_classes), (n,), dtype=np.int32)[rows],
                    has_audio=np.ones((b,), bool))
         self.index += 1
         return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 _initialized = False
 
@@ -51,3 +52,25 @@ def maybe_initialize() -> bool:
         jax.distributed.initialize()
         _initialized = True
     return _initialized
+
+
+def is_writer() -> bool:
+    """Whether this process writes files: every process computes (SPMD), process 0 writes."""
+    return jax.process_index() == 0
+
+
+def host_value(x):
+    """``x`` as a host numpy array when it is a global array spread over several processes.
+
+    Evaluation and sampling run on the training mesh in every process; their results
+    are brought back whole to every process here (a replicated array's local copy, or an
+    all-gather of the shards), so host code after them is the same everywhere. Anything
+    this process can address already (one process, one device) is returned unchanged.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmgen.errors import UserError
+from mmgen.parallel.distributed import host_value
 from mmgen.tokenizers.audio import AudioTokenizer, audio_samples_for_video
 from mmgen.tokenizers.video import VideoTokenizer
 
@@ -42,7 +43,8 @@ class LoadedTokenizer:
     """A trained tokenizer (EMA weights when the run kept them), jitted once per shape.
 
     ``encode(x) -> (tokens, aux)`` and ``decode(tokens) -> x``; video
-    ``x`` is float32 [-1, 1] ``[B, T, H, W, 3]``, audio float32 ``[B, S]``.
+    ``x`` is float32 [-1, 1] ``[B, T, H, W, 3]``, audio float32 ``[B, S]``. Weights spread
+    over several processes give results whole on every process (``host_value``).
     """
 
     modality: str
@@ -72,10 +74,10 @@ class LoadedTokenizer:
             self.model.check_video_shape(x.shape)
         else:
             self.model.check_audio_shape(x.shape)
-        return self._encode(self.model, x)
+        return jax.tree.map(host_value, self._encode(self.model, x))
 
     def decode(self, tokens):
-        return self._decode(self.model, jnp.asarray(tokens, jnp.int32))
+        return host_value(self._decode(self.model, jnp.asarray(tokens, jnp.int32)))
 
     @property
     def input_shape(self) -> tuple[int, ...]:

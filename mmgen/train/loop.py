@@ -260,7 +260,8 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                                   process_index=pi, process_count=pc)
     if jax.process_index() == 0:
         workdir_lib.write_config(cfg, workdir)
-    log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
+    if pi == 0:  # lines that are the same on every host print once
+        log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), pc)
 
     # --- state: abstract shapes -> shardings from logical names -> init or restore
     #     (a frozen part, e.g. a base model under adapters, is loaded, never saved)
@@ -278,9 +279,10 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     if start is not None:
         state, data_restored = ckpt.restore(start, with_shardings(abstract, shardings), train_iter)
         if not data_restored:
-            _fast_forward(train_iter, start)
+            _fast_forward(train_iter, start, cfg.batch_size)
         _truncate_metrics(workdir, start)
-        log.info("resumed from step %d", start)
+        if pi == 0:
+            log.info("resumed from step %d", start)
     else:
         warm = load_warm_start(cfg, *warm_source, mesh, rules) if warm_source else None
         full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
@@ -375,7 +377,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         bar.close()
         ckpt.close()
         writer.close()
-    if stopped_early:
+    if stopped_early and pi == 0:
         log.info("stopped at step %d (preemption); run again to resume", step)
     return {"step": step, **last_metrics}
 
@@ -402,9 +404,15 @@ def _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, ste
     return out
 
 
-def _fast_forward(iterator, steps: int) -> None:
-    """Re-position a pipeline whose saved state does not fit this process layout."""
-    if hasattr(iterator, "skip_batches"):
+def _fast_forward(iterator, steps: int, global_batch_size: int) -> None:
+    """Re-position a pipeline whose saved state does not fit this process layout.
+
+    ``seek(examples)`` (the families' pipelines) jumps straight to the global example count
+    ``steps * batch_size``, in constant time whatever the step; other iterators are stepped.
+    """
+    if hasattr(iterator, "seek"):
+        iterator.seek(steps * global_batch_size)
+    elif hasattr(iterator, "skip_batches"):
         iterator.skip_batches(steps)
     else:
         for _ in range(steps):

@@ -1,0 +1,132 @@
+"""The real families through several processes with sharded parameters (gloo, fake CPU devices).
+
+2 processes x 2 devices, ``mesh.fsdp=4``: every parameter is split over devices of both
+processes, so evaluation and sampling must run on every process (SPMD) or they hang.
+Each run evaluates at every step (samples written by process 0), checkpoints, and is
+resumed on another process layout (1 process x 4 devices), where its losses must be
+those of an uninterrupted run on that layout. Tiny shapes: these are the suite's most
+expensive tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmgen import config as config_lib
+from mmgen.data import pipeline
+from mmgen.families import get_family
+from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
+from mmgen.train.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = {"num_train": 8, "num_test": 4}
+RUN = ["mesh.data=1", "mesh.fsdp=-1", "batch_size=4", "log_every=1", "checkpoint_every=2", "eval_batches=1",
+       "tensorboard=False", "progress=False", "schedule.name='constant'", f"dataset.builder_overrides={DATA}",
+       "async_checkpointing=False"]
+VIDEO = ("tokenizer/video.py:tiny,gan=0", ["num_samples=2", "dataset.frames=5", "dataset.resolution=16",
+                                          "model.base_channels=8", "model.channel_multipliers=(1,2)",
+                                          "model.temporal_downsample=(True,)"])
+AUDIO = ("tokenizer/audio.py:tiny,gan=0", ["num_samples=2", "dataset.frames=5", "model.channels=4"])
+
+pytestmark = pytest.mark.slow
+
+
+def launch(num_processes, devices_each, *args):
+    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each))
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"), str(num_processes), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def flags(overrides):
+    return [f"--config.{o}" for o in overrides]
+
+
+def losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    d = config_lib.load_config(VIDEO[0], [f"dataset.data_dir={path}", f"dataset.builder_overrides={DATA}"]).dataset
+    pipeline.open_dataset(d, "train")  # built once here, not raced by the processes
+    return path
+
+
+def run_tokenizer_across_layouts(spec, data_dir, root):
+    name, extra = spec
+    overrides = RUN + extra + [f"dataset.data_dir={data_dir}", "eval_every=1"]
+    multi, straight = os.path.join(root, "multi"), os.path.join(root, "straight")
+    launch(2, 2, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=2"]))
+    rows = read_metrics(multi)
+    assert sorted(r["step"] for r in rows if "eval/loss" in r) == [1, 2]  # the eval rows every step, once
+    assert workdir_lib.all_steps(multi) == [2]
+    with open(os.path.join(multi, "checkpoints", "2", "data", "process_1-of-2.json")) as f:
+        assert json.load(f)  # both processes' data positions
+    # Resume on another layout (1 process x 4 devices): the pipeline seeks to example 8.
+    launch(1, 4, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=3"]))
+    cfg = config_lib.load_config(name, overrides + ["total_steps=3", "eval_every=0"])
+    loop.run(get_family("tokenizer"), cfg, straight, devices=jax.devices()[:4])
+    a, b = losses(multi), losses(straight)
+    assert sorted(a) == [1, 2, 3]
+    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=2e-4)
+    return multi
+
+
+def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(data_dir, tmp_path):
+    multi = run_tokenizer_across_layouts(VIDEO, data_dir, str(tmp_path))
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
+        f"recon_00000{s}.{ext}" for s in (1, 2, 3) for ext in ("mp4", "png")]  # 3: the resumed run's eval
+
+
+def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(data_dir, tmp_path):
+    multi = run_tokenizer_across_layouts(AUDIO, data_dir, str(tmp_path))
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
+        f"{kind}_00000{s}.wav" for kind in ("orig", "recon") for s in (1, 2, 3)]
+
+
+def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_and_evaluates(tmp_path):
+    from test_generative_train import SMALL_DATA, make_tiny_workdirs, small_model_overrides
+
+    root = str(tmp_path)
+    data = os.path.join(root, "tfds")
+    tokenizers = make_tiny_workdirs(os.path.join(root, "tokenizers"), data)
+    overrides = [o for o in RUN if not o.startswith("dataset.builder_overrides")] + small_model_overrides() + [
+        f"dataset.data_dir={data}", f"dataset.builder_overrides={SMALL_DATA}", "eval_every=1",
+        f"tokenizers.video_workdir={tokenizers['video']}", f"tokenizers.audio_workdir={tokenizers['audio']}",
+        "sampling.eval_tasks='frame_prediction'", "sampling.eval_num=1", "sampling.steps=2"]
+    name = "generative/multitask.py:tiny"
+    pipeline.open_dataset(config_lib.load_config(name, overrides).dataset, "train")
+    multi, straight = os.path.join(root, "multi"), os.path.join(root, "straight")
+    launch(2, 2, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=2"]))
+    assert sorted(r["step"] for r in read_metrics(multi) if "eval/accuracy" in r) == [1, 2]
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
+        f"step00000{s}_frame_prediction{suffix}" for s in (1, 2) for suffix in (".png", "_000.mp4", "_tokens.npz")]
+    launch(1, 4, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=3"]))
+    cfg = config_lib.load_config(name, overrides + ["total_steps=3", "eval_every=0"])
+    loop.run(get_family("generative"), cfg, straight, devices=jax.devices()[:4])
+    a, b = losses(multi), losses(straight)
+    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=2e-4)
+    # The multi-process checkpoint samples with 2 processes (the model stays sharded over both)...
+    out = os.path.join(root, "samples")
+    res = launch(2, 2, "sample", "--workdir", multi, "--task", "audio_to_video", "--num", "2", "--out", out,
+                 "--steps", "2")
+    assert res.stdout.count("wrote 2 videos of audio_to_video") == 1  # process 0 reports (and writes)
+    assert sorted(os.listdir(out)) == ["audio_to_video.png", "audio_to_video_000.mp4", "audio_to_video_001.mp4",
+                                       "audio_to_video_tokens.npz"]
+    # ... and evaluates.
+    launch(1, 4, "eval", "--workdir", multi, "--num", "2")
+    with open(os.path.join(multi, "eval.json")) as f:
+        result = json.load(f)
+    assert result["step"] == 3 and result["clips"] == 2 and result["token_accuracy"]

@@ -21,9 +21,11 @@ flip; evaluation: centre square crop resized to R) -> batch (drop remainder).
 
 Determinism and resumption. Epoch ``e`` visits the records in the permutation
 ``default_rng([seed, e]).permutation(N)``, truncated to a multiple of the process
-count; global position ``i`` of the stream goes to process ``i % process_count``, so
-processes see disjoint slices covering each epoch (a global shuffle, re-drawn every
-epoch). Example ``i``'s augmentation draws from ``default_rng([seed, i])``. The
+count; global batch ``k`` is stream positions ``[k G, (k+1) G)``, process ``p`` holding
+rows ``[p b, (p+1) b)`` of it (``EpochShuffleSampler``), so processes see disjoint slices
+covering each epoch (a global shuffle, re-drawn every epoch) and a global batch is the
+same, row for row, on any number of processes. Example ``i``'s augmentation draws from
+``default_rng([seed, i])``. The
 iterator is grain's ``DataLoaderIterator``: ``get_state()`` (bytes, stored in
 checkpoints beside the model) and ``set_state()`` resume at exactly the next batch.
 Same seed, same process layout and same ``num_workers`` -> same batches.
@@ -372,15 +374,23 @@ class _EvalPreprocess(grain.MapTransform):
 class EpochShuffleSampler:
     """Global stream position -> record (grain ``Sampler``; see the module docstring).
 
-    Each epoch holds ``num_records // process_count * process_count`` positions;
-    grain's ``DataLoader`` gives position ``i`` to process ``i % process_count``.
+    Each epoch holds ``num_records // process_count * process_count`` positions. Grain's
+    ``DataLoader`` hands its ``j``-th index to process ``j % process_count``; with
+    ``local_batch`` set (and epochs a whole number of global batches) index ``j`` is read
+    as stream position ``g`` so that process ``p``'s ``c``-th record is position
+    ``(c // b) G + p b + c % b``: global batch ``k`` is positions ``[k G, (k+1) G)`` in
+    order, whatever the number of processes (``b`` = local batch, ``G`` = global batch).
     """
 
-    def __init__(self, num_records: int, *, shuffle: bool, seed: int, num_epochs: int | None, process_count: int):
+    def __init__(self, num_records: int, *, shuffle: bool, seed: int, num_epochs: int | None, process_count: int,
+                 local_batch: int | None = None):
         self.num_records, self.shuffle, self.seed, self.num_epochs = num_records, shuffle, int(seed), num_epochs
+        self.process_count = process_count
         self.per_epoch = num_records // process_count * process_count
         if self.per_epoch == 0:
             raise ValueError(f"{num_records} examples cannot be split over {process_count} processes")
+        blocks = local_batch and self.per_epoch % (local_batch * process_count) == 0
+        self.local_batch = local_batch if blocks else None
         self._cached_epoch, self._permutation = None, None
 
     def __len__(self) -> int:
@@ -399,11 +409,20 @@ class EpochShuffleSampler:
             self._cached_epoch = epoch
         return int(self._permutation[position])
 
+    def stream_position(self, index: int) -> int:
+        """Grain's index -> position in the global stream (contiguous global batches, see above)."""
+        if not self.local_batch:
+            return index
+        b, n = self.local_batch, self.process_count
+        count, process = divmod(index, n)
+        return (count // b) * b * n + process * b + count % b
+
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if index < 0 or index >= len(self):
             raise IndexError(f"position {index} is past the end ({len(self)})")
-        rng = np.random.default_rng([self.seed, index])
-        return grain.RecordMetadata(index=index, record_key=self.record_key(index), rng=rng)
+        position = self.stream_position(index)
+        rng = np.random.default_rng([self.seed, position])
+        return grain.RecordMetadata(index=index, record_key=self.record_key(position), rng=rng)
 
 
 # --------------------------------------------------------------------------------
@@ -469,8 +488,9 @@ def make_iterator(
         num_epochs = 1
     source, info = open_dataset(dataset_cfg, split)
     spec = clip_spec(dataset_cfg, info, train=train)
+    workers = int(dataset_cfg.get("num_workers", 0))
     sampler = EpochShuffleSampler(len(source), shuffle=train, seed=seed, num_epochs=num_epochs,
-                                  process_count=process_count)
+                                  process_count=process_count, local_batch=local_batch if workers == 0 else None)
     operations = [
         _TrainPreprocess(spec) if train else _EvalPreprocess(spec),
         grain.Batch(batch_size=local_batch, drop_remainder=True),

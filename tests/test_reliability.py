@@ -245,6 +245,14 @@ def test_torn_and_junk_metrics_lines_do_not_stop_a_resume(tmp_path, caplog):
     assert all(json.loads(line) for line in path.read_text().splitlines())  # trimmed: every line good
 
 
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    loop.run(FAMILY, toy_config("total_steps=4"), str(tmp_path))
+    logged = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert logged == [1, 2, 3, 4] and 9.0 not in losses(tmp_path).values()
+
+
 def test_damaged_config_json_is_one_line(tmp_path, capsys):
     loop.run(FAMILY, toy_config("total_steps=2"), str(tmp_path))
     (tmp_path / "config.json").write_bytes(b'{"family": "toy", "total_ste')

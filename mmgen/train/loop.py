@@ -329,6 +329,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
         trim_metrics(workdir, start)
         log.info("resumed from step %d", start)
     else:
+        trim_metrics(workdir, 0)  # lines of a run killed before its first checkpoint: it starts again
         warm = load_warm_start(cfg, *warm_source, mesh, rules) if warm_source else None
         full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
         state, start = split_frozen(family, init_state(family, cfg, mesh, full_shardings))[0], 0

@@ -49,6 +49,10 @@ def resolve_path(path: str) -> str:
 
 
 def load_module(path: str):
+    if not path.endswith(".py"):
+        hint = (": to resume a workdir with its own config.json, leave --config out"
+                if path.endswith(".json") else "")
+        raise UserError(f"config {path!r} is not a python config file (configs/X.py[:variant]){hint}")
     path = resolve_path(path)
     name = "mmgen_config_" + os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
@@ -144,8 +148,12 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    """A config saved by ``to_json``; ``ValueError`` when the file is not a JSON object."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+    return ml_collections.ConfigDict(data)
 
 
 def check_common_keys(cfg: ml_collections.ConfigDict) -> None:

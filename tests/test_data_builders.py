@@ -275,12 +275,12 @@ def test_prepare_reports_where_and_what_was_skipped(video_dir, tmp_path, capsys)
     assert "already prepared" in capsys.readouterr().out
 
 
-def test_prepare_errors_are_one_line_and_nonzero(tmp_path, capsys):
+def test_prepare_errors_are_one_line_and_exit_2(tmp_path, capsys):
     from mmgen.commands import prepare
 
-    assert prepare.prepare("video_folder", str(tmp_path)) == 1
-    assert prepare.prepare("video_folder", str(tmp_path), path=str(tmp_path / "nowhere")) == 1
-    assert prepare.prepare("moving_shapes_av", str(tmp_path), config="huge") == 1
+    assert prepare.prepare("video_folder", str(tmp_path)) == 2
+    assert prepare.prepare("video_folder", str(tmp_path), path=str(tmp_path / "nowhere")) == 2
+    assert prepare.prepare("moving_shapes_av", str(tmp_path), config="huge") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("mmgen prepare: error: ") for line in err)
     assert "--path" in err[0] and "nowhere" in err[1] and "'huge'" in err[2]

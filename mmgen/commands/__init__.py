@@ -4,7 +4,9 @@ The top layer of the package: this module parses the flags and hands over to one
 module per subcommand (``mmgen.commands.<name>.main(args, overrides)``), which checks
 the user's input and calls the layers below (families, eval, models, train, data).
 A ``UserError`` anywhere before compilation ends the run with one line
-``mmgen <cmd>: error: <what is wrong>`` and exit status 2.
+``mmgen <cmd>: error: <what is wrong>`` and exit status 2. Anything else is a bug (or
+damage the command could not work around) and keeps its traceback; Ctrl-C outside
+the training loop (which saves and stops cleanly) is one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -126,6 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mmgen {name}: error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"mmgen {name}: error: {e.filename or e}: no such file", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mmgen {name}: interrupted", file=sys.stderr)
+        return 130

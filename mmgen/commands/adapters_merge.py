@@ -48,7 +48,7 @@ from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
-from mmgen.train.checkpoint import Checkpointer
+from mmgen.train.checkpoint import Checkpointer, NoUsableCheckpoint
 
 FAMILY = adapters_family.FAMILY
 
@@ -107,13 +107,20 @@ def restore_adapters(cfg, workdir: str, mesh) -> tuple[nnx.State, int]:
     trained, _ = loop.split_frozen(FAMILY, abstract)
     shardings = sharding_lib.state_shardings(trained, mesh, rules)
     ckpt = Checkpointer(workdir, read_only=True)
+    target = loop.with_shardings(trained, shardings)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"no checkpoint in {workdir}/checkpoints: train the adapters first")
-        state = ckpt.restore_parts(step, loop.with_shardings(trained, shardings), ("model",))
+        if cfg.get("weights_only"):  # a weights-only adapter workdir holds the model part only
+            step = ckpt.latest_step()
+            found = None if step is None else (step, ckpt.restore_parts(step, target, ("model",)), False)
+        else:  # the newest step that restores and verifies (a damaged newer one is named in a warning)
+            found = ckpt.restore_newest(target)
+    except NoUsableCheckpoint as e:
+        raise UserError(str(e)) from None
     finally:
         ckpt.close()
+    if found is None:
+        raise UserError(f"no checkpoint in {workdir}/checkpoints: train the adapters first")
+    step, state, _ = found
     return state["model"], int(step)
 
 

@@ -44,7 +44,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
         raise UserError(f"the {family.name!r} family defines no evaluation")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     loop.check_batch_divides(cfg, mesh)
-    state_module = loop.load_state(family, cfg, workdir, mesh=mesh, step=step)
+    state_module, scored_step = loop.load_state_and_step(family, cfg, workdir, mesh=mesh, step=step)
     graphdef, state = nnx.split(state_module)
     family = dataclasses.replace(family, frozen=None)  # the loaded state is whole, frozen part included
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -64,7 +64,6 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
         n += 1
     if n == 0:
         raise UserError(f"split {split!r} holds fewer than one batch of {cfg.batch_size} examples")
-    scored_step = workdir_lib.latest_step(workdir) if step is None else step
     result = {"family": family.name, "step": scored_step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
     if distributed.is_writer():

@@ -7,7 +7,7 @@ and prepared by TFDS in ArrayRecord format (needs the network, and TensorFlow fo
 most video datasets). Progress is shown by tqdm bars (TFDS's example counter, and
 per-video bars for folders); at the end one line says where the dataset went and
 how many examples each split holds, followed by the files that were skipped and why.
-Errors end in one line on stderr and a non-zero return code, never a traceback.
+Errors end in one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mmgen.data.builders import sources, video_folder
 
 def _fail(message: str) -> int:
     print(f"mmgen prepare: error: {message}", file=sys.stderr, flush=True)
-    return 1
+    return 2
 
 
 def main(args, overrides) -> int:

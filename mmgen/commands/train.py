@@ -16,6 +16,7 @@ from mmgen.families import get_family
 from mmgen.parallel import distributed
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
+from mmgen.train.checkpoint import is_disk_full
 
 
 def train_config(args, overrides):
@@ -38,6 +39,13 @@ def main(args, overrides) -> int:
     except loop.TrainingDiverged as e:
         print(f"mmgen train: error: {e}", file=sys.stderr)
         return 1
-    if jax.process_index() == 0:
-        print(f"trained to step {out['step']}: loss {out.get('loss', float('nan')):.5f}; workdir {args.workdir}")
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise UserError(f"writing to {args.workdir} failed: no space left on device ({e.filename or e}); "
+                        f"free some space and run again to resume") from None
+    if jax.process_index() == 0 and "loss" in out:
+        print(f"trained to step {out['step']}: loss {out['loss']:.5f}; workdir {args.workdir}")
+    elif jax.process_index() == 0:
+        print(f"{args.workdir} is already trained to step {out['step']} (total_steps); nothing to do")
     return 0

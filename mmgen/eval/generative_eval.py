@@ -412,7 +412,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))
-    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": workdir_lib.latest_step(workdir) if step is None else int(step),
+    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": int(step) if step is not None else getattr(generator, "step", None) or workdir_lib.latest_step(workdir),
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])

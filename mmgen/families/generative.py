@@ -286,8 +286,10 @@ def load_generator(workdir: str, overrides=(), step: int | None = None) -> Gener
     else:
         mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
     tokenizers = load_tokenizers(cfg, device)
-    state = loop.load_state(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)
-    return Generator(cfg, inference_model(state), tokenizers=tokenizers, device=device)
+    state, step = loop.load_state_and_step(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)
+    generator = Generator(cfg, inference_model(state), tokenizers=tokenizers, device=device)
+    generator.step = step  # the checkpoint loaded (an older one when the newest is damaged)
+    return generator
 
 
 FAMILY = Family(

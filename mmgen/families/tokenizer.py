@@ -291,8 +291,7 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer
         mesh = devices
     else:
         mesh = mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
-    step = workdir_lib.latest_step(workdir) if step is None else step
-    state = loop.load_state(FAMILY, cfg, workdir, mesh=mesh, step=step)
+    state, step = loop.load_state_and_step(FAMILY, cfg, workdir, mesh=mesh, step=step)
     return LoadedTokenizer(cfg.modality, inference_model(state), cfg, workdir, int(step))
 
 

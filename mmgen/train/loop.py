@@ -4,6 +4,15 @@ Reads top to bottom like big_vision's ``train.py``: config checks, mesh, input,
 state (initialised directly on devices), the jitted update step, checkpoint
 restore, then the loop with logging, evals, checkpoints and preemption.
 
+What keeps a run from getting stuck: every user mistake (config values, a workdir
+that is not a writable directory, ``total_steps`` below the checkpoint's step) stops
+it in one line before anything compiles or is written; one ``train`` at a time owns
+the workdir (``workdir.WorkdirLock``); a resume takes the newest checkpoint that
+restores and verifies, setting damaged ones aside (``Checkpointer.restore_newest``);
+only finite states are saved or evaluated (a non-finite update stops the run naming
+the newest checkpoint, which is finite); SIGTERM and a first Ctrl-C save at the
+current step and stop, a second one stops at once.
+
 A model family plugs in through ``Family``: it says how to build its state (an NNX
 module holding models, optimizers, EMA copies) and how one update changes it; the
 loop owns everything else (sharding, donation, RNG, resume, NaN guard, metrics).
@@ -16,6 +25,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -32,14 +42,15 @@ from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
 from mmgen.train import optim
 from mmgen.train import workdir as workdir_lib
-from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics import MetricsWriter, read_metrics
+from mmgen.train.checkpoint import (Checkpointer, CheckpointDamaged, NonFiniteState, NoUsableCheckpoint,
+                                    inspect_state)
+from mmgen.train.metrics import MetricsWriter, trim_metrics
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss or gradients became NaN/Inf; the last good checkpoint is left intact."""
+    """Loss, gradients or weights became NaN/Inf; the last good checkpoint (finite) is left intact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +111,12 @@ def validate(family: Family, cfg) -> None:
     config_lib.check_common_keys(cfg)
     if cfg.total_steps < 1:
         raise UserError(f"config.total_steps={cfg.total_steps} must be at least 1")
+    for key, least in (("batch_size", 1), ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 1),
+                       ("eval_every", 0), ("eval_batches", 1)):
+        value = cfg.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"config.{key}={value!r} must be an integer of at least {least}"
+                            + (" (0 = never)" if least == 0 else ""))
     if cfg.batch_size % jax.process_count():
         raise UserError(f"config.batch_size={cfg.batch_size} does not divide over {jax.process_count()} processes")
     if family.validate is not None:
@@ -205,32 +222,45 @@ def batch_shardings_for(batch: dict, mesh) -> dict:
 
 # ---------------------------------------------------------------- preemption
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the current step and exits cleanly.
+    """SIGTERM or Ctrl-C (SIGINT) sets a flag; the loop saves at the current step and exits cleanly.
 
+    A second signal exits at once (status 128 + the signal: 130 for Ctrl-C) without
+    saving; the checkpoints already written are complete and kept.
     Single process only: with several processes a local flag could stop them at
     different steps (and hang a collective), so there JAX's own preemption sync
     (``Checkpointer.reached_preemption``, the same step everywhere) decides alone.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() > 1:
             return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"mmgen: {name} again: stopping now without saving; the newest checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            workdir_lib.release_all_locks()
+            os._exit(128 + signum)
         self.requested = True
+        print(f"mmgen: {name}: saving at the current step, then stopping (send it again to stop at once)",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _finite(metrics: dict) -> bool:
@@ -247,6 +277,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     """
     # --- config and mesh: every user mistake is caught here, before compiling.
     validate(family, cfg)
+    workdir_lib.check_workdir(workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     check_batch_divides(cfg, mesh)
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
@@ -258,10 +289,22 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     pc, pi = jax.process_count(), jax.process_index()
     train_iter = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
                                   process_index=pi, process_count=pc)
+    # --- one writer per workdir: a second train stops here in one line (readers take no lock)
+    with workdir_lib.WorkdirLock(workdir):
+        return _train(family, cfg, workdir, stop_after, mesh, rules, warm_source, train_iter)
+
+
+def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_source, train_iter) -> dict:
+    """``run`` once the workdir is this run's: restore or initialise, compile, train."""
+    pi = jax.process_index()
+    newest = workdir_lib.latest_step(workdir)
+    if newest is not None and newest > cfg.total_steps:
+        raise UserError(f"config.total_steps={cfg.total_steps} is below step {newest} of the newest checkpoint in "
+                        f"{workdir}: raise total_steps to train on, or train into a new workdir")
     if jax.process_index() == 0:
         workdir_lib.write_config(cfg, workdir)
     if pi == 0:  # lines that are the same on every host print once
-        log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), pc)
+        log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
 
     # --- state: abstract shapes -> shardings from logical names -> init or restore
     #     (a frozen part, e.g. a base model under adapters, is loaded, never saved)
@@ -269,21 +312,30 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     abstract, abstract_frozen = split_frozen(family, abstract)
     shardings = sharding_lib.state_shardings(abstract, mesh, rules)
     frozen_shardings = sharding_lib.state_shardings(abstract_frozen, mesh, rules)
+    workdir_lib.check_free_space(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)),
+                                 cfg.keep_checkpoints)
     ckpt = Checkpointer(workdir, keep_last=cfg.keep_checkpoints, keep_best=cfg.get("keep_best", 0),
                         best_metric=cfg.get("best_metric"), best_mode=cfg.get("best_mode", "min"),
                         async_save=cfg.get("async_checkpointing", True))
-    start = ckpt.latest_step()
-    if start is not None and cfg.get("weights_only"):
+    if cfg.get("weights_only") and ckpt.latest_step() is not None:
+        ckpt.close()
         raise UserError(f"{workdir} holds model weights only (written by adapters merge), not a training state to "
                         f"resume: fine-tune from it in a new workdir with --config.init_from={workdir}")
+    try:  # the newest step that restores and verifies; damaged newer ones are moved aside
+        found = ckpt.restore_newest(with_shardings(abstract, shardings), train_iter, set_aside=True)
+    except NoUsableCheckpoint as e:
+        ckpt.close()
+        raise UserError(str(e)) from None
+    start = found[0] if found else None
     if start is not None:
-        state, data_restored = ckpt.restore(start, with_shardings(abstract, shardings), train_iter)
+        state, data_restored = found[1:]
         if not data_restored:
             _fast_forward(train_iter, start, cfg.batch_size)
-        _truncate_metrics(workdir, start)
+        trim_metrics(workdir, start)
         if pi == 0:
             log.info("resumed from step %d", start)
     else:
+        trim_metrics(workdir, 0)  # lines of a run killed before its first checkpoint: it starts again
         warm = load_warm_start(cfg, *warm_source, mesh, rules) if warm_source else None
         full_shardings = nnx.merge_state(shardings, frozen_shardings) if family.frozen is not None else shardings
         state, start = split_frozen(family, init_state(family, cfg, mesh, full_shardings))[0], 0
@@ -316,9 +368,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
         step, metrics = pending
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not _finite(metrics):
-            raise TrainingDiverged(
-                f"non-finite loss/grad_norm at step {step}: {metrics}; the last good checkpoint "
-                f"(step {ckpt.latest_step()}) is intact in {ckpt.directory}")
+            raise TrainingDiverged(f"non-finite loss/grad_norm at step {step}: {metrics}; {_diverged_advice(ckpt)}")
         now = time.perf_counter()
         dt = (now - t_last) / max(steps_since, 1)
         t_last, steps_since = now, 0
@@ -357,16 +407,21 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                 want_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
                 preempted = preempt.requested or ckpt.reached_preemption(step) or (
                     stop_after is not None and step - start >= stop_after)
+                report = None
                 if want_eval or want_ckpt or preempted:
-                    # Never save or evaluate a state whose loss we have not checked.
+                    # Never save or evaluate a state whose loss we have not checked, nor one
+                    # whose own values are not all finite (the loss describes the weights
+                    # before this step's update, the save writes them after it).
                     flush(pending or (step, metrics))
                     pending = None
+                    report = _check_finite(ckpt, state, step)
                 eval_metrics = {}
                 if want_eval:
                     eval_metrics = _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step)
                     writer.write(step, eval_metrics)
                 if want_ckpt or preempted:
-                    ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True)
+                    ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True,
+                              report=report)
                 if preempted:
                     stopped_early = step < cfg.total_steps
                     break
@@ -380,6 +435,26 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     if stopped_early and pi == 0:
         log.info("stopped at step %d (preemption); run again to resume", step)
     return {"step": step, **last_metrics}
+
+
+def _diverged_advice(ckpt) -> str:
+    """Where a diverged run can resume from, and what to change."""
+    ckpt.wait()
+    good = ckpt.latest_step()
+    where = (f"the last good checkpoint (step {good}) is intact in {ckpt.directory} (every saved state is checked "
+             f"finite)" if good is not None else f"no checkpoint was saved yet in {ckpt.directory}")
+    return (f"{where}; to go on, lower optimizer.lr, set optimizer.grad_clip (e.g. 1.0), or train in float32 "
+            f"instead of bfloat16, and run again")
+
+
+def _check_finite(ckpt, state, step: int):
+    """The state's ``inspect_state`` report; ``TrainingDiverged`` when any array holds NaN/Inf."""
+    report = inspect_state(state)
+    if not report.finite:
+        error = NonFiniteState(step, report.nonfinite, len(report.fingerprints))
+        raise TrainingDiverged(f"{error}: the update at step {step} diverged and nothing was saved at it; "
+                               f"{_diverged_advice(ckpt)}")
+    return report
 
 
 def _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step) -> dict:
@@ -417,20 +492,6 @@ def _fast_forward(iterator, steps: int, global_batch_size: int) -> None:
     else:
         for _ in range(steps):
             next(iterator)
-
-
-def _truncate_metrics(workdir: str, step: int) -> None:
-    """Drop metric lines past the restored step so curves continue without overlap."""
-    if jax.process_index() != 0:
-        return
-    rows = read_metrics(workdir)
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows):
-        import json
-        path = os.path.join(workdir, "metrics.jsonl")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
 
 
 # The state entries that are model weights: what a warm start copies (optimizer, step and data
@@ -489,39 +550,58 @@ def load_warm_start(cfg, other, step, mesh, rules):
     one); optimizer state, step and data position start fresh.
     """
     ckpt = Checkpointer(cfg.init_from, read_only=True)
-    target = with_shardings(other, sharding_lib.state_shardings(other, mesh, rules))
-    restored = ckpt.restore_parts(step, target, ("model",))
-    ckpt.close()
+    try:
+        target = with_shardings(other, sharding_lib.state_shardings(other, mesh, rules))
+        restored = ckpt.restore_parts(step, target, ("model",))
+    except (CheckpointDamaged, ValueError) as e:
+        raise UserError(f"init_from={cfg.init_from!r}: {e}; pick another with init_from_step") from None
+    finally:
+        ckpt.close()
     log.info("model weights from %s at step %d (optimizer and step start fresh)", cfg.init_from, step)
     return restored["model"]
 
 
 def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """Restore a trained state for sampling/eval on any mesh. Returns the NNX module."""
+    return load_state_and_step(family, cfg, workdir, mesh, step)[0]
+
+
+def load_state_and_step(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
+    """``(module, step)``: checkpoint ``step``, or else the newest one that restores and verifies
+    (a damaged newer one is named in a warning and left where it is: readers take no lock)."""
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, abstract = abstract_state(family, cfg)
     abstract, abstract_frozen = split_frozen(family, abstract)
     shardings = sharding_lib.state_shardings(abstract, mesh, rules)
     ckpt = Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
     target = with_shardings(abstract, shardings)
-    if cfg.get("weights_only"):
-        # Weights only (adapters merge): the rest of the state (optimizer moments, counters) is
-        # not on disk and not needed to sample or evaluate; it is zeros.
-        parts = weight_parts(abstract)
-        weights = ckpt.restore_parts(step, target, parts)
-        rest = nnx.State({k: v for k, v in abstract.items() if k not in parts})
-        rest_shardings = nnx.State({k: v for k, v in shardings.items() if k not in parts})
-        zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest),
-                        out_shardings=rest_shardings)()
-        state = nnx.merge_state(zeros, weights)
-    else:
-        state, _ = ckpt.restore(step, target)
-    ckpt.close()
+    try:
+        if cfg.get("weights_only"):
+            # Weights only (adapters merge): the rest of the state (optimizer moments, counters)
+            # is not on disk and not needed to sample or evaluate; it is zeros.
+            step = ckpt.latest_step() if step is None else step
+            if step is None:
+                raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
+            parts = weight_parts(abstract)
+            weights = ckpt.restore_parts(step, target, parts)
+            rest = nnx.State({k: v for k, v in abstract.items() if k not in parts})
+            rest_shardings = nnx.State({k: v for k, v in shardings.items() if k not in parts})
+            zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), rest),
+                            out_shardings=rest_shardings)()
+            state = nnx.merge_state(zeros, weights)
+        elif step is None:
+            found = ckpt.restore_newest(target)
+            if found is None:
+                raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
+            step, state, _ = found
+        else:
+            state, _ = ckpt.restore(step, target)
+    except (CheckpointDamaged, NoUsableCheckpoint) as e:
+        raise UserError(str(e)) from None
+    finally:
+        ckpt.close()
     if family.frozen is not None:
         frozen = load_frozen(family, cfg, abstract_frozen, sharding_lib.state_shardings(abstract_frozen, mesh, rules))
-        return nnx.merge(graphdef, state, frozen)
-    return nnx.merge(graphdef, state)
+        return nnx.merge(graphdef, state, frozen), step
+    return nnx.merge(graphdef, state), step

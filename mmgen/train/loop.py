@@ -356,12 +356,11 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
                     # Never save or evaluate a state whose loss we have not checked.
                     flush(pending or (step, metrics))
                     pending = None
-                eval_metrics = {}
-                if want_eval:
-                    eval_metrics = _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step)
-                    writer.write(step, eval_metrics)
+                # The checkpoint first: an eval that fails never loses the training before it.
                 if want_ckpt or preempted:
-                    ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True)
+                    ckpt.save(step, state, train_iter, metrics=last_metrics, force=True)
+                if want_eval:
+                    writer.write(step, _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step))
                 if preempted:
                     stopped_early = step < cfg.total_steps
                     break

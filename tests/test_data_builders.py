@@ -284,3 +284,19 @@ def test_prepare_errors_are_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("mmgen prepare: error: ") for line in err)
     assert "--path" in err[0] and "nowhere" in err[1] and "'huge'" in err[2]
+
+
+def test_hold_out_keeps_a_stable_tenth_and_at_least_one_of_two_or_more_videos():
+    many = [(f"clip_{i:03d}.mp4", "unlabeled") for i in range(400)]
+    train, test = video_folder.hold_out(many, 0.1)
+    assert 20 <= len(test) <= 60 and len(train) + len(test) == 400 and not set(train) & set(test)
+    assert video_folder.hold_out(list(reversed(many)), 0.1)[1] == sorted(test, reverse=True)  # by name, not order
+    few = [(f"take{i}.mp4", "unlabeled") for i in range(4)]
+    train, test = video_folder.hold_out(few, 0.1)
+    assert len(test) == 1 and len(train) == 3  # none hashes below 0.1: the smallest hash is held out
+    assert test == [min(few, key=lambda f: video_folder._hash_fraction(f[0]))]
+    assert video_folder.hold_out(few[:1], 0.1) == (few[:1], [])  # one video: nothing to hold out
+    assert video_folder.hold_out(few, 0.0) == (few, [])  # test_fraction 0: asked for none
+    # A train/ folder without test/ is split the same way; given test/ is kept as it is.
+    assert video_folder.assign_splits({"train": few}, 0.1) == {"train": train, "test": test}
+    assert video_folder.assign_splits({"train": few[:2], "test": few[2:]}, 0.1) == {"train": few[:2], "test": few[2:]}

@@ -18,6 +18,7 @@ from test_generative_train import (
 import mmgen  # noqa: F401
 from mmgen.data.builders import moving_shapes_av as msav
 from mmgen.eval import generative_eval as ge
+from mmgen.eval import reference
 from mmgen.families import generative as gen
 
 
@@ -62,7 +63,7 @@ def test_blank_video_has_no_height_and_agreement_skips_it():
     assert np.isnan(scores["mae"]) and scores["valid_frames"] == 0.0
 
 
-def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
+def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i3d):
     root = str(tmp_path)
     data_dir = os.path.join(root, "data")
     tokenizers = make_tiny_workdirs(root, data_dir)
@@ -70,7 +71,9 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
         f"tokenizers.video_workdir={tokenizers['video']!r}", "sampling.steps=2", "evaluation.unigram_clips=4",
         "sampling.batch_size=4"])
     workdir = write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=3)
-    result = ge.evaluate(workdir, gen.load_generator, "test", num=4)
+    # FVD's plumbing with a random I3D on the clips' own 32x32 (the Kinetics one: test_pretrained.py).
+    networks = reference.Networks(i3d=random_i3d, fvd_resolution=None)
+    result = ge.evaluate(workdir, gen.load_generator, "test", num=4, networks=networks)
     with open(os.path.join(workdir, "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     rows = {r["task"]: r for r in result["token_accuracy"]}
@@ -84,9 +87,14 @@ def test_evaluate_writes_per_task_accuracy_psnr_and_grids(tmp_path):
     assert fp["given_frames"] == 1 and fp["predicted_frames"] == 8
     assert np.isfinite([fp["psnr"], fp["copy_last_frame_psnr"], fp["tokenizer_round_trip_psnr"]]).all()
     assert "audio_visual" not in result
+    (fvd,) = result["fvd"]  # the one sampled task that generates video, with its clip counts
+    assert {k: v for k, v in fvd.items() if k != "fvd"} == {
+        "task": "frame_prediction", "clips_real": 4, "clips_generated": 4, "frames": 9, "resolution": "native"}
+    assert np.isfinite(fvd["fvd"]) and fvd["fvd"] > 0
     assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
     at_step = ge.evaluate(workdir, gen.load_generator, "test", num=4, step=result["step"])  # the same checkpoint, by its step
     assert at_step["token_accuracy"] == result["token_accuracy"]
+    assert at_step["fvd"] == "unavailable (FVD not computed here)"  # no networks given
     with open(os.path.join(workdir, f"eval_step{result['step']}.json")) as f:
         assert json.load(f)["step"] == result["step"]
     assert os.listdir(os.path.join(workdir, f"eval_step{result['step']}")) == ["frame_prediction.png"]

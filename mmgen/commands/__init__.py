@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "config.evaluation.num for generative and adapter runs, config.eval_batches batches otherwise)")
     s.add_argument("--step", type=int, default=None,
                    help="checkpoint to evaluate (default: the newest); writes eval_step{S}.json beside eval.json")
+    s.add_argument("--no-fvd", dest="no_fvd", action="store_true",
+                   help="skip FVD (I3D on 224x224 clips: seconds per clip on a CPU); LPIPS, PSNR, ... still run")
     s.set_defaults(fn=_run("eval"))
 
     s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")

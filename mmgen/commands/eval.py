@@ -10,6 +10,12 @@ The workdir's ``config.json`` says which family trained it:
   (default ``cfg.eval_batches`` batches), the same numbers the training loop logs as
   ``eval/...``.
 
+Video tokenizers are also scored with LPIPS (VGG16, AlexNet) and rFVD, generative
+runs with FVD per sampled video task, using the pretrained networks the ``metrics``
+extra installs (``mmgen.eval.reference``); without it one line says what to install
+and those metrics read ``"unavailable (...)"``. ``--no-fvd`` skips the I3D passes
+(224x224 clips: seconds per clip on a CPU).
+
 Each writes ``workdir/eval.json`` (images and sounds under ``workdir/eval/``) for the
 newest checkpoint, or ``eval_step{S}.json`` (and ``eval_step{S}/``) for ``--step S``;
 the summary is printed as ``key value`` lines. A missing workdir, a folder without
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import jax
 import numpy as np
@@ -27,11 +34,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mmgen.errors import UserError
-from mmgen.parallel import distributed
-from mmgen.eval import generative_eval, tokenizer_eval
+from mmgen.eval import generative_eval, reference, tokenizer_eval
 from mmgen.families import generative as generative_family
 from mmgen.families import get_family
 from mmgen.families import tokenizer as tokenizer_family
+from mmgen.parallel import distributed
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
@@ -90,6 +97,15 @@ def _print_summary(result: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def _networks(args, lpips: bool) -> reference.Networks:
+    """The pretrained networks this eval uses; one line on stderr when the extra is missing."""
+    nets = reference.load_networks(fvd=not getattr(args, "no_fvd", False),
+                                   lpips=reference.LPIPS_NETS if lpips else (), not_asked="skipped by --no-fvd")
+    if nets.missing:
+        print(f"mmgen eval: FVD and LPIPS are unavailable: {nets.missing}", file=sys.stderr, flush=True)
+    return nets
+
+
 def main(args, overrides) -> int:
     distributed.maybe_initialize()  # launched like a multi-host run: evaluate/sample on every host
     if overrides:
@@ -101,10 +117,13 @@ def main(args, overrides) -> int:
     step = getattr(args, "step", None)
     workdir_lib.check_step(args.workdir, step)
     if family == "tokenizer":
-        result = tokenizer_eval.evaluate(args.workdir, tokenizer_family.load, args.split, args.num, step=step)
+        nets = _networks(args, lpips=True) if cfg.get("modality") == "video" else None
+        result = tokenizer_eval.evaluate(args.workdir, tokenizer_family.load, args.split, args.num, step=step,
+                                         networks=nets)
     elif family in ("generative", "adapters"):
+        nets = _networks(args, lpips=False)
         result = generative_eval.evaluate(args.workdir, generative_family.load_generator, args.split, args.num,
-                                          step=step)
+                                          step=step, networks=nets)
     else:
         result = evaluate_loss(args.workdir, cfg, args.split, args.num, step=step)
     if distributed.is_writer():

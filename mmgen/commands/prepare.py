@@ -6,7 +6,8 @@ turns a folder of videos into clips; any other registered TFDS name is downloade
 and prepared by TFDS in ArrayRecord format (needs the network, and TensorFlow for
 most video datasets). Progress is shown by tqdm bars (TFDS's example counter, and
 per-video bars for folders); at the end one line says where the dataset went and
-how many examples each split holds, followed by the files that were skipped and why.
+how many examples each split holds, then (folders) how the test split was made and the
+files that were skipped and why.
 Errors end in one line on stderr and exit status 2, never a traceback.
 """
 
@@ -65,6 +66,7 @@ def prepare(dataset: str, data_dir: str, path: str | None = None, config: str | 
     print(f"prepared {name} in {builder.data_dir}: {counts}")
     skipped = getattr(builder, "skipped", [])
     if base == "video_folder":
+        print(builder.held_out)
         print(f"skipped {len(skipped)} file(s)" + (":" if skipped else ""))
         for relpath, reason in skipped:
             print(f"  {relpath}: {reason}")

@@ -165,6 +165,34 @@ def _wait_for_prepared(name: str, data_dir: str, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
+def eval_epochs(dataset_cfg, split: str, global_batch_size: int) -> int:
+    """Passes over ``split`` that give an evaluation at least one whole batch: 1, or more
+    (clips repeated) when the split holds fewer clips than a batch, e.g. a few held-out videos."""
+    _, info = open_dataset(dataset_cfg, split)
+    return max(1, -(-int(global_batch_size) // max(1, int(info.num_examples[split]))))
+
+
+def check_eval_split(dataset_cfg, split: str, every: int) -> None:
+    """Stop before training when the evals (every ``every`` steps) would find no ``split``.
+
+    A dataset without it (a video folder with one usable video, or one prepared before
+    held-out splits were carved) would otherwise fail at the first eval. Call it after
+    the training split is open (our datasets are then built). One ``UserError`` line.
+    """
+    if not every:
+        return
+    name, data_dir = dataset_name(dataset_cfg), os.path.expanduser(dataset_cfg.data_dir)
+    splits = sources.prepared_splits(name, data_dir)
+    if splits is None or split in splits:
+        return
+    base = sources.split_name(name)[0]
+    fix = (f"delete {sources.find_prepared(name, data_dir)} and prepare the folder again (a test split is held out "
+           "of two or more videos), add a test/ folder, or " if base == "video_folder" else "prepare it, or ")
+    raise UserError(f"dataset {name} in {data_dir} has no split {split!r} (it has {sorted(splits)}), which the "
+                    f"evals every {every} steps read: {fix}set --config.eval_every=0 to train without evals "
+                    f"(or --config.eval_split to one it has)")
+
+
 # --------------------------------------------------------------------------------
 # Per-example preprocessing
 # --------------------------------------------------------------------------------

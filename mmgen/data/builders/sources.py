@@ -339,6 +339,15 @@ class EncodedExampleSource:
         return array
 
 
+def prepared_splits(name: str, data_dir: str) -> dict[str, int] | None:
+    """Examples per split of a prepared dataset; None when it is not prepared."""
+    directory = find_prepared(name, os.path.expanduser(data_dir))
+    if directory is None:
+        return None
+    info = _read_json(os.path.join(directory, "dataset_info.json"))
+    return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])}
+
+
 def open_split(name: str, split: str, data_dir: str):
     """A random-access source of example dicts for one split, and its ``SourceInfo``.
 

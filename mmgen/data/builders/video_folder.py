@@ -6,9 +6,13 @@ Layout read from ``path``::
     path/<video>                                             label "unlabeled"
 
 or, when ``path/train`` exists, ``path/{train,test}/<class name>/...`` giving the
-splits; otherwise each usable video goes to ``test`` with probability
-``test_fraction`` (decided by a hash of its relative path, so it never changes and
-all clips of one video stay in one split; an empty split is left out).
+splits. Without a ``test`` folder the held-out split is carved from the videos:
+each usable video goes to ``test`` when a hash of its relative path (CRC-32 mod
+10^4 / 10^4) is below ``test_fraction`` (0.1), so the choice never changes and all
+clips of one video stay in one split; when that picks none of two or more usable
+videos, the one with the smallest hash is held out, so a small folder still has a
+``test`` split for the evals. A folder with a single usable video has none
+(``held_out`` says so; training then stops before its first step with one line).
 
 Each video is decoded at the config's ``fps`` (sample-and-hold), scaled so its
 shorter side is ``resolution`` and centre-cropped to a square, then cut into clips
@@ -123,14 +127,21 @@ def list_videos(root: str) -> dict[str, list[tuple[str, str]]]:
     return groups
 
 
+def hold_out(files: list[tuple[str, str]], test_fraction: float) -> tuple[list, list]:
+    """(train, test) of one list of videos by the hash of their paths; at least one held
+    out when there are two or more and ``test_fraction > 0``."""
+    test = [f for f in files if _hash_fraction(f[0]) < test_fraction]
+    if not test and len(files) >= 2 and test_fraction > 0:
+        test = [min(files, key=lambda f: (_hash_fraction(f[0]), f[0]))]
+    return [f for f in files if f not in test], test
+
+
 def assign_splits(groups: dict[str, list], test_fraction: float) -> dict[str, list]:
-    """Hash-split the "all" group into train/test; drop empty splits."""
-    if "all" in groups:
-        files = groups["all"]
-        groups = {
-            "train": [f for f in files if _hash_fraction(f[0]) >= test_fraction],
-            "test": [f for f in files if _hash_fraction(f[0]) < test_fraction],
-        }
+    """Hash-split the "all" group (or a "train" group without "test") into train/test; drop empty splits."""
+    if "all" in groups or not groups.get("test"):
+        files = groups.get("all", groups.get("train", []))
+        train, test = hold_out(files, test_fraction)
+        groups = {"train": train, "test": test}
     return {name: files for name, files in groups.items() if files}
 
 
@@ -170,6 +181,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         self._groups = None
         self.skipped: list[tuple[str, str]] = []
         self.num_clips: dict[str, int] = {}
+        self.held_out: str = ""  # how the test split was made, in words
         super().__init__(**kwargs)
 
     def _videos(self) -> dict[str, list[tuple[str, str]]]:
@@ -200,6 +212,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
             }),
             metadata=tfds.core.MetadataDict(
                 fps=cfg.fps, sample_rate=cfg.sample_rate, source_folder=self._path or "", skipped=[], num_skipped=0,
+                held_out="",
             ),
         )
 
@@ -224,6 +237,16 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         splits = assign_splits(groups, cfg.test_fraction)
         if not splits:
             raise VideoFolderError(f"no usable video in {self._path}: all {len(self.skipped)} files were skipped")
+        if groups.get("test"):
+            self.held_out = f"test split from {os.path.join(self._path, 'test')} ({len(splits['test'])} videos)"
+        elif "test" in splits:
+            total = sum(len(f) for f in splits.values())
+            self.held_out = (f"held out {len(splits['test'])} of {total} videos as the test split "
+                             f"(test_fraction {cfg.test_fraction:g} by a hash of the file path, at least one)")
+        else:
+            self.held_out = (f"no test split: only {sum(len(f) for f in splits.values())} usable video; add videos "
+                             "(or a test/ folder) for the evals, or train with --config.eval_every=0")
+        self.info.metadata["held_out"] = self.held_out
         return {split: self._generate_examples(split, files) for split, files in splits.items()}
 
     def _skip(self, relpath: str, reason: str):

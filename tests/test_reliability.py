@@ -175,6 +175,9 @@ def test_readers_fall_back_without_moving_and_no_usable_checkpoint_is_one_line(d
         loop.run(FAMILY, cfg, str(work))
     assert "\n" not in str(info.value)
     assert steps(work) == [2, 4]  # nothing moved when nothing restores (a changed config looks the same)
+    with pytest.raises(UserError, match="no usable checkpoint"):  # e.g. a resume with a different model
+        loop.run(FAMILY, toy_config(*DAMAGE_CONFIG[1:], "model.hidden=64"), str(work))
+    assert config_lib.from_json_file(str(work / "config.json")).model.hidden == 512  # the workdir's config is kept
 
 
 # ---------------------------------------------------------------- 3. one writer per workdir

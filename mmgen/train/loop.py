@@ -301,8 +301,6 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
     if newest is not None and newest > cfg.total_steps:
         raise UserError(f"config.total_steps={cfg.total_steps} is below step {newest} of the newest checkpoint in "
                         f"{workdir}: raise total_steps to train on, or train into a new workdir")
-    if jax.process_index() == 0:
-        workdir_lib.write_config(cfg, workdir)
     if pi == 0:  # lines that are the same on every host print once
         log.info("mesh %s over %d devices in %d processes", mesh_lib.describe(mesh), jax.device_count(), jax.process_count())
 
@@ -342,6 +340,8 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
         for part in WEIGHT_PARTS if warm is not None else ():
             if part in state and jax.tree.leaves(state[part]):
                 state[part] = jax.tree.map(jnp.copy, warm)  # a copy each: the step donates its buffers
+    if jax.process_index() == 0:  # once the checkpoints fit this config (a mismatch keeps the old one)
+        workdir_lib.write_config(cfg, workdir)
     frozen = load_frozen(family, cfg, abstract_frozen, frozen_shardings)
     extra = () if family.frozen is None else (frozen,)
 

@@ -1,5 +1,12 @@
-"""Test-wide settings (8 fake CPU devices so sharding is exercised without hardware) and
-shared fixtures."""
+"""Test-wide settings, and the fixtures more than one test file uses.
+
+8 fake CPU devices so sharding is exercised without hardware. Test files never import
+each other (tests/test_layers.py holds that): a helper two files need lives here as a
+fixture, or, where tests call it with arguments, as a fixture that returns the function.
+The expensive ones are session-scoped, so every file that needs them shares one build:
+``data_dir`` (moving_shapes_av is built there once per builder config, on first use) and
+``tokenizers`` (the tiny video and audio tokenizer workdirs, numpy-initialised).
+"""
 
 import os
 
@@ -8,9 +15,180 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after the environment above: it must be set before jax loads)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATIVE = os.path.join(ROOT, "configs", "generative", "multitask.py")
+ADAPTERS = os.path.join(ROOT, "configs", "adapters")
+SMALL_DATA = "{'num_train': 16, 'num_test': 8}"
 
 
+# ------------------------------------------------------------------ data
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """One TFDS data dir for the session: each moving_shapes_av config is built in it once."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+# ------------------------------------------------------------------ generative (test_generative_*.py, test_sample_cli.py, ...)
+def _small_model_overrides():
+    return ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2", "model.remat_policy='none'"]
+
+
+def _generative_config(variant="tiny", extra=(), data_dir=None, tokenizers=None):
+    from mmgen import config as config_lib
+
+    overrides = _small_model_overrides() + ["batch_size=8", "log_every=1", "eval_every=0", "progress=False",
+                                            "tensorboard=False", "async_checkpointing=False"]
+    if data_dir:
+        overrides += [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}"]
+    if tokenizers:
+        overrides += [f"tokenizers.video_workdir={tokenizers['video']}", f"tokenizers.audio_workdir={tokenizers['audio']}"]
+    return config_lib.load_config(f"{GENERATIVE}:{variant}", overrides + list(extra))
+
+
+def _write_numpy_initialised(family, cfg, workdir, seed=0, std=0.05, step=1):
+    """A workdir (config.json + one checkpoint) whose weights come from a seeded numpy generator."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mmgen.train import loop
+    from mmgen.train import workdir as workdir_lib
+    from mmgen.train.checkpoint import Checkpointer
+
+    workdir_lib.write_config(cfg, workdir)
+    _, abstract = loop.abstract_state(family, cfg)
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        name = jax.tree_util.keystr(path)
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(seed), x.shape) if x.shape else jax.random.key(seed)
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.zeros(x.shape, x.dtype)
+        if "scale" in name:
+            return jnp.ones(x.shape, x.dtype)
+        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
+
+    state = jax.tree_util.tree_map_with_path(init, abstract)
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, force=True)
+    ckpt.close()
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def generative_config():
+    """``generative_config(variant="tiny", extra=(), data_dir=None, tokenizers=None)``: the
+    multitask config with a 1-layer, width-32 model (and the small dataset, the tokenizers)."""
+    return _generative_config
+
+
+@pytest.fixture(scope="session")
+def write_numpy_initialised():
+    """``write_numpy_initialised(family, cfg, workdir, seed=0, std=0.05, step=1)`` -> workdir."""
+    return _write_numpy_initialised
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory, data_dir):
+    """Video + audio tokenizer workdirs (numpy weights; the tiny layout: video 3x8x8 of 1024
+    ids, audio 57 frames x 4 RVQ levels of 256) on ``data_dir``'s small dataset."""
+    from mmgen import config as config_lib
+    from mmgen.families import get_family
+
+    root = str(tmp_path_factory.mktemp("tokenizers"))
+    base = [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}", "async_checkpointing=False"]
+    vcfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/video.py:tiny,gan=0"),
+                                  base + ["model.base_channels=8"])
+    acfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/audio.py:tiny,gan=0"), base)
+    family = get_family("tokenizer")
+    return {"video": _write_numpy_initialised(family, vcfg, os.path.join(root, "video_tokenizer")),
+            "audio": _write_numpy_initialised(family, acfg, os.path.join(root, "audio_tokenizer"), seed=1)}
+
+
+# ------------------------------------------------------------------ adapters (test_adapter_runs.py, test_plan.py)
+ADAPTER_RUN = ["batch_size=8", "log_every=1", "eval_every=0", "progress=False", "tensorboard=False",
+               "async_checkpointing=False", "total_steps=2"]
+ADAPTER_BASE_MODEL = ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2",
+                      "model.remat_policy='none'", "model.video_grid=(2,4,4)", "model.video_vocab=64",
+                      "model.audio_len=8", "model.audio_levels=2", "model.audio_vocab=16"]
+
+
+def _adapter_config(kind, base, variant="tiny,tasks=frame_prediction,data_source=random_tokens", extra=()):
+    from mmgen import config as config_lib
+
+    return config_lib.load_config(os.path.join(ADAPTERS, f"{kind}.py:{variant}"),
+                                  ADAPTER_RUN + [f"base_workdir={base}"] + list(extra))
+
+
+def _write_numpy_base(workdir, step=2, seed=0, std=0.05):
+    """A generative workdir (config.json + a checkpoint at ``step``) with numpy-drawn weights."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from mmgen import config as config_lib
+    from mmgen.families import get_family
+    from mmgen.train import loop
+    from mmgen.train import workdir as workdir_lib
+    from mmgen.train.checkpoint import Checkpointer
+
+    cfg = config_lib.load_config(f"{GENERATIVE}:tiny,data_source=random_tokens", ADAPTER_BASE_MODEL + ADAPTER_RUN)
+    workdir_lib.write_config(cfg, workdir)
+    _, abstract = loop.abstract_state(get_family("generative"), cfg)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path)
+        if "optimizer" in name or jnp.issubdtype(x.dtype, jnp.integer):
+            return jnp.zeros(x.shape, x.dtype)
+        return jnp.asarray((1.0 if "scale" in name else 0.0) + rng.normal(0.0, std, x.shape), x.dtype)
+
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(step, jax.tree_util.tree_map_with_path(draw, abstract), force=True)
+    ckpt.close()
+
+
+@pytest.fixture(scope="session")
+def adapter_config():
+    """``adapter_config(kind, base, variant=..., extra=())``: the shipped LoRA / FlyLoRA config
+    (``kind``) for a 2-step run on the base workdir ``base``."""
+    return _adapter_config
+
+
+@pytest.fixture(scope="session")
+def adapter_base(tmp_path_factory):
+    """The base adapters fine-tune: a 1-layer, width-32 generative workdir (checkpoint at step 2,
+    numpy-drawn weights). Read only: a test that changes a base changes a copy."""
+    workdir = str(tmp_path_factory.mktemp("adapter_base") / "base")
+    _write_numpy_base(workdir)
+    return workdir
+
+
+# ------------------------------------------------------------------ transformer (test_transformer.py, test_sampling.py)
+def _small_transformer_config(**overrides):
+    from mmgen.generative import transformer as tr
+
+    cfg = tr.model_config("tiny")
+    cfg.update(
+        dict(width=32, mlp_dim=64, num_heads=2, video_grid=(3, 4, 4), video_vocab=2**6, video_vocab_groups=2,
+             audio_len=8, audio_levels=2, audio_vocab=16, num_classes=5)
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def small_transformer_config():
+    """``small_config(**overrides)``: one tiny transformer layout for the transformer and
+    sampling specs (width 32, 2 layers; video 3 x 4 x 4 of 2^6 ids in 2 groups, audio 8
+    frames x 2 RVQ levels of 16 codes)."""
+    return _small_transformer_config
+
+
+# ------------------------------------------------------------------ FVD
 @pytest.fixture(scope="session")
 def random_i3d():
     """An I3D with seeded random weights (every array non-trivial), for FVD plumbing tests."""

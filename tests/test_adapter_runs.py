@@ -38,18 +38,8 @@ from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GENERATIVE = os.path.join(ROOT, "configs", "generative", "multitask.py")
 ADAPTERS = os.path.join(ROOT, "configs", "adapters")
-RUN = ["batch_size=8", "log_every=1", "eval_every=0", "progress=False", "tensorboard=False",
-       "async_checkpointing=False", "total_steps=2"]
-SMALL_MODEL = ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2", "model.remat_policy='none'",
-               "model.video_grid=(2,4,4)", "model.video_vocab=64", "model.audio_len=8", "model.audio_levels=2",
-               "model.audio_vocab=16"]
-
-
-def adapter_config(kind, base, variant="tiny,tasks=frame_prediction,data_source=random_tokens", extra=()):
-    return config_lib.load_config(os.path.join(ADAPTERS, f"{kind}.py:{variant}"),
-                                  RUN + [f"base_workdir={base}"] + list(extra))
+# adapter_config and adapter_base (the numpy-drawn base workdir): tests/conftest.py
 
 
 def saved_config(workdir):
@@ -65,24 +55,6 @@ def checkpoint_keys(workdir, step=2):
     with open(os.path.join(workdir, "checkpoints", str(step), "state", "_METADATA")) as f:
         meta = json.load(f)
     return [tuple(eval(k)) for k in meta["tree_metadata"]]  # keys are tuple reprs, e.g. "('model', 'x', 'value')"
-
-
-def write_numpy_base(workdir, step=2, seed=0, std=0.05):
-    """A generative workdir (config.json + a checkpoint at ``step``) with numpy-drawn weights."""
-    cfg = config_lib.load_config(f"{GENERATIVE}:tiny,data_source=random_tokens", SMALL_MODEL + RUN)
-    workdir_lib.write_config(cfg, workdir)
-    _, abstract = loop.abstract_state(get_family("generative"), cfg)
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = jax.tree_util.keystr(path)
-        if "optimizer" in name or jnp.issubdtype(x.dtype, jnp.integer):
-            return jnp.zeros(x.shape, x.dtype)
-        return jnp.asarray((1.0 if "scale" in name else 0.0) + rng.normal(0.0, std, x.shape), x.dtype)
-
-    ckpt = Checkpointer(workdir, async_save=False)
-    ckpt.save(step, jax.tree_util.tree_map_with_path(draw, abstract), force=True)
-    ckpt.close()
 
 
 def write_other_flylora(trained_workdir, workdir, seed=1):
@@ -109,10 +81,9 @@ def write_other_flylora(trained_workdir, workdir, seed=1):
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, adapter_base, adapter_config):
     root = tmp_path_factory.mktemp("adapter_runs")
-    out = {name: str(root / name) for name in ("base", "lora", "flylora", "flylora_other")}
-    write_numpy_base(out["base"])
+    out = {"base": adapter_base, **{name: str(root / name) for name in ("lora", "flylora", "flylora_other")}}
     for kind in ("lora", "flylora"):
         # On one device (no 8-way partitioning to compile); loading below restores onto all 8
         # devices of the mesh (a resharding restore of the base and the adapters).
@@ -172,7 +143,7 @@ def test_base_weights_stay_bit_identical_while_adapters_train(runs):
     assert np.abs(np.asarray(fly.d[...])).max() > 0  # the routing bias moved by the load-balancing rule
 
 
-def test_a_wrong_or_changed_base_is_one_clear_error(runs, tmp_path, capsys):
+def test_a_wrong_or_changed_base_is_one_clear_error(runs, tmp_path, capsys, adapter_config):
     with pytest.raises(UserError, match="does not exist"):
         adapters_family.validate(adapter_config("lora", str(tmp_path / "nowhere")))
     with pytest.raises(UserError, match="holds a 'adapters' run"):

@@ -9,11 +9,6 @@ import os
 
 import numpy as np
 import pytest
-from test_generative_train import (
-    generative_config,
-    make_tiny_workdirs,
-    write_numpy_initialised,
-)
 
 import mmgen  # noqa: F401
 from mmgen.data.builders import moving_shapes_av as msav
@@ -63,10 +58,9 @@ def test_blank_video_has_no_height_and_agreement_skips_it():
     assert np.isnan(scores["mae"]) and scores["valid_frames"] == 0.0
 
 
-def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i3d):
+def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i3d, data_dir, tokenizers,
+                                                             generative_config, write_numpy_initialised):
     root = str(tmp_path)
-    data_dir = os.path.join(root, "data")
-    tokenizers = make_tiny_workdirs(root, data_dir)
     cfg = generative_config("tiny,modalities=video", data_dir=data_dir, extra=[
         f"tokenizers.video_workdir={tokenizers['video']!r}", "sampling.steps=2", "evaluation.unigram_clips=4",
         "sampling.batch_size=4"])

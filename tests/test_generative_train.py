@@ -19,74 +19,13 @@ from mmgen import config as config_lib
 from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.families import generative as gen
-from mmgen.families import get_family
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative import tokens
 from mmgen.train import loop
-from mmgen.train import workdir as workdir_lib
-from mmgen.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "generative", "multitask.py")
-SMALL_DATA = "{'num_train': 16, 'num_test': 8}"
-
-
-def small_model_overrides():
-    return ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2", "model.remat_policy='none'"]
-
-
-def generative_config(variant="tiny", extra=(), data_dir=None, tokenizers=None):
-    overrides = small_model_overrides() + ["batch_size=8", "log_every=1", "eval_every=0", "progress=False",
-                                           "tensorboard=False", "async_checkpointing=False"]
-    if data_dir:
-        overrides += [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}"]
-    if tokenizers:
-        overrides += [f"tokenizers.video_workdir={tokenizers['video']}", f"tokenizers.audio_workdir={tokenizers['audio']}"]
-    return config_lib.load_config(f"{CONFIG}:{variant}", overrides + list(extra))
-
-
-def write_numpy_initialised(family, cfg, workdir, seed=0, std=0.05, step=1):
-    """A workdir (config.json + one checkpoint) whose weights come from a seeded numpy generator."""
-    workdir_lib.write_config(cfg, workdir)
-    _, abstract = loop.abstract_state(family, cfg)
-    rng = np.random.default_rng(seed)
-
-    def init(path, x):
-        name = jax.tree_util.keystr(path)
-        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.split(jax.random.key(seed), x.shape) if x.shape else jax.random.key(seed)
-        if jnp.issubdtype(x.dtype, jnp.integer):
-            return jnp.zeros(x.shape, x.dtype)
-        if "scale" in name:
-            return jnp.ones(x.shape, x.dtype)
-        return jnp.asarray(rng.normal(0.0, std, x.shape), x.dtype)
-
-    state = jax.tree_util.tree_map_with_path(init, abstract)
-    ckpt = Checkpointer(workdir, async_save=False)
-    ckpt.save(step, state, force=True)
-    ckpt.close()
-    return workdir
-
-
-def make_tiny_workdirs(root, data_dir):
-    """Video + audio tokenizer workdirs (numpy weights) and the dataset config they share."""
-    base = [f"dataset.data_dir={data_dir}", f"dataset.builder_overrides={SMALL_DATA}", "async_checkpointing=False"]
-    vcfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/video.py:tiny,gan=0"),
-                                  base + ["model.base_channels=8"])
-    acfg = config_lib.load_config(os.path.join(ROOT, "configs/tokenizer/audio.py:tiny,gan=0"), base)
-    family = get_family("tokenizer")
-    return {"video": write_numpy_initialised(family, vcfg, os.path.join(root, "video_tokenizer")),
-            "audio": write_numpy_initialised(family, acfg, os.path.join(root, "audio_tokenizer"), seed=1)}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory, data_dir):
-    return make_tiny_workdirs(str(tmp_path_factory.mktemp("tokenizers")), data_dir)
+# generative_config, write_numpy_initialised, data_dir and tokenizers: tests/conftest.py
 
 
 # ---------------------------------------------------------------- configs
@@ -144,7 +83,7 @@ def test_agreement_config_is_the_gpu_run_and_fits_the_tiny_tokenizers(tokenizers
         config_lib.load_config(f"{path}:huge")
 
 
-def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir):
+def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir, generative_config):
     gen.validate(generative_config(data_dir=data_dir, tokenizers=tokenizers))  # the tiny layout fits
     cases = [
         (generative_config(), "tokenizers.video_workdir is empty.*random_tokens"),
@@ -164,7 +103,7 @@ def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir):
         assert "\n" not in str(info.value)
 
 
-def test_flops_and_tokens_per_example_count_the_whole_sequence():
+def test_flops_and_tokens_per_example_count_the_whole_sequence(generative_config):
     cfg = generative_config(extra=["data_source='random_tokens'"])
     seq = 2 + 3 * 8 * 8 + 57  # task + condition tokens, video positions, audio frames (levels share one)
     assert gen.tokens_per_example(cfg) == seq
@@ -174,7 +113,7 @@ def test_flops_and_tokens_per_example_count_the_whole_sequence():
 
 
 # ---------------------------------------------------------------- training
-def test_sharded_random_token_steps_fit_a_fixed_batch():
+def test_sharded_random_token_steps_fit_a_fixed_batch(generative_config):
     """8 fake devices (data 2 x fsdp 4): the loss on one repeated batch is finite and falls."""
     from mmgen.parallel import mesh as mesh_lib
     from mmgen.parallel import sharding as sharding_lib
@@ -201,7 +140,7 @@ def test_sharded_random_token_steps_fit_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.2, losses
 
 
-def test_random_token_batches_follow_the_task_weights_and_resume():
+def test_random_token_batches_follow_the_task_weights_and_resume(generative_config):
     cfg = generative_config("tiny,tasks=frame_prediction+audio_video", extra=["data_source='random_tokens'"])
     it = gen.make_data(cfg, split="train", train=True, seed=3, batch_size=64, process_index=0, process_count=1)
     first = next(it)
@@ -217,7 +156,7 @@ def test_random_token_batches_follow_the_task_weights_and_resume():
         np.testing.assert_array_equal(resumed[key], expected[key])
 
 
-def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, data_dir):
+def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, data_dir, generative_config):
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers)
     make = lambda: gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
                                  process_count=1)
@@ -264,7 +203,7 @@ def test_host_rows_of_condition_clips_match_the_global_batch():
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(whole[4:]))
 
 
-def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path):
+def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path, generative_config):
     """loop.run, 2 steps: metrics, the wrapper's position in the checkpoint, an mp4 + PNG from on_eval."""
     workdir = str(tmp_path / "gen")
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
@@ -284,7 +223,7 @@ def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, dat
                      "step000002_frame_prediction_tokens.npz"]
 
 
-def test_example_batch_matches_the_random_token_batches():
+def test_example_batch_matches_the_random_token_batches(generative_config):
     cfg = generative_config(extra=["data_source='random_tokens'"])
     batch = next(gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
                                process_count=1))
@@ -294,7 +233,7 @@ def test_example_batch_matches_the_random_token_batches():
 
 
 # ---------------------------------------------------------------- token cache
-def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokenizers, data_dir, tmp_path):
+def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokenizers, data_dir, tmp_path, generative_config):
     from mmgen.generative import token_cache
     from mmgen.generative.generator import read_split
 
@@ -338,7 +277,7 @@ def test_token_cache_holds_the_tokenizers_tokens_and_serves_commit_tasks(tokeniz
     assert len(evals) == cfg.eval_batches
 
 
-def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, data_dir, tmp_path):
+def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, data_dir, tmp_path, generative_config):
     from mmgen.generative import token_cache
 
     cache = str(tmp_path / "cache")
@@ -365,7 +304,7 @@ def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, dat
         token_cache.paths(generative_config(extra=["data_source='token_cache'"]), "train")
 
 
-def test_the_transformer_learns_to_read_one_modality_from_the_other():
+def test_the_transformer_learns_to_read_one_modality_from_the_other(generative_config):
     """Plumbing check for audio-visual agreement: when the sound is a copy of some video
     tokens, training on video_to_audio + audio_to_video makes the prediction of the sound
     follow the picture (and nothing of it survives when the picture is another clip's)."""

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_generative_train import generative_config
 
 import mmgen  # noqa: F401
 from mmgen import commands as cli
@@ -138,7 +137,7 @@ def test_toy_step_with_two_micro_batches_matches_one_pass():
     np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
-def test_generative_step_with_two_micro_batches_matches_one_pass():
+def test_generative_step_with_two_micro_batches_matches_one_pass(generative_config):
     """Masks are drawn for the whole batch and the loss is the whole batch's weighted mean,
     so accumulating changes nothing but the order of the float32 sums."""
     family = get_family("generative")

@@ -2,6 +2,8 @@
 
 Read from the source (every ``import mmgen...`` and ``from mmgen... import``, also inside
 functions), so the architecture in docs/CONVENTIONS.md stays true because a test holds it.
+The tests point one way too: no test file imports another (or conftest.py); what two
+files share is a fixture in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "mmgen")
+TESTS = os.path.join(ROOT, "tests")
 
 # Top to bottom. A module may import from its own layer and the layers below it.
 LAYERS = (
@@ -144,3 +147,35 @@ def test_every_package_folder_ships_in_the_wheel():
     configs = {"mmgen." + os.path.relpath(d, ROOT).replace(os.sep, ".")
                for d, _, files in os.walk(os.path.join(ROOT, "configs")) if "__init__.py" in files}
     assert folders | configs == listed
+
+
+def imported_test_modules(source: str) -> set[str]:
+    """The test modules (``test_*``, ``conftest``) that ``source`` imports, also inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if not node.level else [node.module or ""] + [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            last = name.split(".")[-1]
+            if last.startswith("test_") or last == "conftest":
+                found.add(name)
+    return found
+
+
+def test_no_test_file_imports_another():
+    imports = {}
+    for f in sorted(os.listdir(TESTS)):
+        if f.endswith(".py"):
+            with open(os.path.join(TESTS, f)) as source:
+                imports[f] = imported_test_modules(source.read())
+    assert "test_layers.py" in imports and "conftest.py" in imports
+    assert {f: sorted(names) for f, names in imports.items() if names} == {}, \
+        "move what two test files share into tests/conftest.py as a fixture"
+    # The check could pass by finding nothing: planted imports are found.
+    planted = "from test_transformer import small_config\nimport tests.test_plan\n" \
+              "def f():\n    from conftest import ROOT\n    from . import test_sampling\n"
+    assert imported_test_modules(planted) == {"test_transformer", "tests.test_plan", "conftest", "test_sampling"}

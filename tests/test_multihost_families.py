@@ -57,7 +57,7 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def tokenizer_data(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tfds"))
     d = config_lib.load_config(VIDEO[0], [f"dataset.data_dir={path}", f"dataset.builder_overrides={DATA}"]).dataset
     pipeline.open_dataset(d, "train")  # built once here, not raced by the processes
@@ -84,26 +84,25 @@ def run_tokenizer_across_layouts(spec, data_dir, root):
     return multi
 
 
-def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(data_dir, tmp_path):
-    multi = run_tokenizer_across_layouts(VIDEO, data_dir, str(tmp_path))
+def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path):
+    multi = run_tokenizer_across_layouts(VIDEO, tokenizer_data, str(tmp_path))
     assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
         f"recon_00000{s}.{ext}" for s in (1, 2, 3) for ext in ("mp4", "png")]  # 3: the resumed run's eval
 
 
-def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(data_dir, tmp_path):
-    multi = run_tokenizer_across_layouts(AUDIO, data_dir, str(tmp_path))
+def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path):
+    multi = run_tokenizer_across_layouts(AUDIO, tokenizer_data, str(tmp_path))
     assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
         f"{kind}_00000{s}.wav" for kind in ("orig", "recon") for s in (1, 2, 3)]
 
 
-def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_and_evaluates(tmp_path):
-    from test_generative_train import SMALL_DATA, make_tiny_workdirs, small_model_overrides
-
+def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_and_evaluates(
+        tmp_path, data_dir, tokenizers):
     root = str(tmp_path)
-    data = os.path.join(root, "tfds")
-    tokenizers = make_tiny_workdirs(os.path.join(root, "tokenizers"), data)
-    overrides = [o for o in RUN if not o.startswith("dataset.builder_overrides")] + small_model_overrides() + [
-        f"dataset.data_dir={data}", f"dataset.builder_overrides={SMALL_DATA}", "eval_every=1",
+    small_model = ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2",
+                   "model.remat_policy='none'"]
+    overrides = [o for o in RUN if not o.startswith("dataset.builder_overrides")] + small_model + [
+        f"dataset.data_dir={data_dir}", "dataset.builder_overrides={'num_train': 16, 'num_test': 8}", "eval_every=1",
         f"tokenizers.video_workdir={tokenizers['video']}", f"tokenizers.audio_workdir={tokenizers['audio']}",
         "sampling.eval_tasks='frame_prediction'", "sampling.eval_num=1", "sampling.steps=2"]
     name = "generative/multitask.py:tiny"

@@ -18,11 +18,6 @@ from mmgen.data.builders import sources
 NUM_TRAIN, NUM_TEST = 24, 8
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _cfg(data_dir, **changes):
     cfg = pipeline.default_dataset_config()
     cfg.data_dir = data_dir

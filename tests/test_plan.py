@@ -136,16 +136,12 @@ def test_example_batch_hook_gives_the_shapes_without_reading_data():
     assert p.batch_bytes == 2 * 32 * 64 * 4 // 2  # x and y, float32, split over data x fsdp = 2
 
 
-def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(tmp_path):
-    from test_adapter_runs import adapter_config, write_numpy_base
-
+def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(adapter_base, adapter_config):
     from mmgen.families import adapters as adapters_family
     from mmgen.parallel import mesh as mesh_lib
     from mmgen.parallel import sharding as sharding_lib
 
-    base = str(tmp_path / "base")
-    write_numpy_base(base)
-    cfg = adapter_config("lora", base, extra=["mesh.data=1", "mesh.fsdp=4", "batch_size=8"])
+    cfg = adapter_config("lora", adapter_base, extra=["mesh.data=1", "mesh.fsdp=4", "batch_size=8"])
     p = plan_lib.make_plan(cfg, 4)  # validate pins the base: cfg.model is the base's from here on
     _, plain = adapters_family.abstract_model(cfg.model)
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:4])

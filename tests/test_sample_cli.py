@@ -1,18 +1,13 @@
 """Specification of ``python -m mmgen sample`` (mmgen/commands/sample.py, mmgen/generative/generator.py).
 
 One tiny workdir for the whole file: numpy-initialised tokenizers and transformer
-(test_generative_train.make_tiny_workdirs), so nothing but sampling compiles.
+(the session's ``tokenizers``, tests/conftest.py), so nothing but sampling compiles.
 """
 
 import os
 
 import numpy as np
 import pytest
-from test_generative_train import (
-    generative_config,
-    make_tiny_workdirs,
-    write_numpy_initialised,
-)
 
 import mmgen  # noqa: F401
 from mmgen import commands as cli
@@ -22,10 +17,8 @@ from mmgen.generative import sampling
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, data_dir, tokenizers, generative_config, write_numpy_initialised):
     root = str(tmp_path_factory.mktemp("sample"))
-    data_dir = os.path.join(root, "data")
-    tokenizers = make_tiny_workdirs(root, data_dir)
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers, extra=["sampling.batch_size=2"])
     return write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=2, std=0.3)
 

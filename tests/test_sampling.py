@@ -11,9 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_transformer import (
-    small_config,  # one tiny layout for the transformer and sampling specs
-)
 
 import mmgen  # noqa: F401  (process-wide JAX settings)
 from mmgen.generative import sampling, tasks
@@ -21,6 +18,7 @@ from mmgen.generative import transformer as tr
 
 B = 2
 V_MASK, A_MASK = 2**6, 16
+# small_transformer_config (one tiny layout for the transformer and sampling specs): tests/conftest.py
 
 
 
@@ -47,8 +45,8 @@ def random_tokens(seed=0):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return numpy_initialised(small_config())
+def model(small_transformer_config):
+    return numpy_initialised(small_transformer_config())
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +146,11 @@ def test_commit_sampling_with_guidance_decodes_everything_and_compiles_once(mode
     assert not np.array_equal(runs[0][0]["video"], runs[1][0]["video"])
 
 
-def test_bad_sampling_requests_fail_before_compiling(model):
+def test_bad_sampling_requests_fail_before_compiling(model, small_transformer_config):
     with pytest.raises(ValueError, match="unknown task 'outpaint'.*outpainting_central"):
         sampling.sample(model, "outpaint", {}, jax.random.key(0), batch_size=2)
     with pytest.raises(ValueError, match=r"conditions on \['video'\]"):
         sampling.sample(model, "frame_prediction", {}, jax.random.key(0), batch_size=2)
-    video_only = nnx.eval_shape(lambda: tr.MaskedTransformer(small_config(audio_len=0), rngs=nnx.Rngs(0)))
+    video_only = nnx.eval_shape(lambda: tr.MaskedTransformer(small_transformer_config(audio_len=0), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"needs \['audio'\]"):
         sampling.sample(video_only, "audio_video", {}, jax.random.key(0), batch_size=2)

@@ -57,8 +57,7 @@ def _workdir(modality, overrides, data_dir, workdir):
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
+def workdirs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("workdirs")
     return {
         "video": _workdir("video", ["dataset.resolution=16", "model.base_channels=8"], data_dir,

@@ -28,11 +28,6 @@ SMALL = ["async_checkpointing=False", "tensorboard=False", "progress=False", "lo
          f"total_steps={STEPS}", "checkpoint_every=1", f"keep_checkpoints={STEPS}", "dataset.frames=5"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _config(modality, variant, data_dir, *overrides):
     cfg = config_lib.load_config(f"configs/tokenizer/{modality}.py:{variant}", SMALL + list(overrides))
     cfg.dataset.data_dir = data_dir

@@ -23,16 +23,7 @@ from mmgen.parallel.sharding import (
 )
 
 B = 8
-
-
-def small_config(**overrides):
-    cfg = tr.model_config("tiny")
-    cfg.update(
-        dict(width=32, mlp_dim=64, num_heads=2, video_grid=(3, 4, 4), video_vocab=2**6, video_vocab_groups=2,
-             audio_len=8, audio_levels=2, audio_vocab=16, num_classes=5)
-    )
-    cfg.update(overrides)
-    return cfg
+# small_transformer_config (the layout in the docstring, shared with tests/test_sampling.py): tests/conftest.py
 
 
 def random_tokens(seed=0, batch=B):
@@ -57,8 +48,8 @@ def numpy_initialised(cfg, seed=0):
 
 
 @pytest.fixture(scope="module")
-def model():
-    return numpy_initialised(small_config())
+def model(small_transformer_config):
+    return numpy_initialised(small_transformer_config())
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +113,9 @@ def test_factorised_log_prob_is_the_sum_of_group_log_probs():
     assert float(total) == pytest.approx(1.0, rel=1e-5)
 
 
-def test_vocabulary_that_does_not_split_into_groups_is_rejected():
+def test_vocabulary_that_does_not_split_into_groups_is_rejected(small_transformer_config):
     with pytest.raises(ValueError, match="cannot be split into 4 equal groups"):
-        tr.modality_specs(small_config(video_vocab=2**6, video_vocab_groups=4))
+        tr.modality_specs(small_transformer_config(video_vocab=2**6, video_vocab_groups=4))
 
 
 def _linear_params(model) -> int:
@@ -133,8 +124,8 @@ def _linear_params(model) -> int:
     )
 
 
-def test_parameter_count_and_flops_formula_match_the_built_model(model):
-    cfg = small_config()
+def test_parameter_count_and_flops_formula_match_the_built_model(model, small_transformer_config):
+    cfg = small_transformer_config()
     params = nnx.state(model, nnx.Param)
     assert tr.param_count(cfg) == sum(x.size for x in jax.tree.leaves(params))
     assert tr.matmul_param_count(cfg) == _linear_params(model)
@@ -172,10 +163,10 @@ def test_flops_formula_matches_the_compiled_training_step(layout):
 
 
 
-def test_adapter_flops_are_the_frozen_base_forward_and_activation_gradients():
+def test_adapter_flops_are_the_frozen_base_forward_and_activation_gradients(small_transformer_config):
     from mmgen.families import adapters
 
-    cfg = ml_collections.ConfigDict({"model": small_config()})
+    cfg = ml_collections.ConfigDict({"model": small_transformer_config()})
     seq = tr.sequence_length(cfg.model)
     attention = 12 * 2 * seq * seq * 32
     dense = tr.flops_per_token(cfg.model) * seq - attention  # 6 N per token, heads on their positions
@@ -195,8 +186,8 @@ def test_size_presets():
         tr.model_config("H")
 
 
-def test_parameters_carry_logical_names_and_compute_dtype_is_separate():
-    cfg = small_config(dtype="bfloat16")
+def test_parameters_carry_logical_names_and_compute_dtype_is_separate(small_transformer_config):
+    cfg = small_transformer_config(dtype="bfloat16")
     abstract = nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))
     layer = abstract.blocks.layers
     assert layer.attention.query.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
@@ -205,18 +196,18 @@ def test_parameters_carry_logical_names_and_compute_dtype_is_separate():
     assert layer.attention.query.kernel.dtype == jnp.float32 and layer.attention.query.dtype == jnp.bfloat16
 
 
-def test_bad_inputs_fail_with_named_errors(model):
+def test_bad_inputs_fail_with_named_errors(model, small_transformer_config):
     ids = jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match=r"video tokens have shape \(2, 3, 4\)"):
         model({"video": jnp.zeros((2, 3, 4), jnp.int32)}, ids)
     abstract = lambda cfg: nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="remat_policy='save_all'"):
-        abstract(small_config(remat_policy="save_all"))
+        abstract(small_transformer_config(remat_policy="save_all"))
     with pytest.raises(ValueError, match="needs a dropout rng"):
-        abstract(small_config(dropout=0.1))(random_tokens(batch=2), ids, train=True)
+        abstract(small_transformer_config(dropout=0.1))(random_tokens(batch=2), ids, train=True)
 
 
-def test_sharded_train_step_matches_one_device_and_params_are_sharded(model):
+def test_sharded_train_step_matches_one_device_and_params_are_sharded(model, small_transformer_config):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     graphdef, params = nnx.split(model)
     shardings = state_shardings(params, mesh, DEFAULT_RULES)
@@ -226,7 +217,8 @@ def test_sharded_train_step_matches_one_device_and_params_are_sharded(model):
     tokens = random_tokens(3)
     example = jax.jit(
         lambda tokens: masking.make_training_example(
-            small_config(), tokens, ids, jax.random.key(4), labels=ids % 5, mode="prefix", region_rng=jax.random.key(5)
+            small_transformer_config(), tokens, ids, jax.random.key(4), labels=ids % 5, mode="prefix",
+            region_rng=jax.random.key(5)
         )
     )(tokens)
 

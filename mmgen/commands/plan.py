@@ -255,7 +255,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     frozen_args = () if getattr(family, "frozen", None) is None else (
         loop.with_shardings(abstract_frozen, frozen_shardings),)
     batch = example_batch(family, cfg)
-    batch_sh = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+    batch_sh = {k: sharding_lib.batch_sharding(mesh, len(v.shape), rules) for k, v in batch.items()}
     # Host numpy batches may hold float64; on devices they are canonical (float32 without x64).
     batch_sds = {k: jax.ShapeDtypeStruct(tuple(v.shape), jax.dtypes.canonicalize_dtype(v.dtype), sharding=batch_sh[k])
                  for k, v in batch.items()}
@@ -366,12 +366,12 @@ def format_plan(p: Plan) -> str:
 def _check_before_compiling(cfg, num_devices: int) -> None:
     """Mesh and batch mistakes, found without touching JAX devices."""
     from mmgen.parallel import mesh as mesh_lib
-    from mmgen.parallel.sharding import BATCH_AXES
+    from mmgen.parallel.sharding import batch_axes
     from mmgen.train import loop
 
     ici, dcn = mesh_lib.mesh_shapes(cfg.mesh, num_devices, num_slices(cfg.mesh))
     sizes = dict(zip(mesh_lib.AXES, (i * d for i, d in zip(ici, dcn))))
-    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    shards = math.prod(sizes[a] for a in batch_axes(cfg.sharding_rules) if a in sizes)
     loop.batch_divides(cfg, shards, f"{num_devices} devices")
 
 

@@ -39,7 +39,7 @@ Choices this module makes:
 
 The blocks are ``mmgen.nn.attention`` pre-norm blocks (scanned, rematerialised).
 Activations are constrained by logical name (``mmgen.parallel.sharding.constrain``):
-embeddings and the sequence ``("batch", "length", "embed")``, each head's logits
+embeddings and the sequence ``("batch", "length", "activation_embed")``, each head's logits
 ``("batch", "length", "vocab")``, so the batch stays split over the rules' batch axes
 from the embedding lookup to the loss. Embedding tables and the small position and
 modality tables are gathered whole where they are read (``_whole``): a lookup into a

@@ -12,7 +12,7 @@ Every projection is an ``nnx.Linear`` named ``query``/``key``/``value``/``out`` 
 ``mlp_in``/``mlp_out``, so adapters (LoRA, FlyLoRA) can wrap them by module path.
 Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``norm``), and so do
 the main activations: every block constrains its input and residual stream
-``("batch", "length", "embed")``, queries/keys/values and the attention output
+``("batch", "length", "activation_embed")``, queries/keys/values and the attention output
 ``("batch", "length", "heads", "kv")`` and the MLP's hidden ``("batch", "length", "mlp")``
 (``mmgen.parallel.sharding.constrain``: a no-op without a mesh in context). Under FSDP
 the batch stays split over ``data`` x ``fsdp`` through every layer and the weights are
@@ -50,7 +50,7 @@ from mmgen.nn.backend import cpu_forms, cudnn_kernels
 from mmgen.parallel.sharding import constrain
 
 # Logical names of the main activations (see the module docstring).
-RESIDUAL = ("batch", "length", "embed")
+RESIDUAL = ("batch", "length", "activation_embed")
 PER_HEAD = ("batch", "length", "heads", "kv")
 HIDDEN = ("batch", "length", "mlp")
 

@@ -18,11 +18,11 @@
 
 Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
 ``("conv_out",)``, norm scales/biases ``("norm",)``. Activations are constrained by
-name too (``constrain_channels_last``): ``("batch", "length", None, None, "conv_out")``
-for ``[B, T, H, W, C]``, ``("batch", "length", "conv_out")`` for ``[B, S, C]``. Each mesh
-axis is used once per array, so with the default rules the batch takes ``data`` x
-``fsdp`` and the channels stay whole: under FSDP every convolution gathers its kernel
-(split over ``fsdp`` along ``conv_out``) to the batch-split activations.
+name too (``constrain_channels_last``): ``("batch", "length", None, None, "channels")``
+for ``[B, T, H, W, C]``, ``("batch", "length", "channels")`` for ``[B, S, C]``. With the
+default rules the batch takes ``data`` x ``fsdp`` and the channels stay whole: under
+FSDP every convolution gathers its kernel (split over ``fsdp`` along ``conv_out``) to
+the batch-split activations.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def channels_last_names(ndim: int) -> tuple[str | None, ...]:
     """Logical names of a channels-last activation ``[B, T, (space...), C]`` with ``ndim`` axes."""
     if ndim < 3:
         raise ValueError(f"a channels-last activation has at least 3 axes [B, T, C], got {ndim}")
-    return ("batch", "length") + (None,) * (ndim - 3) + ("conv_out",)
+    return ("batch", "length") + (None,) * (ndim - 3) + ("channels",)
 
 
 def constrain_channels_last(x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ A logical axis whose mesh axis does not divide the dimension stays replicated fo
 that parameter (e.g. a 3-channel conv input), so the same rules serve every size.
 
 Activations are laid out by the same rules (MaxText's activation constraints): a model
-calls ``constrain(x, ("batch", "length", "embed"))`` on its main activations, which maps
+calls ``constrain(x, ("batch", "length", "activation_embed"))`` on its main activations, which maps
 the names through the *active* rules to a ``PartitionSpec`` and applies
 ``jax.lax.with_sharding_constraint`` when a mesh is in context
 (``jax.sharding.use_abstract_mesh``, which the train step enters) and does nothing
@@ -22,11 +22,13 @@ family's step), else ``DEFAULT_RULES``: models never see a mesh or a config's ru
 
 The batch is one more logical name: ``"batch"`` (default ``("data", "fsdp")``) says which
 mesh axes split the examples, for the host batch (``batch_sharding``, ``global_batch``)
-and for every activation alike (``batch_axes``). A mesh axis is used at most once per
-array, so an activation ``[B, S, D]`` named ``("batch", "length", "embed")`` takes
-``fsdp`` for its batch and leaves ``D`` whole, although the rules put the weights'
-``embed`` on ``fsdp``: under FSDP the weights are all-gathered to meet the activations,
-never the other way round.
+and for every activation alike (``batch_axes``). Activations name their other axes
+``length`` (sequence positions, frames, samples), ``activation_embed`` (the
+transformer's residual stream), ``channels`` (a convolution's output channels), all
+whole by default, or reuse a weight's name where they should split like it (``heads``,
+``mlp``, ``vocab``: on ``tensor``, Megatron's layout). So under FSDP the weights
+(``embed`` / ``conv_out`` on ``fsdp``) are all-gathered to meet batch-split
+activations, never the other way round. A mesh axis is used at most once per array.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     # Positions of a sequence (tokens, audio frames) and a clip's frames / pixels: whole.
     ("length", None),
+    # The transformer's residual stream and a convolution's output channels (activations).
+    ("activation_embed", None),
+    ("channels", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

@@ -52,8 +52,8 @@ returning logits and intermediate features, and ``feature_matching_loss``
 (SoundStream Eq. 4).
 
 Activations are constrained by logical name (``mmgen.nn.conv.constrain_channels_last``):
-``("batch", "length", "conv_out")`` for waveforms and latents, ``("batch", "length",
-None, "conv_out")`` for the discriminator's STFT images, so under FSDP the batch stays
+``("batch", "length", "channels")`` for waveforms and latents, ``("batch", "length",
+None, "channels")`` for the discriminator's STFT images, so under FSDP the batch stays
 split and the kernels are gathered.
 """
 

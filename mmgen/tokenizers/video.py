@@ -22,7 +22,7 @@ so latent frame ``j`` depends on input frames ``<= 4j`` only and frame 0 is enco
 its own: an image is a 1-frame video (joint image/video tokenizer).
 
 Activations (the clip, every convolution's output, each residual block's, the latent)
-are constrained ``("batch", "length", None, None, "conv_out")`` by logical name
+are constrained ``("batch", "length", None, None, "channels")`` by logical name
 (``mmgen.nn.conv.constrain_channels_last``), so under FSDP the batch stays split over
 ``data`` x ``fsdp`` from the clip to the reconstruction and the kernels are gathered.
 """

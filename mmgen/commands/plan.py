@@ -31,7 +31,7 @@ accelerator's HBM times ``USABLE_FRACTION``; a plan that does not fit is flagged
 the command exits with status 1. The compiler's log is read too: each "Involuntary
 full rematerialization" (the SPMD partitioner meeting two layouts it can only
 reconcile by replicating a tensor, a sign of an unconstrained activation) is counted
-and reported.
+and reported, unless ``TF_CPP_MIN_LOG_LEVEL`` (2 or more) keeps XLA from logging it.
 
 Batch shapes come from the family: ``family.example_batch(cfg)`` (the proposed
 ``Family`` field: a dict of global-batch ``ShapeDtypeStruct``s or arrays) when it
@@ -238,6 +238,12 @@ def compiler_log():
                 sys.stderr.flush()
 
 
+def compiler_warnings_logged() -> bool:
+    """Whether XLA logs warnings in this process (``TF_CPP_MIN_LOG_LEVEL`` below 2)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() or "0"
+    return not level.isdigit() or int(level) < 2
+
+
 def plan_mesh(mesh_cfg, devices):
     """The training mesh's shape over ``devices``; multi-slice shapes are laid out in one process."""
     import numpy as np
@@ -330,7 +336,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
         flops_per_device=flops, model_flops_per_step=model_flops, accelerator=acc, hbm_bytes=hbm,
         peak_flops=peak, frozen_bytes=sum(frozen_by_kind.values()), num_frozen_params=num_frozen,
         batch_size=int(cfg.batch_size), grad_accum_steps=optim.grad_accum_steps(cfg),
-        involuntary_remats=log[0].count(INVOLUNTARY_REMAT))
+        involuntary_remats=log[0].count(INVOLUNTARY_REMAT) if compiler_warnings_logged() else None)
 
 
 # ---------------------------------------------------------------- report
@@ -392,6 +398,8 @@ def format_plan(p: Plan) -> str:
                      f"(\"{INVOLUNTARY_REMAT}\" above): an activation its rules leave unconstrained")
     elif p.involuntary_remats == 0:
         lines.append("layouts: no involuntary full rematerialization")
+    else:
+        lines.append("layouts: not checked (TF_CPP_MIN_LOG_LEVEL keeps XLA's warnings out of the log)")
     usable = human_bytes(p.usable_bytes)
     share = p.peak_bytes / p.usable_bytes
     if p.fits:

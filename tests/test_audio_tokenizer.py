@@ -279,3 +279,44 @@ def test_fresh_decoder_starts_near_silence_and_the_scale_is_a_config_knob():
     rms = lambda a: float(jnp.sqrt(jnp.mean(jnp.square(a))))  # noqa: E731
     assert rms(quiet) < 0.1 * rms(x)  # far below the input's level
     assert rms(loud) > 10 * rms(quiet)  # the same weights but the last layer's scale
+
+
+def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_split(cfg):
+    """Codec + STFT discriminator on a data=2 x fsdp=2 x tensor=2 mesh, activations constrained
+    by logical name (the train step's context), equal one unconstrained device."""
+    import re
+
+    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules, batch_sharding, replicated
+
+    models = (_init(AudioTokenizer, cfg), _init(STFTDiscriminator, cfg.discriminator, seed=1))
+    graphdef, params, rest = nnx.split(models, nnx.Param, ...)
+    audio = _audio(4, 4 * HOP)
+
+    def loss(params, audio):
+        tokenizer, disc = nnx.merge(graphdef, params, rest)
+        recon, _, aux = tokenizer(audio)
+        logits, _ = disc(recon)
+        return jnp.mean((recon - audio) ** 2) + aux["loss"] + 0.1 * sum(jnp.mean(l) for l in logits)
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+    def constrained(params, audio):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(DEFAULT_RULES):
+            return jax.value_and_grad(loss)(params, audio)
+
+    loss_1, grads_1 = jax.jit(jax.value_and_grad(loss))(params, audio)
+    shardings = state_shardings(params, mesh, DEFAULT_RULES)
+    args = (jax.device_put(params, shardings), jax.device_put(audio, batch_sharding(mesh, 2)))
+    lowered = jax.jit(constrained, out_shardings=(replicated(mesh), shardings)).lower(*args)
+    loss_8, grads_8 = lowered.compile()(*args)
+    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
+    for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8), strict=True):
+        g1, g8 = np.asarray(g1), np.asarray(g8)  # summed in another order: float32 rounding apart
+        np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * float(np.abs(g1).max()))
+
+    specs = set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", lowered.as_text()))
+    # The waveform [4, 1280, 1] and the first conv's output [4, 1280, channels]: the batch over
+    # data x fsdp, samples and channels whole; the STFT images [4, frames, bins, 1] likewise.
+    assert ('[{"data", "fsdp"}, {}, {}]', "4x1280x1xf32") in specs
+    assert ('[{"data", "fsdp"}, {}, {}]', f"4x1280x{cfg.channels}xf32") in specs
+    assert any(spec == '[{"data", "fsdp"}, {}, {}, {}]' and shape.startswith("4x") for spec, shape in specs)

@@ -4,6 +4,8 @@ A small model (width 32, 2 layers) over video 3 x 4 x 4 with a 2^6 vocabulary sp
 in 2 groups of 8, and audio 8 frames x 2 RVQ levels of 16 codes.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +19,7 @@ from mmgen.generative import masking, tasks
 from mmgen.generative import transformer as tr
 from mmgen.parallel.sharding import (
     DEFAULT_RULES,
+    axis_rules,
     batch_sharding,
     replicated,
     state_shardings,
@@ -241,6 +244,57 @@ def test_sharded_train_step_matches_one_device_and_params_are_sharded(model, sma
     assert len({str(s.index) for s in kernel(sharded_params).addressable_shards}) == 4
     table = sharded_params["token_embeddings"]["video"]["table"]["embedding"][...]
     assert table.sharding.spec == P("tensor", "fsdp")
+
+
+def _constraints(text: str) -> set[tuple[str, str]]:
+    """(spec, tensor type) of every ``sdy.sharding_constraint`` in lowered StableHLO text."""
+    return set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", text))
+
+
+def test_constrained_activations_match_one_device_and_the_constraints_follow_the_rules(model):
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    graphdef, params = nnx.split(model)
+    ids = jnp.asarray([tasks.task_id(n) for n in ["class_conditional", "audio_video", "video_to_audio"] * 3][:B],
+                      jnp.int32)
+    example = jax.jit(lambda tokens: masking.make_training_example(
+        small_config(), tokens, ids, jax.random.key(1), labels=ids % 5, mode="prefix",
+        region_rng=jax.random.key(2)))(random_tokens(7))
+
+    def loss(params, example):
+        return masking.loss_fn(nnx.merge(graphdef, params), example, label_smoothing=0.1)[0]
+
+    def constrained(rules):
+        def step(params, example):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(rules):
+                return jax.value_and_grad(loss)(params, example)
+        return step
+
+    loss_1, grads_1 = jax.jit(jax.value_and_grad(loss))(params, example)  # one device, no mesh: no constraint
+    shardings = state_shardings(params, mesh, DEFAULT_RULES)
+    sharded = (jax.device_put(params, shardings),
+               jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, x.ndim)), example))
+    step = jax.jit(constrained(DEFAULT_RULES), out_shardings=(replicated(mesh), shardings))
+    loss_8, grads_8 = step(*sharded)
+    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
+    flat_1, flat_8 = jax.tree.leaves(grads_1), jax.tree.leaves(grads_8)
+    assert len(flat_1) == len(flat_8)
+    for g1, g8 in zip(flat_1, flat_8):
+        np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=2e-4, atol=2e-6)
+
+    # The residual stream [B, S, D=32] is split over data x fsdp with D whole (the weights'
+    # embed -> fsdp cannot take fsdp twice); the MLP hidden [B, S, 64] and the per-head
+    # q/k/v [B, S, N, H] split over tensor too (Megatron); the logits over vocab -> tensor.
+    specs = _constraints(jax.jit(constrained(DEFAULT_RULES)).lower(*sharded).as_text())
+    seq = sum(int(np.prod(s.grid)) for s in tr.modality_specs(small_config()).values()) + 2
+    assert ('[{"data", "fsdp"}, {}, {}]', f"{B}x{seq}x32xf32") in specs
+    assert ('[{"data", "fsdp"}, {}, {"tensor"}]', f"{B}x{seq}x64xf32") in specs
+    assert ('[{"data", "fsdp"}, {}, {"tensor"}, {}]', f"{B}x{seq}x2x16xf32") in specs
+    assert ('[{"data", "fsdp"}, {}, {"tensor"}]', f"{B}x48x{2 * 8}xf32") in specs  # video logits, 3*4*4 positions
+    # The batch axes come from the rules: "batch" -> data alone leaves fsdp to nothing.
+    only_data = [(n, "data" if n == "batch" else a) for n, a in DEFAULT_RULES]
+    specs = _constraints(jax.jit(constrained(only_data)).lower(*sharded).as_text())
+    assert ('[{"data"}, {}, {}]', f"{B}x{seq}x32xf32") in specs
+    assert not any('"fsdp"' in spec for spec, _ in specs)
 
 
 def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradients():

@@ -28,7 +28,10 @@ step, never trained) from the shardings, exact; batch, temporaries (activations,
 estimate (arguments + temporaries + undonated outputs + code) and the step's FLOPs
 (``compiled.cost_analysis()``, per device). The peak is checked against the
 accelerator's HBM times ``USABLE_FRACTION``; a plan that does not fit is flagged and
-the command exits with status 1.
+the command exits with status 1. The compiler's log is read too: each "Involuntary
+full rematerialization" (the SPMD partitioner meeting two layouts it can only
+reconcile by replicating a tensor, a sign of an unconstrained activation) is counted
+and reported, unless ``TF_CPP_MIN_LOG_LEVEL`` (2 or more) keeps XLA from logging it.
 
 Batch shapes come from the family: ``family.example_batch(cfg)`` (the proposed
 ``Family`` field: a dict of global-batch ``ShapeDtypeStruct``s or arrays) when it
@@ -37,11 +40,13 @@ has one, else one batch pulled from ``family.make_data`` as process 0 of 1.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import subprocess
 import sys
+import tempfile
 
 from mmgen.errors import UserError
 
@@ -74,6 +79,8 @@ GIB = 1024**3
 # only after scheduling. Plans on CPU stand-ins keep the barriers, as those do.
 CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 _CHILD_ENV = "MMGEN_PLAN_CHILD"
+# What XLA's SPMD partitioner logs when it must replicate a tensor to change its layout.
+INVOLUNTARY_REMAT = "Involuntary full rematerialization"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -125,6 +132,8 @@ class Plan:
     num_frozen_params: int = 0
     batch_size: int = 0  # global
     grad_accum_steps: int = 1
+    # "Involuntary full rematerialization" warnings in the compiler's log (None: not read).
+    involuntary_remats: int | None = None
 
     @property
     def state_bytes(self) -> int:
@@ -203,6 +212,38 @@ def example_batch(family, cfg) -> dict:
             f"data ({type(e).__name__}: {e}); prepare config.dataset or give the family an example_batch") from None
 
 
+@contextlib.contextmanager
+def compiler_log():
+    """Collect what the process writes to file descriptor 2 (XLA's C++ log) inside the block.
+
+    Yields a list that holds the text once the block ends; the text is written on to
+    the real stderr as well, so nothing the compiler says is hidden.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    out: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            out.append(text)
+            if text:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+
+def compiler_warnings_logged() -> bool:
+    """Whether XLA logs warnings in this process (``TF_CPP_MIN_LOG_LEVEL`` below 2)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() or "0"
+    return not level.isdigit() or int(level) < 2
+
+
 def plan_mesh(mesh_cfg, devices):
     """The training mesh's shape over ``devices``; multi-slice shapes are laid out in one process."""
     import numpy as np
@@ -252,7 +293,7 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
     frozen_args = () if getattr(family, "frozen", None) is None else (
         loop.with_shardings(abstract_frozen, frozen_shardings),)
     batch = example_batch(family, cfg)
-    batch_sh = {k: sharding_lib.batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+    batch_sh = {k: sharding_lib.batch_sharding(mesh, len(v.shape), rules) for k, v in batch.items()}
     # Host numpy batches may hold float64; on devices they are canonical (float32 without x64).
     batch_sds = {k: jax.ShapeDtypeStruct(tuple(v.shape), jax.dtypes.canonicalize_dtype(v.dtype), sharding=batch_sh[k])
                  for k, v in batch.items()}
@@ -260,9 +301,10 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
 
     step = loop.make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
     options = CPU_COMPILER_OPTIONS if devices[0].platform == "cpu" else None
-    with backend.target_platform(accelerator_platform(acc)):  # the accelerator's conv/attention forms
-        lowered = step.lower(state_sds, batch_sds, rng_sds, *frozen_args)
-    compiled = lowered.compile(compiler_options=options)
+    with compiler_log() as log:
+        with backend.target_platform(accelerator_platform(acc)):  # the accelerator's conv/attention forms
+            lowered = step.lower(state_sds, batch_sds, rng_sds, *frozen_args)
+        compiled = lowered.compile(compiler_options=options)
 
     by_kind, num_params = state_bytes_by_kind(abstract, shardings)
     frozen_by_kind, num_frozen = state_bytes_by_kind(abstract_frozen, frozen_shardings)
@@ -290,7 +332,8 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
         undonated_output_bytes=undonated, code_bytes=stat("generated_code_size_in_bytes"),
         flops_per_device=flops, model_flops_per_step=model_flops, accelerator=acc, hbm_bytes=hbm,
         peak_flops=peak, frozen_bytes=sum(frozen_by_kind.values()), num_frozen_params=num_frozen,
-        batch_size=int(cfg.batch_size), grad_accum_steps=optim.grad_accum_steps(cfg))
+        batch_size=int(cfg.batch_size), grad_accum_steps=optim.grad_accum_steps(cfg),
+        involuntary_remats=log[0].count(INVOLUNTARY_REMAT) if compiler_warnings_logged() else None)
 
 
 # ---------------------------------------------------------------- report
@@ -347,6 +390,13 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  (XLA counts a loop body once: this is one of the {p.grad_accum_steps} micro-batches)")
     if p.model_flops_per_step is not None:
         lines.append(f"model FLOPs per step (family's count): {human_flops(p.model_flops_per_step)}")
+    if p.involuntary_remats:
+        lines.append(f"layouts: XLA replicated a tensor to change its sharding {p.involuntary_remats} time(s) "
+                     f"(\"{INVOLUNTARY_REMAT}\" above): an activation its rules leave unconstrained")
+    elif p.involuntary_remats == 0:
+        lines.append("layouts: no involuntary full rematerialization")
+    else:
+        lines.append("layouts: not checked (TF_CPP_MIN_LOG_LEVEL keeps XLA's warnings out of the log)")
     usable = human_bytes(p.usable_bytes)
     share = p.peak_bytes / p.usable_bytes
     if p.fits:
@@ -363,12 +413,12 @@ def format_plan(p: Plan) -> str:
 def _check_before_compiling(cfg, num_devices: int) -> None:
     """Mesh and batch mistakes, found without touching JAX devices."""
     from mmgen.parallel import mesh as mesh_lib
-    from mmgen.parallel.sharding import BATCH_AXES
+    from mmgen.parallel.sharding import batch_axes
     from mmgen.train import loop
 
     ici, dcn = mesh_lib.mesh_shapes(cfg.mesh, num_devices, num_slices(cfg.mesh))
     sizes = dict(zip(mesh_lib.AXES, (i * d for i, d in zip(ici, dcn))))
-    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    shards = math.prod(sizes[a] for a in batch_axes(cfg.sharding_rules) if a in sizes)
     loop.batch_divides(cfg, shards, f"{num_devices} devices")
 
 

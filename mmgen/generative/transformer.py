@@ -38,6 +38,13 @@ Choices this module makes:
   gives the same logits for the other modalities.
 
 The blocks are ``mmgen.nn.attention`` pre-norm blocks (scanned, rematerialised).
+Activations are constrained by logical name (``mmgen.parallel.sharding.constrain``):
+embeddings and the sequence ``("batch", "length", "activation_embed")``, each head's logits
+``("batch", "length", "vocab")``, so the batch stays split over the rules' batch axes
+from the embedding lookup to the loss. Embedding tables and the small position and
+modality tables are gathered whole where they are read (``_whole``): a lookup into a
+table split over ``fsdp`` along ``embed`` would otherwise hand its ``embed`` split to
+the batch-split activations, a layout change XLA can only make by replicating them.
 Compute runs in ``cfg.dtype`` (bf16 by default), parameters are ``cfg.param_dtype``
 (float32), logits are returned in float32.
 """
@@ -53,11 +60,23 @@ import numpy as np
 from flax import nnx
 
 from mmgen.generative.tasks import TASK_NAMES
-from mmgen.nn.attention import TransformerStack, make_norm
+from mmgen.nn.attention import RESIDUAL, TransformerStack, make_norm
+from mmgen.parallel.sharding import constrain
 
 MODALITIES = ("video", "audio")
 
 _EMBED_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def _whole(table: jax.Array, dtype=None) -> jax.Array:
+    """A (small) parameter table gathered onto every device, in ``dtype``, to be read by activations."""
+    table = table if dtype is None else table.astype(dtype)
+    return constrain(table, (None,) * table.ndim)
+
+
+def _lookup(embed: nnx.Embed, ids: jax.Array) -> jax.Array:
+    """``embed(ids)`` from the whole table (``_whole``): rows for batch-split ids."""
+    return jnp.take(_whole(embed.embedding[...], embed.dtype), ids, axis=0)
 
 
 # ----------------------------------------------------------------------------
@@ -243,10 +262,10 @@ class TokenEmbedding(nnx.Module):
         level = jnp.arange(spec.levels)[:, None]
         group = jnp.arange(spec.groups)[None, :]
         rows = (level * spec.groups + group) * spec.group_vocab + digits
-        embedded = self.table(rows).sum(axis=-2)  # [B, *grid, L, D]
-        mask_vectors = self.mask_embedding[...].astype(embedded.dtype)
+        embedded = _lookup(self.table, rows).sum(axis=-2)  # [B, *grid, L, D]
+        mask_vectors = _whole(self.mask_embedding[...], embedded.dtype)
         embedded = jnp.where(is_mask[..., None], mask_vectors, embedded).sum(axis=-2)
-        return embedded.reshape(embedded.shape[0], spec.num_positions, -1)
+        return constrain(embedded.reshape(embedded.shape[0], spec.num_positions, -1), RESIDUAL)
 
 
 class TokenHead(nnx.Module):
@@ -266,7 +285,7 @@ class TokenHead(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         spec = self.spec
-        logits = self.head(x).astype(jnp.float32)
+        logits = constrain(self.head(x).astype(jnp.float32), ("batch", "length", "vocab"))
         return logits.reshape(x.shape[0], *spec.shape, spec.groups, spec.group_vocab)
 
 
@@ -287,7 +306,7 @@ class PositionEmbedding(nnx.Module):
         for axis, table in enumerate(self.axes):
             shape = [1] * len(self.grid) + [table.shape[-1]]
             shape[axis] = self.grid[axis]
-            total = total + table[...].reshape(shape)
+            total = total + _whole(table[...]).reshape(shape)
         return total.reshape(-1, total.shape[-1])
 
 
@@ -368,7 +387,7 @@ class MaskedTransformer(nnx.Module):
         if labels is None:
             labels = jnp.full((batch,), self.uncond_label, jnp.int32)
 
-        pieces = [self.task_embedding(task_ids)[:, None], self.label_embedding(labels)[:, None]]
+        pieces = [_lookup(self.task_embedding, task_ids)[:, None], _lookup(self.label_embedding, labels)[:, None]]
         visible = [jnp.ones((batch, 2), bool)]
         order = [m for m in MODALITIES if m in tokens]
         for m in order:
@@ -377,15 +396,15 @@ class MaskedTransformer(nnx.Module):
                 raise ValueError(f"{m} tokens have shape {tuple(tokens[m].shape)}; the model expects [B, {spec.shape}]")
             x = self.token_embeddings[m](tokens[m])
             x = x + self.positions[m]().astype(x.dtype)
-            x = x + self.modality_embedding[MODALITIES.index(m)].astype(x.dtype)
+            x = x + _whole(self.modality_embedding[...], x.dtype)[MODALITIES.index(m)]
             pieces.append(x)
             is_present = jnp.ones((batch,), bool) if present is None or m not in present else present[m]
             visible.append(jnp.broadcast_to(is_present[:, None], (batch, spec.num_positions)))
-        x = jnp.concatenate(pieces, axis=1).astype(self.dtype)  # [B, S, D]
+        x = constrain(jnp.concatenate(pieces, axis=1).astype(self.dtype), RESIDUAL)  # [B, S, D]
         key_mask = None if present is None else jnp.concatenate(visible, axis=1)
 
         x = self.blocks(x, key_mask, rng if train else None)
-        x = self.final_norm(x)
+        x = constrain(self.final_norm(x), RESIDUAL)
 
         logits, start = {}, 2
         for m in order:

@@ -10,7 +10,14 @@ and pre-norm residual blocks
 
 Every projection is an ``nnx.Linear`` named ``query``/``key``/``value``/``out`` and
 ``mlp_in``/``mlp_out``, so adapters (LoRA, FlyLoRA) can wrap them by module path.
-Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``norm``); the
+Parameters carry logical axis names (``embed``, ``heads``, ``mlp``, ``norm``), and so do
+the main activations: every block constrains its input and residual stream
+``("batch", "length", "activation_embed")``, queries/keys/values and the attention output
+``("batch", "length", "heads", "kv")`` and the MLP's hidden ``("batch", "length", "mlp")``
+(``mmgen.parallel.sharding.constrain``: a no-op without a mesh in context). Under FSDP
+the batch stays split over ``data`` x ``fsdp`` through every layer and the weights are
+all-gathered to meet it; with ``tensor > 1`` heads and the MLP's hidden split over
+``tensor`` (Megatron's layout), the residual stream does not. The
 ``TransformerStack`` creates its layers with ``nnx.vmap`` (parameters gain a leading
 ``layers`` axis) and runs them under ``nnx.scan`` with ``nnx.remat`` and a named
 ``jax.checkpoint_policies`` policy, so compile time does not grow with depth.
@@ -40,6 +47,12 @@ from einops import rearrange
 from flax import nnx
 
 from mmgen.nn.backend import cpu_forms, cudnn_kernels
+from mmgen.parallel.sharding import constrain
+
+# Logical names of the main activations (see the module docstring).
+RESIDUAL = ("batch", "length", "activation_embed")
+PER_HEAD = ("batch", "length", "heads", "kv")
+HIDDEN = ("batch", "length", "mlp")
 
 _INIT = nnx.initializers.xavier_uniform()
 _ZEROS = nnx.initializers.zeros_init()
@@ -152,11 +165,11 @@ class SelfAttention(nnx.Module):
         self.out = _linear(width, width, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-        split = lambda t: rearrange(t, "b s (n h) -> b s n h", n=self.num_heads)
+        split = lambda t: constrain(rearrange(t, "b s (n h) -> b s n h", n=self.num_heads), PER_HEAD)
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, S]
-        y = attention(q, k, v, mask, impl=self.impl)
-        return self.out(rearrange(y, "b s n h -> b s (n h)"))
+        y = constrain(attention(q, k, v, mask, impl=self.impl), PER_HEAD)
+        return constrain(self.out(rearrange(y, "b s n h -> b s (n h)")), RESIDUAL)
 
 
 class Mlp(nnx.Module):
@@ -168,7 +181,8 @@ class Mlp(nnx.Module):
         self.mlp_out = _linear(mlp_dim, width, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.mlp_out(jax.nn.gelu(self.mlp_in(x)))
+        hidden = constrain(jax.nn.gelu(self.mlp_in(x)), HIDDEN)
+        return constrain(self.mlp_out(hidden), RESIDUAL)
 
 
 class TransformerBlock(nnx.Module):
@@ -196,9 +210,11 @@ class TransformerBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, key_mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
         k_attn, k_mlp = (None, None) if rng is None else tuple(jax.random.split(rng))
+        x = constrain(x, RESIDUAL)
         x = x + dropout(self.attention(self.attention_norm(x), key_mask), self.dropout_rate, k_attn)
+        x = constrain(x, RESIDUAL)
         x = x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, k_mlp)
-        return x
+        return constrain(x, RESIDUAL)
 
 
 # Entries of jax.checkpoint_policies that build a policy from arguments rather than being one.

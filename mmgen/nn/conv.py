@@ -17,7 +17,12 @@
   low-pass, then stride 2) for the discriminator; a fixed filter, no parameters.
 
 Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
-``("conv_out",)``, norm scales/biases ``("norm",)``.
+``("conv_out",)``, norm scales/biases ``("norm",)``. Activations are constrained by
+name too (``constrain_channels_last``): ``("batch", "length", None, None, "channels")``
+for ``[B, T, H, W, C]``, ``("batch", "length", "channels")`` for ``[B, S, C]``. With the
+default rules the batch takes ``data`` x ``fsdp`` and the channels stay whole: under
+FSDP every convolution gathers its kernel (split over ``fsdp`` along ``conv_out``) to
+the batch-split activations.
 """
 
 from __future__ import annotations
@@ -32,12 +37,24 @@ import numpy as np
 from flax import nnx
 
 from mmgen.nn.backend import cpu_forms
-from mmgen.parallel.sharding import logical_param
+from mmgen.parallel.sharding import constrain, logical_param
 
 _TEMPORAL_PADDING = ("constant", "edge")
 # LeCun scaling with an untruncated normal: same variance as flax's default, and far
 # cheaper to compile than truncated_normal's inverse-erf (one compile per kernel shape).
 default_kernel_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+
+def channels_last_names(ndim: int) -> tuple[str | None, ...]:
+    """Logical names of a channels-last activation ``[B, T, (space...), C]`` with ``ndim`` axes."""
+    if ndim < 3:
+        raise ValueError(f"a channels-last activation has at least 3 axes [B, T, C], got {ndim}")
+    return ("batch", "length") + (None,) * (ndim - 3) + ("channels",)
+
+
+def constrain_channels_last(x: jax.Array) -> jax.Array:
+    """``x [B, T, ..., C]`` laid out by ``channels_last_names`` (a no-op without a mesh in context)."""
+    return constrain(x, channels_last_names(x.ndim))
 
 
 # --------------------------------------------------------------------------- 3D conv
@@ -159,7 +176,7 @@ class CausalConv3d(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = _pad_time_front(x, self.kernel_size[0] - 1, self.temporal_padding)
-        return self.conv(x)
+        return constrain_channels_last(self.conv(x))
 
 
 class CausalConv1d(nnx.Module):
@@ -207,7 +224,7 @@ class CausalConv1d(nnx.Module):
         length = x.shape[1]
         back = (-length) % self.stride
         x = jnp.pad(x, ((0, 0), (front, back), (0, 0)))
-        return self.conv(x)
+        return constrain_channels_last(self.conv(x))
 
 
 def _group_mean(v: jax.Array, num_groups: int, reduce_axes: tuple[int, ...]) -> jax.Array:
@@ -340,8 +357,9 @@ class AdaptiveGroupNorm(nnx.Module):
         _, t, h, w, _ = x.shape
         scale, bias = (causal_upsample_time(v, t) for v in (scale, bias))
         rh, rw = h // cond.shape[2], w // cond.shape[3]
-        scale, bias = (jnp.repeat(jnp.repeat(v, rh, axis=2), rw, axis=3) for v in (scale, bias))
-        return (self.norm.normalize(x) * (1.0 + scale) + bias).astype(self.dtype)
+        scale, bias = (constrain_channels_last(jnp.repeat(jnp.repeat(v, rh, axis=2), rw, axis=3))
+                       for v in (scale, bias))
+        return constrain_channels_last((self.norm.normalize(x) * (1.0 + scale) + bias).astype(self.dtype))
 
 
 class DepthToSpace3d(nnx.Module):
@@ -374,7 +392,7 @@ class DepthToSpace3d(nnx.Module):
         x = einops.rearrange(
             self.conv(x), "b t h w (c ft fh fw) -> b (t ft) (h fh) (w fw) c", ft=ft, fh=fh, fw=fw
         )
-        return x[:, ft - 1 :]
+        return constrain_channels_last(x[:, ft - 1 :])
 
 
 class BlurPool3d(nnx.Module):
@@ -401,4 +419,5 @@ class BlurPool3d(nnx.Module):
         pad = _same_padding(len(taps), 1)
         strides = (2 if self.downsample_time else 1, 2, 2)
         padding = (pad if self.downsample_time else (0, 0), pad, pad)
-        return conv3d(x, jnp.asarray(kernel, x.dtype), strides, padding, feature_group_count=channels)
+        y = conv3d(x, jnp.asarray(kernel, x.dtype), strides, padding, feature_group_count=channels)
+        return constrain_channels_last(y)

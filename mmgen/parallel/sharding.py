@@ -10,11 +10,32 @@ config change, never a code change (MaxText's logical axis rules).
 
 A logical axis whose mesh axis does not divide the dimension stays replicated for
 that parameter (e.g. a 3-channel conv input), so the same rules serve every size.
+
+Activations are laid out by the same rules (MaxText's activation constraints): a model
+calls ``constrain(x, ("batch", "length", "activation_embed"))`` on its main activations, which maps
+the names through the *active* rules to a ``PartitionSpec`` and applies
+``jax.lax.with_sharding_constraint`` when a mesh is in context
+(``jax.sharding.use_abstract_mesh``, which the train step enters) and does nothing
+otherwise (one device, a model called outside the step). The active rules are the ones
+an ``axis_rules(cfg.sharding_rules)`` block sets (the train step enters one around the
+family's step), else ``DEFAULT_RULES``: models never see a mesh or a config's rules.
+
+The batch is one more logical name: ``"batch"`` (default ``("data", "fsdp")``) says which
+mesh axes split the examples, for the host batch (``batch_sharding``, ``global_batch``)
+and for every activation alike (``batch_axes``). Activations name their other axes
+``length`` (sequence positions, frames, samples), ``activation_embed`` (the
+transformer's residual stream), ``channels`` (a convolution's output channels), all
+whole by default, or reuse a weight's name where they should split like it (``heads``,
+``mlp``, ``vocab``: on ``tensor``, Megatron's layout). So under FSDP the weights
+(``embed`` / ``conv_out`` on ``fsdp``) are all-gathered to meet batch-split
+activations, never the other way round. A mesh axis is used at most once per array.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,11 +47,14 @@ from jax.sharding import PartitionSpec as P
 # Metadata keys flax has used for logical names across versions.
 _NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
 
-# Batches are split over both data-parallel axes (pure DP and FSDP both shard data).
-BATCH_AXES = ("data", "fsdp")
-
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
+    # Examples are split over both data-parallel axes (pure DP and FSDP both shard data).
+    ("batch", ("data", "fsdp")),
+    # Positions of a sequence (tokens, audio frames) and a clip's frames / pixels: whole.
+    ("length", None),
+    # The transformer's residual stream and a convolution's output channels (activations).
+    ("activation_embed", None),
+    ("channels", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -59,6 +83,48 @@ def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
         if names is not None:
             return tuple(names)
     return None
+
+
+_ACTIVE_RULES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("mmgen_axis_rules", default=None)
+
+
+def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
+    """A config's rules (lists from a config file) as a tuple of ``(name, axes)`` pairs."""
+    out = []
+    for logical, mesh_axes in rules:
+        if isinstance(mesh_axes, list):
+            mesh_axes = tuple(mesh_axes)
+        out.append((str(logical), mesh_axes))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def axis_rules(rules) -> Iterator[tuple]:
+    """Make ``rules`` the active ones for ``constrain`` and ``batch_axes`` inside the block."""
+    token = _ACTIVE_RULES.set(normalize_rules(rules))
+    try:
+        yield _ACTIVE_RULES.get()
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> tuple[tuple[str, Any], ...]:
+    """The rules of the innermost ``axis_rules`` block, else ``DEFAULT_RULES``."""
+    rules = _ACTIVE_RULES.get()
+    return DEFAULT_RULES if rules is None else rules
+
+
+def _flat(mesh_axes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    if isinstance(mesh_axes, str):
+        return (mesh_axes,)
+    return tuple(mesh_axes)
+
+
+def batch_axes(rules=None) -> tuple[str, ...]:
+    """Mesh axes the ``"batch"`` rule splits examples over (``rules`` or the active ones)."""
+    return _flat(_rules_dict(active_rules() if rules is None else rules).get("batch"))
 
 
 def _rules_dict(rules) -> dict[str, Any]:
@@ -116,18 +182,60 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> nnx.State:
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Leading (batch) axis over ``data`` x ``fsdp``; everything else replicated."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+def activation_spec(names, shape, mesh, rules) -> P:
+    """PartitionSpec of an activation named ``names`` (one per dimension, ``None`` = whole).
+
+    Like ``logical_to_spec`` (each mesh axis at most once, claimed left to right), except
+    that a dimension its mesh axes do not divide is left ``UNCONSTRAINED`` for the
+    compiler to choose (it still claims the axes, so a later dimension cannot take
+    them): a constraint never forces a tensor whole that could be split.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"{len(names)} logical names {tuple(names)} for an activation of shape {tuple(shape)}")
+    rules = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        flat = _flat(rules.get(name)) if name is not None else ()
+        flat = tuple(a for a in flat if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        used.update(flat)
+        if not flat:
+            spec.append(None)
+        elif dim % _axis_size(mesh, flat):
+            spec.append(P.UNCONSTRAINED)
+        else:
+            spec.append(flat[0] if len(flat) == 1 else flat)
+    return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``x`` laid out by its logical ``names`` under the active rules and the mesh in context.
+
+    The identity without a mesh in context (``jax.sharding.get_abstract_mesh()`` empty):
+    a model runs unchanged on one device, in tests and outside the train step.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(names, x.shape, mesh, active_rules()))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules=None) -> NamedSharding:
+    """Leading (batch) axis over the ``"batch"`` rule's mesh axes; everything else replicated.
+
+    ``rules``: a config's ``sharding_rules``; default the active ones (``DEFAULT_RULES``:
+    ``data`` x ``fsdp``).
+    """
+    axes = tuple(a for a in batch_axes(rules) if a in mesh.shape)
+    return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(batch: dict, mesh: Mesh) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis (data x fsdp).
+def global_batch(batch: dict, mesh: Mesh, rules=None) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global ``jax.Array``s sharded on the batch axis (``batch_sharding``).
 
     Each process passes its own slice; non-numeric entries (e.g. strings) stay on the
     host and are left out.
@@ -137,5 +245,5 @@ def global_batch(batch: dict, mesh: Mesh) -> dict[str, jax.Array]:
         value = np.asarray(value)
         if value.dtype.kind not in "biuf":
             continue
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim, rules), value)
     return out

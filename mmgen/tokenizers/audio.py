@@ -50,6 +50,11 @@ Losses (``audio_reconstruction_loss``): multi-scale mel distance (SoundStream Eq
 EnCodec's MS-STFT discriminator, a SoundStream STFT discriminator per resolution)
 returning logits and intermediate features, and ``feature_matching_loss``
 (SoundStream Eq. 4).
+
+Activations are constrained by logical name (``mmgen.nn.conv.constrain_channels_last``):
+``("batch", "length", "channels")`` for waveforms and latents, ``("batch", "length",
+None, "channels")`` for the discriminator's STFT images, so under FSDP the batch stays
+split and the kernels are gathered.
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ import numpy as np
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.nn.conv import CausalConv1d
+from mmgen.nn.conv import CausalConv1d, constrain_channels_last
 from mmgen.nn.spectral import (
     magnitude,
     multiscale_mel_distance,
@@ -195,7 +200,7 @@ class _StridedCausalConv1d(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
+        return constrain_channels_last(self.conv(x))
 
 
 class _CausalConvTranspose1d(nnx.Module):
@@ -220,7 +225,7 @@ class _CausalConvTranspose1d(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)[:, : x.shape[1] * self.stride]
+        return constrain_channels_last(self.conv(x)[:, : x.shape[1] * self.stride])
 
 
 class ResidualUnit(nnx.Module):
@@ -232,7 +237,7 @@ class ResidualUnit(nnx.Module):
         self.pointwise = CausalConv1d(channels, channels, 1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + self.pointwise(jax.nn.elu(self.dilated(jax.nn.elu(x))))
+        return constrain_channels_last(x + self.pointwise(jax.nn.elu(self.dilated(jax.nn.elu(x)))))
 
 
 class EncoderBlock(nnx.Module):
@@ -391,8 +396,8 @@ class AudioTokenizer(nnx.Module):
         """``audio [B, S]`` -> continuous latent float32 ``[B, ceil(S / hop), dim]``."""
         self.check_audio_shape(audio.shape)
         pad = (-audio.shape[1]) % self.hop_length
-        x = jnp.pad(audio.astype(self.dtype), ((0, 0), (0, pad)))[..., None]
-        return self.encoder(x).astype(jnp.float32)
+        x = constrain_channels_last(jnp.pad(audio.astype(self.dtype), ((0, 0), (0, pad)))[..., None])
+        return constrain_channels_last(self.encoder(x).astype(jnp.float32))
 
     def quantize(self, z: jax.Array, *, train: bool = False, step=None, num_levels_used: int | None = None):
         """``z [B, T, dim]`` -> ``(z_q float32, tokens int32, aux)``; ``num_levels_used`` for RVQ only."""
@@ -407,7 +412,7 @@ class AudioTokenizer(nnx.Module):
 
     def decode_latent(self, z_q: jax.Array) -> jax.Array:
         """Quantized latent ``[B, T, dim]`` -> audio float32 ``[B, T * hop]`` in [-1, 1]."""
-        y = self.decoder(z_q.astype(self.dtype))[..., 0].astype(jnp.float32)
+        y = self.decoder(constrain_channels_last(z_q.astype(self.dtype)))[..., 0].astype(jnp.float32)
         return jnp.tanh(y) if self.cfg.output_activation == "tanh" else jnp.clip(y, -1.0, 1.0)
 
     def encode(self, audio: jax.Array, *, train: bool = False, step=None, num_levels_used: int | None = None):
@@ -469,7 +474,7 @@ class _STFTResolutionDiscriminator(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         features = []
         for layer in self.hidden:
-            x = jax.nn.leaky_relu(layer(x), self.negative_slope)
+            x = constrain_channels_last(jax.nn.leaky_relu(layer(x), self.negative_slope))
             features.append(x)
         return self.to_logit(x)[..., 0].astype(jnp.float32), features
 
@@ -504,7 +509,7 @@ class STFTDiscriminator(nnx.Module):
     def __call__(self, audio: jax.Array) -> tuple[list[jax.Array], list[list[jax.Array]]]:
         logits, features = [], []
         for n_fft, disc in zip(self.fft_sizes, self.resolutions):
-            image = self.log_magnitude(audio, n_fft)[..., None].astype(self.dtype)
+            image = constrain_channels_last(self.log_magnitude(audio, n_fft)[..., None].astype(self.dtype))
             logit, feats = disc(image)
             logits.append(logit)
             features.append(feats)

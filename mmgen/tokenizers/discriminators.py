@@ -27,7 +27,8 @@ import ml_collections
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.nn.conv import BlurPool3d, conv3d, default_kernel_init
+from mmgen.nn.conv import BlurPool3d, constrain_channels_last, conv3d, default_kernel_init
+from mmgen.parallel.sharding import constrain
 
 _CONV_NAMES = (None, None, None, "conv_in", "conv_out")
 
@@ -89,10 +90,10 @@ class DiscriminatorBlock(nnx.Module):
         self.negative_slope = negative_slope
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = lambda v: jax.nn.leaky_relu(v, self.negative_slope)
+        act = lambda v: constrain_channels_last(jax.nn.leaky_relu(v, self.negative_slope))
         h = act(self.conv1(x))
         h = act(self.conv2(self.blur(h)))
-        return (h + self.skip(self.blur(x))) / math.sqrt(2.0)
+        return constrain_channels_last((h + self.skip(self.blur(x))) / math.sqrt(2.0))
 
 
 class StyleGANDiscriminator3D(nnx.Module):
@@ -142,9 +143,13 @@ class StyleGANDiscriminator3D(nnx.Module):
                 f"(config frames/height/width), got {tuple(video.shape)}"
             )
         act = lambda v: jax.nn.leaky_relu(v, cfg.negative_slope)
-        x = act(self.conv_in(video.astype(self.dtype)))
+        # Activations stay split over the batch (the rules' "batch" axes) and the kernels
+        # are gathered to them; the flattened features too, which the dense kernel
+        # (named "embed" along them) would otherwise pull onto its own split.
+        x = act(self.conv_in(constrain_channels_last(video.astype(self.dtype))))
+        x = constrain_channels_last(x)
         for block in self.blocks:
             x = block(x)
-        x = act(self.conv_out(x))
-        x = act(self.dense(x.reshape(x.shape[0], -1)))
+        x = constrain_channels_last(act(self.conv_out(x)))
+        x = constrain(act(self.dense(constrain(x.reshape(x.shape[0], -1), ("batch", None)))), ("batch", "mlp"))
         return self.logit(x)[:, 0].astype(jnp.float32)

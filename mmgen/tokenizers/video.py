@@ -20,6 +20,11 @@ for the B/L presets).
 Every convolution is causal in time and every GroupNorm keeps per-frame statistics,
 so latent frame ``j`` depends on input frames ``<= 4j`` only and frame 0 is encoded on
 its own: an image is a 1-frame video (joint image/video tokenizer).
+
+Activations (the clip, every convolution's output, each residual block's, the latent)
+are constrained ``("batch", "length", None, None, "channels")`` by logical name
+(``mmgen.nn.conv.constrain_channels_last``), so under FSDP the batch stays split over
+``data`` x ``fsdp`` from the clip to the reconstruction and the kernels are gathered.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import ml_collections
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.nn.conv import AdaptiveGroupNorm, CausalConv3d, DepthToSpace3d, GroupNorm
+from mmgen.nn.conv import AdaptiveGroupNorm, CausalConv3d, DepthToSpace3d, GroupNorm, constrain_channels_last
 from mmgen.tokenizers.quantizers import build_quantizer, default_quantizer_config
 
 
@@ -96,7 +101,7 @@ class ResidualBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv1(nnx.swish(self.norm1(x)))
         h = self.conv2(nnx.swish(self.norm2(h)))
-        return (x if self.skip is None else self.skip(x)) + h
+        return constrain_channels_last((x if self.skip is None else self.skip(x)) + h)
 
 
 def _run_block(block: ResidualBlock, x: jax.Array, remat: bool) -> jax.Array:
@@ -253,7 +258,8 @@ class VideoTokenizer(nnx.Module):
     def encode_latent(self, video: jax.Array) -> jax.Array:
         """``video [B, T, H, W, 3]`` in [-1, 1] -> continuous latent float32 ``[B, T', H', W', dim]``."""
         self.check_video_shape(video.shape)
-        return self.encoder(video.astype(self.dtype)).astype(jnp.float32)
+        video = constrain_channels_last(video.astype(self.dtype))
+        return constrain_channels_last(self.encoder(video).astype(jnp.float32))
 
     def quantize(self, z: jax.Array, *, train: bool = False, step=None):
         """``z [..., dim]`` -> ``(z_q float32, tokens int32, aux)``."""
@@ -261,8 +267,8 @@ class VideoTokenizer(nnx.Module):
 
     def decode_latent(self, z_q: jax.Array) -> jax.Array:
         """Quantized latent ``[B, T', H', W', dim]`` -> video ``[B, T, H, W, 3]`` clamped to [-1, 1]."""
-        video = self.decoder(z_q.astype(self.dtype)).astype(jnp.float32)
-        return jnp.clip(video, -1.0, 1.0)
+        video = self.decoder(constrain_channels_last(z_q.astype(self.dtype))).astype(jnp.float32)
+        return constrain_channels_last(jnp.clip(video, -1.0, 1.0))
 
     def encode(self, video: jax.Array, *, train: bool = False, step=None):
         """``video [B, T, H, W, 3]`` in [-1, 1] -> ``(tokens int32 [B, T', H', W'], aux)``."""

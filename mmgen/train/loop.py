@@ -191,7 +191,7 @@ def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, m
     def step_fn(state, batch, rng, frozen=None):
         model = nnx.merge(graphdef, state if frozen is None else nnx.merge_state(state, frozen))
         # The mesh in context lets a step constrain layouts by name (``optim.accumulate_gradients``).
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding_lib.axis_rules(cfg.sharding_rules):
             metrics = family.train_step(cfg, model, batch, rng)
         metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
         return split_frozen(family, nnx.state(model))[0], metrics

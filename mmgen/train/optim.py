@@ -114,7 +114,7 @@ def split_micro_batches(tree, steps: int):
 
     def split(x):
         x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-        return _constrain(x, (None, sharding_lib.BATCH_AXES, *([None] * (x.ndim - 2))))
+        return sharding_lib.constrain(x, (None, "batch", *([None] * (x.ndim - 2))))
 
     return jax.tree.map(split, tree)
 
@@ -183,20 +183,6 @@ def accumulate_gradients(cfg, loss_fn, modules: tuple, batch, rng, *, wrt=nnx.Pa
     grad_dtypes = nnx.state(modules[0], wrt)
     grads = jax.tree.map(lambda g, p: (g / steps).astype(p.dtype), grad_sum, grad_dtypes)
     return loss, metrics, None if outputs is None else merge_micro_batches(outputs), grads
-
-
-def _constrain(x, spec):
-    """``with_sharding_constraint`` under the step's mesh (``loop.make_train_step`` sets it);
-    a no-op outside one (a step traced without a mesh, e.g. in a unit test)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = []
-    for entry in spec:
-        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        names = tuple(a for a in names if a in mesh.shape)
-        axes.append(names or None)
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*axes))
 
 
 def _constrain_like_params(grads, rules):

@@ -251,13 +251,13 @@ def _constraints(text: str) -> set[tuple[str, str]]:
     return set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", text))
 
 
-def test_constrained_activations_match_one_device_and_the_constraints_follow_the_rules(model):
+def test_constrained_activations_match_one_device_and_the_constraints_follow_the_rules(model, small_transformer_config):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     graphdef, params = nnx.split(model)
     ids = jnp.asarray([tasks.task_id(n) for n in ["class_conditional", "audio_video", "video_to_audio"] * 3][:B],
                       jnp.int32)
     example = jax.jit(lambda tokens: masking.make_training_example(
-        small_config(), tokens, ids, jax.random.key(1), labels=ids % 5, mode="prefix",
+        small_transformer_config(), tokens, ids, jax.random.key(1), labels=ids % 5, mode="prefix",
         region_rng=jax.random.key(2)))(random_tokens(7))
 
     def loss(params, example):
@@ -285,7 +285,7 @@ def test_constrained_activations_match_one_device_and_the_constraints_follow_the
     # embed -> fsdp cannot take fsdp twice); the MLP hidden [B, S, 64] and the per-head
     # q/k/v [B, S, N, H] split over tensor too (Megatron); the logits over vocab -> tensor.
     specs = _constraints(jax.jit(constrained(DEFAULT_RULES)).lower(*sharded).as_text())
-    seq = sum(int(np.prod(s.grid)) for s in tr.modality_specs(small_config()).values()) + 2
+    seq = sum(int(np.prod(s.grid)) for s in tr.modality_specs(small_transformer_config()).values()) + 2
     assert ('[{"data", "fsdp"}, {}, {}]', f"{B}x{seq}x32xf32") in specs
     assert ('[{"data", "fsdp"}, {}, {"tensor"}]', f"{B}x{seq}x64xf32") in specs
     assert ('[{"data", "fsdp"}, {}, {"tensor"}, {}]', f"{B}x{seq}x2x16xf32") in specs

@@ -207,6 +207,7 @@ def test_bad_inputs_fail_with_named_errors(model, small_transformer_config):
         abstract(small_transformer_config(dropout=0.1))(random_tokens(batch=2), ids, train=True)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device_and_params_are_sharded(model, small_transformer_config):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     graphdef, params = nnx.split(model)
@@ -243,6 +244,7 @@ def test_sharded_train_step_matches_one_device_and_params_are_sharded(model, sma
     assert table.sharding.spec == P("tensor", "fsdp")
 
 
+@pytest.mark.slow
 def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradients():
     from mmgen.nn.attention import attention
 

@@ -41,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTERS = os.path.join(ROOT, "configs", "adapters")
 # adapter_config and adapter_base (the numpy-drawn base workdir): tests/conftest.py
 
+pytestmark = pytest.mark.slow  # every test reads the session's two adapter training runs
+
 
 def saved_config(workdir):
     return config_lib.from_json_file(os.path.join(workdir, "config.json"))

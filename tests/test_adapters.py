@@ -211,6 +211,7 @@ def test_flylora_bias_update_follows_the_rule_and_is_skipped_at_eval():
 # ----------------------------------------------------------------------------- surgery
 
 
+@pytest.mark.slow
 def test_surgery_replaces_exactly_the_matching_scanned_layers_and_counts_parameters():
     model = TinyScanned()
     base_params = count_params(model, nnx.Param)

@@ -227,6 +227,7 @@ def test_every_parameter_has_logical_names(model, discriminator):
     assert kernel.get_value().spec == jax.sharding.PartitionSpec(None, None, "fsdp")
 
 
+@pytest.mark.slow
 def test_reconstruction_loss_is_zero_for_identical_audio_and_has_useful_gradients(model, cfg):
     loss_cfg = cfg.loss.copy_and_resolve_references()
     loss_cfg.waveform_l1_weight = 1.0

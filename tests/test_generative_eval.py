@@ -58,6 +58,7 @@ def test_blank_video_has_no_height_and_agreement_skips_it():
     assert np.isnan(scores["mae"]) and scores["valid_frames"] == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i3d, data_dir, tokenizers,
                                                              generative_config, write_numpy_initialised):
     root = str(tmp_path)

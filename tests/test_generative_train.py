@@ -113,6 +113,7 @@ def test_flops_and_tokens_per_example_count_the_whole_sequence(generative_config
 
 
 # ---------------------------------------------------------------- training
+@pytest.mark.slow
 def test_sharded_random_token_steps_fit_a_fixed_batch(generative_config):
     """8 fake devices (data 2 x fsdp 4): the loss on one repeated batch is finite and falls."""
     from mmgen.parallel import mesh as mesh_lib
@@ -156,6 +157,7 @@ def test_random_token_batches_follow_the_task_weights_and_resume(generative_conf
         np.testing.assert_array_equal(resumed[key], expected[key])
 
 
+@pytest.mark.slow
 def test_token_batches_resume_exactly_and_carry_condition_tokens(tokenizers, data_dir, generative_config):
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers)
     make = lambda: gen.make_data(cfg, split="train", train=True, seed=0, batch_size=8, process_index=0,
@@ -203,6 +205,7 @@ def test_host_rows_of_condition_clips_match_the_global_batch():
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(whole[4:]))
 
 
+@pytest.mark.slow
 def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path, generative_config):
     """loop.run, 2 steps: metrics, the wrapper's position in the checkpoint, an mp4 + PNG from on_eval."""
     workdir = str(tmp_path / "gen")
@@ -304,6 +307,7 @@ def test_token_cache_refuses_partial_conditions_and_stale_caches(tokenizers, dat
         token_cache.paths(generative_config(extra=["data_source='token_cache'"]), "train")
 
 
+@pytest.mark.slow
 def test_the_transformer_learns_to_read_one_modality_from_the_other(generative_config):
     """Plumbing check for audio-visual agreement: when the sound is a copy of some video
     tokens, training on video_to_audio + audio_to_video makes the prediction of the sound

@@ -137,6 +137,7 @@ def test_toy_step_with_two_micro_batches_matches_one_pass():
     np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_generative_step_with_two_micro_batches_matches_one_pass(generative_config):
     """Masks are drawn for the whole batch and the loss is the whole batch's weighted mean,
     so accumulating changes nothing but the order of the float32 sums."""
@@ -151,6 +152,7 @@ def test_generative_step_with_two_micro_batches_matches_one_pass(generative_conf
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 def test_tokenizer_gan_step_with_two_micro_batches_matches_one_pass():
     """Generator, then discriminator, each over the same two micro-batches. FSQ (no batch
     statistics) and LeCAM off (its EMA anchors move once per micro-batch), so that the two

@@ -185,6 +185,7 @@ def test_i3d_maps_kinetics_clips_to_400_logits_abstractly():
     assert out.shape == (2, 400)
 
 
+@pytest.mark.slow
 def test_i3d_npz_round_trip_preserves_weights_and_logits(random_i3d, tmp_path):
     from mmgen.eval import i3d
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mmgen.train.checkpoint import Checkpointer
 from mmgen.train.metrics import read_metrics
@@ -16,6 +17,8 @@ TOY = os.path.join(REPO, "configs", "toy.py") + ":tiny"
 COMMON = ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.log_every=1",
           "--config.checkpoint_every=100", "--config.tensorboard=False",
           "--config.schedule.name=constant"]  # the LR must not depend on total_steps here
+
+pytestmark = pytest.mark.slow  # training in several processes
 
 
 def launch(num_processes, devices_each, *args):

@@ -139,6 +139,7 @@ def test_example_batch_hook_gives_the_shapes_without_reading_data():
     assert p.batch_bytes == 2 * 32 * 64 * 4 // 2  # x and y, float32, split over data x fsdp = 2
 
 
+@pytest.mark.slow
 def test_adapter_plan_counts_the_frozen_base_in_the_memory_per_device(adapter_base, adapter_config):
     from mmgen.families import adapters as adapters_family
     from mmgen.parallel import mesh as mesh_lib

@@ -33,6 +33,7 @@ def one_line_error(capsys):
     return err
 
 
+@pytest.mark.slow
 def test_audio_video_writes_mp4s_with_sound_a_grid_and_tokens(workdir, tmp_path, capsys):
     out = tmp_path / "av"
     assert run("--workdir", workdir, "--task", "audio_video", "--num", 3, "--out", out, "--steps", 3) == 0
@@ -102,6 +103,7 @@ def test_bad_task_and_bad_input_are_one_line_before_compiling(workdir, tmp_path,
     assert not os.path.exists(tmp_path / "x" / "audio_to_video_000.mp4")
 
 
+@pytest.mark.slow
 def test_sample_works_on_an_adapter_workdir(workdir, tmp_path, capsys):
     """An adapter run on this workdir's transformer samples through the same command."""
     from mmgen import config as config_lib

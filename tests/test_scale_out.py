@@ -59,6 +59,7 @@ def wait_for_step(workdir, proc, step, timeout):
     pytest.fail(f"no step {step} within {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigterm_to_two_process_launcher_saves_then_resumes_on_one_process(tmp_path):
     killed, straight = str(tmp_path / "killed"), str(tmp_path / "straight")
     cmd = ["bash", os.path.join(LAUNCH, "cpu_multiprocess.sh"), "2", "train", "--config", TOY,
@@ -157,10 +158,12 @@ def assert_data_across_processes(result):
     assert [set(row) for row in owner.tolist()] == [{0}, {1}]
 
 
+@pytest.mark.slow
 def test_data_axis_spans_processes_and_fsdp_stays_inside_one(two_process_meshes):
     assert_data_across_processes(two_process_meshes["ici"])
 
 
+@pytest.mark.slow
 def test_dcn_data_axis_spans_processes(two_process_meshes):
     assert_data_across_processes(two_process_meshes["dcn"])
 

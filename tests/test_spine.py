@@ -126,6 +126,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(model.model))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_and_half_written_save_is_ignored(tmp_path):
     work = tmp_path / "w"
     args = ["train", "--config", TOY + ":tiny", "--workdir", str(work), "--config.total_steps=100000",
@@ -238,6 +239,7 @@ def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
     assert losses(tmp_path)[5] < losses(tmp_path)[1]  # fc2 still trains
 
 
+@pytest.mark.slow
 def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path):
     work = tmp_path / "w"
     args = ("--config", TOY + ":tiny", "--workdir", str(work), "--config.total_steps=6", "--config.log_every=1",
@@ -251,6 +253,7 @@ def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path
     assert Checkpointer(str(work), read_only=True).latest_step() == 6
 
 
+@pytest.mark.slow
 def test_init_from_takes_the_model_weights_only(tmp_path):
     base = toy_config("mesh.data=2", "mesh.fsdp=4", "total_steps=20")
     loop.run(FAMILY, base, str(tmp_path / "base"))

@@ -93,6 +93,7 @@ def _moving_square(frames=24, height=48, width=64):
 # ------------------------------------------------------------------ tokenize: audio
 
 
+@pytest.mark.slow
 def test_stereo_44k_wav_round_trips_to_mono_16k(workdirs, tmp_path, capsys):
     src, out, tokens = tmp_path / "in.wav", tmp_path / "recon.wav", tmp_path / "tokens.npy"
     media.write_wav(str(src), _tone(0.5, 44100, channels=2), sample_rate=44100)
@@ -299,6 +300,7 @@ def test_eval_of_a_video_tokenizer_writes_metrics_and_a_grid(workdirs, capsys):
     assert "psnr" in stdout and "wrote" in stdout
 
 
+@pytest.mark.slow
 def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(workdirs, capsys):
     code, _, err = _run(capsys, "eval", "--workdir", workdirs["audio"], "--num", "2")
     assert code == 0, err
@@ -311,6 +313,7 @@ def test_eval_of_an_audio_tokenizer_scores_every_rvq_depth_and_a_mulaw_baseline(
     assert all(os.path.exists(p) for p in result["files"]["wavs"]) and len(result["files"]["wavs"]) == 4
 
 
+@pytest.mark.slow
 def test_eval_of_a_given_step_writes_beside_the_newest(workdirs, capsys):
     work = workdirs["video"]
     code, _, err = _run(capsys, "eval", "--workdir", work, "--num", "2", "--no-fvd")

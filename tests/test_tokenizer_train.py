@@ -64,6 +64,7 @@ def video_run(data_dir, tmp_path_factory):
     return cfg, workdir, states
 
 
+@pytest.mark.slow
 def test_sharded_gan_steps_have_finite_losses_and_open_the_gate_after_start_step(video_run):
     _, workdir, _ = video_run
     rows = _metrics(workdir)
@@ -77,6 +78,7 @@ def test_sharded_gan_steps_have_finite_losses_and_open_the_gate_after_start_step
     assert 0.0 < rows[3]["usage"] <= 1.0
 
 
+@pytest.mark.slow
 def test_generator_and_discriminator_both_update(video_run):
     _, _, states = video_run
     first, last = states[1], states[3]
@@ -86,6 +88,7 @@ def test_generator_and_discriminator_both_update(video_run):
     assert int(last.disc_optimizer.step[...]) == STEPS
 
 
+@pytest.mark.slow
 def test_ema_follows_its_update_rule_and_differs_from_the_live_model(video_run):
     cfg, _, states = video_run
     before, after = _flat(states[2].ema), _flat(states[3].ema)
@@ -97,6 +100,7 @@ def test_ema_follows_its_update_rule_and_differs_from_the_live_model(video_run):
     assert _max_change(after, before) > 0.0
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_over_fsdp(video_run):
     _, _, states = video_run
     kernel = states[3].model.encoder.conv_in.conv.kernel.get_value()
@@ -104,6 +108,7 @@ def test_parameters_are_sharded_over_fsdp(video_run):
     assert len({str(s.index) for s in kernel.addressable_shards}) == 4
 
 
+@pytest.mark.slow
 def test_audio_tokenizer_trains_a_few_steps_with_its_ema_codebooks(data_dir, tmp_path):
     # The STFT discriminator's losses are tests/test_audio_tokenizer.py's; here the trainer's audio path.
     cfg = _config("audio", "tiny,gan=0", data_dir, "batch_size=2", "model.strides=(16,20)",

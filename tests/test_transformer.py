@@ -210,6 +210,7 @@ def test_bad_inputs_fail_with_named_errors(model, small_transformer_config):
         abstract(small_transformer_config(dropout=0.1))(random_tokens(batch=2), ids, train=True)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device_and_params_are_sharded(model, small_transformer_config):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     graphdef, params = nnx.split(model)
@@ -297,6 +298,7 @@ def test_constrained_activations_match_one_device_and_the_constraints_follow_the
     assert not any('"fsdp"' in spec for spec, _ in specs)
 
 
+@pytest.mark.slow
 def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradients():
     from mmgen.nn.attention import attention
 

@@ -86,6 +86,7 @@ def test_bad_frame_count_or_size_raises_clear_error_before_compiling(abstract_b)
         nnx.eval_shape(lambda: VideoTokenizer(cfg, rngs=nnx.Rngs(0)))
 
 
+@pytest.mark.slow
 def test_encoder_and_decoder_are_causal_in_time(tiny, forward):
     video = _video(0)
     later_changed = video.at[:, 5:].set(_video(1)[:, 5:])  # frames 5..8 = latent frame 2
@@ -161,6 +162,7 @@ def test_remat_bfloat16_variant_traces_forward_and_grad():
     assert len(grad_leaves) > 20 and all(g.dtype == jnp.float32 for g in grad_leaves)
 
 
+@pytest.mark.slow
 def test_sharded_train_forward_and_grad_matches_one_device():
     cfg = model_config("tiny")  # one level keeps the compile small; batch sharding is the point
     cfg.channel_multipliers, cfg.temporal_downsample = (1,), ()

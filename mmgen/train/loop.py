@@ -183,7 +183,8 @@ def with_shardings(abstract, shardings):
 def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh, frozen_shardings=None):
     """``step(state, batch, rng[, frozen]) -> (state, metrics)``, state donated.
 
-    With ``family.frozen`` the step takes the frozen variables as a fourth argument
+    With ``family.frozen`` (and ``frozen_shardings`` given; without them the state is whole,
+    e.g. a family whose frozen part is empty) the step takes the frozen variables as a fourth argument
     (read-only: neither donated nor returned) and ``state`` is the trained rest.
     """
     replicated = sharding_lib.replicated(mesh)
@@ -197,7 +198,7 @@ def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, m
         return split_frozen(family, nnx.state(model))[0], metrics
 
     in_sh = (shardings, batch_shardings, replicated)
-    if family.frozen is not None:
+    if family.frozen is not None and frozen_shardings is not None:
         in_sh = in_sh + (frozen_shardings,)
     return jax.jit(step_fn, in_shardings=in_sh, out_shardings=(shardings, replicated), donate_argnums=0)
 
@@ -208,7 +209,7 @@ def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, me
         return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(cfg, model, batch, rng).items()}
 
     in_sh = (shardings, batch_shardings, sharding_lib.replicated(mesh))
-    if family.frozen is not None:
+    if family.frozen is not None and frozen_shardings is not None:
         in_sh = in_sh + (frozen_shardings,)
     return jax.jit(eval_fn, in_shardings=in_sh, out_shardings=sharding_lib.replicated(mesh))
 

@@ -18,7 +18,7 @@ COMMON = ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.log_every=1
           "--config.checkpoint_every=100", "--config.tensorboard=False",
           "--config.schedule.name=constant"]  # the LR must not depend on total_steps here
 
-pytestmark = pytest.mark.slow  # training in several processes
+pytestmark = pytest.mark.slow  # a multi-process JAX run
 
 
 def launch(num_processes, devices_each, *args):

@@ -17,14 +17,18 @@ then (an empty ``/tmp/real/train`` and ``/tmp/real/test``: every video is held o
 The videos become ``video_folder/tiny`` clips (9 frames of 32x32 at 8 fps, short side
 scaled, centre crop) cut every ``--stride`` frames (4: consecutive clips overlap by 5
 frames), and every clip is scored with ``mmgen.eval.tokenizer_eval.evaluate_video``,
-the evaluator ``mmgen eval`` runs, with the pretrained networks of the ``metrics``
-extra. The clip count is printed and stored with every number: FVD depends on it.
+the evaluator ``mmgen eval`` runs (PSNR, SSIM, LPIPS), and rFVD with the same
+``FrechetScorer``, the real clips' I3D logits computed once for all tokenizers. The
+clip count is printed and stored with every number: FVD depends on it.
 """
 
 import argparse
 import json
 import os
 
+import numpy as np
+
+from mmgen.data import media, pipeline
 from mmgen.data.builders import sources
 from mmgen.eval import reference, tokenizer_eval
 from mmgen.families import tokenizer as tokenizer_family
@@ -33,7 +37,8 @@ from mmgen.tokenizers import LoadedTokenizer
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("workdirs", nargs="+", help="video tokenizer workdirs (9 frames of 32x32 at 8 fps)")
+    p.add_argument("workdirs", nargs="+", help="video tokenizer workdirs (9 frames of 32x32 at 8 fps); "
+                                                  "WORKDIR@STEP scores that checkpoint")
     p.add_argument("--videos", required=True, help="folder with a test/ subfolder of real videos")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--stride", type=int, default=4)
@@ -47,22 +52,34 @@ def main() -> None:
     networks = reference.load_networks()
     if networks.missing:
         raise SystemExit(networks.missing)
-    rows = {}
-    for workdir in args.workdirs:
-        tok = tokenizer_family.load(workdir)
+    lpips_only = reference.Networks(lpips=networks.lpips)
+    scorer, rows = reference.FrechetScorer(networks), {}
+    for name in args.workdirs:
+        workdir, _, step = name.partition("@")
+        tok = tokenizer_family.load(workdir, step=int(step) if step else None)
         cfg = tok.cfg.copy_and_resolve_references()
         cfg.dataset.name, cfg.dataset.data_dir, cfg.dataset.path = "video_folder/tiny", args.data_dir, ""
         cfg.dataset.builder_overrides = overrides
         if (int(cfg.dataset.frames), int(cfg.dataset.resolution)) != (9, 32):
             raise SystemExit(f"{workdir}: trained on {cfg.dataset.frames} frames of {cfg.dataset.resolution}^2, not 9 x 32^2")
         on_real = LoadedTokenizer(tok.modality, tok.model, cfg, workdir, tok.step)
-        out_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "heldout_real_" + os.path.basename(workdir))
+        out_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "heldout_real_" + os.path.basename(name))
         os.makedirs(out_dir, exist_ok=True)
-        result = tokenizer_eval.evaluate_video(on_real, "test", num, out_dir, num_show=4, networks=networks)
-        rows[workdir] = {"step": tok.step, "clips": num, **{k: result[k] for k in (
-            "psnr", "psnr_stderr", "ssim", "lpips_vgg16", "lpips_alexnet", "rfvd", "rfvd_setup", "codebook_usage")}}
-        r = rows[workdir]
-        print(f"{workdir}: PSNR {r['psnr']:.2f} +- {r['psnr_stderr']:.2f} dB, SSIM {r['ssim']:.4f}, "
+        result = tokenizer_eval.evaluate_video(on_real, "test", num, out_dir, num_show=4, networks=lpips_only)
+        print(f"{name}: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, LPIPS-VGG16 {result['lpips_vgg16']:.4f}, "
+              f"LPIPS-AlexNet {result['lpips_alexnet']:.4f} ({num} clips); rFVD next", flush=True)
+        it = pipeline.make_iterator(cfg.dataset, split="test", global_batch_size=num, seed=0, train=False,
+                                    process_index=0, process_count=1)
+        clips = next(it)["video"]
+        if not scorer.real:
+            scorer.add_real(clips)
+        recon = np.concatenate([media.from_model(np.asarray(on_real.decode(on_real.encode(media.to_model(c[None]))[0])))
+                                for c in clips])  # clip by clip: one compiled shape
+        fvd = scorer.score(recon, 9)
+        rows[name] = {"step": tok.step, "clips": num, "rfvd": fvd.pop("fvd"), "rfvd_setup": fvd, **{k: result[k] for k in (
+            "psnr", "psnr_stderr", "ssim", "lpips_vgg16", "lpips_alexnet", "codebook_usage")}}
+        r = rows[name]
+        print(f"{name}: PSNR {r['psnr']:.2f} +- {r['psnr_stderr']:.2f} dB, SSIM {r['ssim']:.4f}, "
               f"LPIPS-VGG16 {r['lpips_vgg16']:.4f}, LPIPS-AlexNet {r['lpips_alexnet']:.4f}, "
               f"rFVD {r['rfvd']:.1f} ({num} clips)")
     with open(args.out, "w") as f:

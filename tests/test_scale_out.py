@@ -77,7 +77,7 @@ def test_sigterm_to_two_process_launcher_saves_then_resumes_on_one_process(tmp_p
     assert proc.returncode == 0, err[-3000:]
     with pytest.raises(ProcessLookupError):  # the launcher returned only after both trainers exited
         os.killpg(proc.pid, 0)
-    assert err.count("stopped at step") == 2, err[-3000:]
+    assert err.count("stopped at step") == 1, err[-3000:]  # the same line on every host prints once (process 0)
 
     # The only checkpoint is the one written on SIGTERM (checkpoint_every=1000), by both
     # processes: sharded state plus one input-pipeline state per process.

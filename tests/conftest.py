@@ -210,3 +210,88 @@ def random_i3d():
             value = rng.normal(0, 0.1, shape)
         var.set_value(value.astype(np.float32))
     return model
+
+
+# ------------------------------------------------------------------ runs (test_spine, test_reliability, test_multi*)
+TOY = os.path.join(ROOT, "configs", "toy.py")
+
+
+def _toy_config(*overrides):
+    from mmgen import config as config_lib
+
+    base = ["async_checkpointing=False", "tensorboard=False", "log_every=1"]
+    return config_lib.load_config(TOY + ":tiny", base + list(overrides))
+
+
+def _losses(workdir):
+    from mmgen.train.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(str(workdir)) if "loss" in r}
+
+
+def _launch(num_processes, devices_each, *args, timeout=900):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each))
+    env.pop("XLA_FLAGS", None)  # each process is given its own fake devices
+    res = subprocess.run(["bash", os.path.join(ROOT, "launch", "cpu_multiprocess.sh"), str(num_processes), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="session")
+def toy_config():
+    """``toy_config(*overrides)``: configs/toy.py:tiny, synchronous checkpoints, no TensorBoard, a log line a step."""
+    return _toy_config
+
+
+@pytest.fixture(scope="session")
+def losses():
+    """``losses(workdir)``: the run's training loss per step, from its metrics.jsonl."""
+    return _losses
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """``launch(num_processes, devices_each, *mmgen_args, timeout=900)``: one mmgen command as that many
+    local processes with that many fake CPU devices each (launch/cpu_multiprocess.sh); asserts it succeeded."""
+    return _launch
+
+
+# ------------------------------------------------------------------ sharding (test_*_tokenizer.py)
+def _constrained_matches_one_device(loss, params, x):
+    """Gradients of ``loss(params, x)`` (``x``: batch first) on a data=2 x fsdp=2 x tensor=2 mesh,
+    activations constrained by logical name (the train step's context), must equal one unconstrained
+    device's (loss to 1e-5, each gradient leaf to 1e-3 of its largest entry: the sums run in
+    another order). Returns the compiled step's sharding constraints as (spec, tensor type) pairs,
+    e.g. ``('[{"data", "fsdp"}, {}, {}]', "4x1280x1xf32")``."""
+    import re
+
+    import jax
+
+    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules, batch_sharding, replicated, state_shardings
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+    def constrained(params, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(DEFAULT_RULES):
+            return jax.value_and_grad(loss)(params, x)
+
+    loss_1, grads_1 = jax.jit(jax.value_and_grad(loss))(params, x)
+    shardings = state_shardings(params, mesh, DEFAULT_RULES)
+    args = (jax.device_put(params, shardings), jax.device_put(x, batch_sharding(mesh, x.ndim)))
+    lowered = jax.jit(constrained, out_shardings=(replicated(mesh), shardings)).lower(*args)
+    loss_8, grads_8 = lowered.compile()(*args)
+    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
+    for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8), strict=True):
+        g1, g8 = np.asarray(g1), np.asarray(g8)
+        np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * float(np.abs(g1).max()))
+    return set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", lowered.as_text()))
+
+
+@pytest.fixture(scope="session")
+def constrained_matches_one_device():
+    """``constrained_matches_one_device(loss, params, x) -> constraints``: see ``_constrained_matches_one_device``."""
+    return _constrained_matches_one_device

@@ -16,6 +16,7 @@ from mmgen.tokenizers.audio import (
     audio_frames_for_video,
     audio_reconstruction_loss,
     audio_samples_for_video,
+    discriminator_config,
     feature_matching_loss,
     model_config,
 )
@@ -51,8 +52,13 @@ def model(cfg):
 
 
 @pytest.fixture(scope="module")
-def discriminator(cfg):
-    return _init(STFTDiscriminator, cfg.discriminator)
+def disc_cfg():
+    return discriminator_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def discriminator(disc_cfg):
+    return _init(STFTDiscriminator, disc_cfg)
 
 
 @nnx.jit
@@ -83,6 +89,11 @@ def test_presets_give_hop_320_and_50_hz(model):
     assert b.quantizer.kind == "rvq" and b.quantizer.codebook_size == 1024
     with pytest.raises(UserError, match="unknown"):
         model_config("XXL")
+    # The discriminator is the config's own top-level block, as the video tokenizer's.
+    assert "discriminator" not in b
+    assert discriminator_config("B").fft_sizes == (2048, 1024, 512)
+    with pytest.raises(UserError, match="unknown"):
+        discriminator_config("XXL")
 
 
 @pytest.mark.parametrize("samples", [1, 320, 1000, 1280, 1601])
@@ -182,18 +193,18 @@ def test_quantizer_dropout_trains_with_a_variable_number_of_levels(cfg):
     assert first != second
 
 
-def test_stft_discriminator_returns_logits_and_features_per_resolution(cfg, discriminator):
+def test_stft_discriminator_returns_logits_and_features_per_resolution(disc_cfg, discriminator):
     samples = 1000
     real = _audio(2, samples)
     logits, features = nnx.jit(lambda d, x: d(x))(discriminator, jnp.stack([real, 0.5 * real[:, ::-1]]).reshape(4, -1))
-    assert len(logits) == len(features) == len(cfg.discriminator.fft_sizes)
-    blocks = len(cfg.discriminator.time_dilations)
-    for n_fft, logit, feats in zip(cfg.discriminator.fft_sizes, logits, features):
+    assert len(logits) == len(features) == len(disc_cfg.fft_sizes)
+    blocks = len(disc_cfg.time_dilations)
+    for n_fft, logit, feats in zip(disc_cfg.fft_sizes, logits, features):
         frames, bins = 1 + samples // (n_fft // 4), n_fft // 2 + 1
         assert logit.shape == (4, frames, -(-bins // 2**blocks))
         assert np.isfinite(np.asarray(logit)).all()
         assert len(feats) == blocks + 2
-        assert feats[0].shape == (4, frames, bins, cfg.discriminator.channels)
+        assert feats[0].shape == (4, frames, bins, disc_cfg.channels)
     # Different audio gives different features (the feature-matching signal is non-zero).
     real_feats = [[f[:2] for f in feats] for feats in features]
     fake_feats = [[f[2:] for f in feats] for feats in features]
@@ -282,16 +293,12 @@ def test_fresh_decoder_starts_near_silence_and_the_scale_is_a_config_knob():
     assert rms(loud) > 10 * rms(quiet)  # the same weights but the last layer's scale
 
 
-def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_split(cfg):
+def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_split(cfg, disc_cfg,
+                                                                                    constrained_matches_one_device):
     """Codec + STFT discriminator on a data=2 x fsdp=2 x tensor=2 mesh, activations constrained
     by logical name (the train step's context), equal one unconstrained device."""
-    import re
-
-    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules, batch_sharding, replicated
-
-    models = (_init(AudioTokenizer, cfg), _init(STFTDiscriminator, cfg.discriminator, seed=1))
+    models = (_init(AudioTokenizer, cfg), _init(STFTDiscriminator, disc_cfg, seed=1))
     graphdef, params, rest = nnx.split(models, nnx.Param, ...)
-    audio = _audio(4, 4 * HOP)
 
     def loss(params, audio):
         tokenizer, disc = nnx.merge(graphdef, params, rest)
@@ -299,23 +306,7 @@ def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_s
         logits, _ = disc(recon)
         return jnp.mean((recon - audio) ** 2) + aux["loss"] + 0.1 * sum(jnp.mean(l) for l in logits)
 
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-
-    def constrained(params, audio):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(DEFAULT_RULES):
-            return jax.value_and_grad(loss)(params, audio)
-
-    loss_1, grads_1 = jax.jit(jax.value_and_grad(loss))(params, audio)
-    shardings = state_shardings(params, mesh, DEFAULT_RULES)
-    args = (jax.device_put(params, shardings), jax.device_put(audio, batch_sharding(mesh, 2)))
-    lowered = jax.jit(constrained, out_shardings=(replicated(mesh), shardings)).lower(*args)
-    loss_8, grads_8 = lowered.compile()(*args)
-    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
-    for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8), strict=True):
-        g1, g8 = np.asarray(g1), np.asarray(g8)  # summed in another order: float32 rounding apart
-        np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * float(np.abs(g1).max()))
-
-    specs = set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", lowered.as_text()))
+    specs = constrained_matches_one_device(loss, params, _audio(4, 4 * HOP))
     # The waveform [4, 1280, 1] and the first conv's output [4, 1280, channels]: the batch over
     # data x fsdp, samples and channels whole; the STFT images [4, frames, bins, 1] likewise.
     assert ('[{"data", "fsdp"}, {}, {}]', "4x1280x1xf32") in specs

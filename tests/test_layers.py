@@ -139,6 +139,57 @@ def test_the_layer_check_sees_a_violation():
     assert "mmgen.generative.tokens" in import_graph()["mmgen.families.generative"]
 
 
+# Where a tokenizer's kind is settled once, by ``mmgen.tokenizers.kinds.kind(cfg.modality)``:
+# these packages call the kind's methods instead of comparing the modality to a name.
+KIND_DISPATCH_FREE = ("mmgen.families", "mmgen.tokenizers")
+
+
+def _names_modality(node: ast.AST) -> bool:
+    """``x.modality``, ``modality``, ``x.get("modality")`` or ``x["modality"]``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "modality"
+    if isinstance(node, ast.Name):
+        return node.id == "modality"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        return bool(node.args) and isinstance(node.args[0], ast.Constant) and node.args[0].value == "modality"
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value == "modality"
+    return False
+
+
+def _is_name_literal(node: ast.AST) -> bool:
+    """A string, or a tuple/list/set of strings."""
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return bool(node.elts) and all(_is_name_literal(e) for e in node.elts)
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def modality_comparisons(source: str) -> list[int]:
+    """Lines of ``source`` comparing a modality to a literal name (``cfg.modality == "video"``, ``in (...)``)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(_names_modality(o) for o in operands) and any(_is_name_literal(o) for o in operands):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_tokenizer_family_asks_the_tokenizer_kind_instead_of_branching_on_modality():
+    found = {}
+    for name, path in sorted(all_modules().items()):
+        if name.startswith(KIND_DISPATCH_FREE):
+            with open(path) as f:
+                lines = modality_comparisons(f.read())
+            if lines:
+                found[name] = lines
+    assert found == {}, "call the tokenizer kind (mmgen.tokenizers.kinds) instead of comparing cfg.modality"
+    # The check could pass by finding nothing: planted comparisons are found, a lookup is not.
+    planted = ("if cfg.modality == 'video':\n    pass\nx = 1 if cfg.get('modality') != \"audio\" else 2\n"
+               "ok = modality in ('video', 'audio')\ny = KINDS[cfg.modality]\nz = cfg['modality'] == name\n")
+    assert modality_comparisons(planted) == [1, 3, 4]
+
+
 def test_every_package_folder_ships_in_the_wheel():
     tomllib = pytest.importorskip("tomllib")  # python >= 3.11
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -39,21 +37,8 @@ AUDIO = ("tokenizer/audio.py:tiny,gan=0", ["num_samples=2", "dataset.frames=5", 
 pytestmark = pytest.mark.slow
 
 
-def launch(num_processes, devices_each, *args):
-    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each))
-    env.pop("XLA_FLAGS", None)
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"), str(num_processes), *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
 def flags(overrides):
     return [f"--config.{o}" for o in overrides]
-
-
-def losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +49,7 @@ def tokenizer_data(tmp_path_factory):
     return path
 
 
-def run_tokenizer_across_layouts(spec, data_dir, root):
+def run_tokenizer_across_layouts(launch, losses, spec, data_dir, root):
     name, extra = spec
     overrides = RUN + extra + [f"dataset.data_dir={data_dir}", "eval_every=1"]
     multi, straight = os.path.join(root, "multi"), os.path.join(root, "straight")
@@ -84,20 +69,20 @@ def run_tokenizer_across_layouts(spec, data_dir, root):
     return multi
 
 
-def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path):
-    multi = run_tokenizer_across_layouts(VIDEO, tokenizer_data, str(tmp_path))
+def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path, launch, losses):
+    multi = run_tokenizer_across_layouts(launch, losses, VIDEO, tokenizer_data, str(tmp_path))
     assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
         f"recon_00000{s}.{ext}" for s in (1, 2, 3) for ext in ("mp4", "png")]  # 3: the resumed run's eval
 
 
-def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path):
-    multi = run_tokenizer_across_layouts(AUDIO, tokenizer_data, str(tmp_path))
+def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path, launch, losses):
+    multi = run_tokenizer_across_layouts(launch, losses, AUDIO, tokenizer_data, str(tmp_path))
     assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
         f"{kind}_00000{s}.wav" for kind in ("orig", "recon") for s in (1, 2, 3)]
 
 
 def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_and_evaluates(
-        tmp_path, data_dir, tokenizers):
+        tmp_path, data_dir, tokenizers, losses, launch):
     root = str(tmp_path)
     small_model = ["model.depth=1", "model.width=32", "model.mlp_dim=64", "model.num_heads=2",
                    "model.remat_policy='none'"]

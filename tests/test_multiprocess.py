@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mmgen.train.checkpoint import Checkpointer
-from mmgen.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(REPO, "configs", "toy.py") + ":tiny"
@@ -21,20 +18,7 @@ COMMON = ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.log_every=1
 pytestmark = pytest.mark.slow  # a multi-process JAX run
 
 
-def launch(num_processes, devices_each, *args):
-    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each))
-    env.pop("XLA_FLAGS", None)
-    res = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"), str(num_processes), *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
-def losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
-
-
-def test_two_processes_train_save_restore_and_resume_on_one(tmp_path):
+def test_two_processes_train_save_restore_and_resume_on_one(tmp_path, losses, launch):
     multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
     # 2 processes: train 6 steps, save; a second start restores (per-process data state) and goes on to 10.
     launch(2, 2, "train", "--config", TOY, "--workdir", multi, "--config.total_steps=6", *COMMON)

@@ -32,15 +32,6 @@ TOY = os.path.join(REPO, "configs", "toy.py")
 FAMILY = get_family("toy")
 
 
-def toy_config(*overrides):
-    base = ["async_checkpointing=False", "tensorboard=False", "log_every=1"]
-    return config_lib.load_config(TOY + ":tiny", base + list(overrides))
-
-
-def losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
-
-
 def steps(workdir):
     return sorted(Checkpointer(str(workdir), read_only=True).all_steps())
 
@@ -60,7 +51,7 @@ def start_cli(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_steps(workdir, n, proc, limit=180):
+def wait_for_steps(losses, workdir, n, proc, limit=180):
     deadline = time.time() + limit
     while time.time() < deadline and len(losses(workdir)) < n:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -73,7 +64,7 @@ def error_lines(text):
 
 
 # ---------------------------------------------------------------- 1. only finite states are saved
-def test_infinite_lr_saves_no_poisoned_checkpoint_and_a_sane_resume_trains(tmp_path):
+def test_infinite_lr_saves_no_poisoned_checkpoint_and_a_sane_resume_trains(tmp_path, toy_config, losses):
     bad = toy_config("optimizer.lr=1e400", "schedule.name='constant'", "checkpoint_every=1", "total_steps=6")
     sane = toy_config("schedule.name='constant'", "checkpoint_every=1", "total_steps=6")
     # The issue's case from scratch: the first update is already non-finite, so nothing is saved.
@@ -130,7 +121,7 @@ DAMAGE = {
 
 
 @pytest.fixture(scope="module")
-def damage_runs(tmp_path_factory):
+def damage_runs(tmp_path_factory, toy_config):
     """A run stopped at step 4 (checkpoints 2 and 4), and the same run resumed from step 2 to the end."""
     root = tmp_path_factory.mktemp("damage")
     cfg = toy_config(*DAMAGE_CONFIG)
@@ -143,7 +134,7 @@ def damage_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(damage_runs, tmp_path, caplog, kind):
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(damage_runs, tmp_path, caplog, kind, losses):
     cfg, root = damage_runs
     work = tmp_path / "w"
     shutil.copytree(root / "base", work)
@@ -159,7 +150,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_step(damage_runs, 
         np.testing.assert_array_equal(x, y)
 
 
-def test_readers_fall_back_without_moving_and_no_usable_checkpoint_is_one_line(damage_runs, tmp_path, caplog):
+def test_readers_fall_back_without_moving_and_no_usable_checkpoint_is_one_line(damage_runs, tmp_path, caplog,
+                                                                                toy_config):
     cfg, root = damage_runs
     work = tmp_path / "w"
     shutil.copytree(root / "base", work)
@@ -181,12 +173,12 @@ def test_readers_fall_back_without_moving_and_no_usable_checkpoint_is_one_line(d
 
 
 # ---------------------------------------------------------------- 3. one writer per workdir
-def test_second_train_on_a_workdir_stops_naming_the_holder(tmp_path):
+def test_second_train_on_a_workdir_stops_naming_the_holder(tmp_path, losses):
     work = tmp_path / "w"
     args = ["train", "--config", TOY + ":tiny", "--workdir", work, "--config.total_steps=100000",
             "--config.checkpoint_every=1000000", "--config.log_every=1", "--config.tensorboard=False"]
     first = start_cli(*args)
-    wait_for_steps(work, 5, first)
+    wait_for_steps(losses, work, 5, first)
     second = cli(*args, "--stop-after", 3)
     lines = error_lines(second.stderr)
     assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
@@ -199,11 +191,11 @@ def test_second_train_on_a_workdir_stops_naming_the_holder(tmp_path):
     assert not (work / workdir_lib.LOCK).exists()
 
 
-def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
+def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog, toy_config, losses):
     work = tmp_path / "w"
     proc = start_cli("train", "--config", TOY + ":tiny", "--workdir", work, "--config.total_steps=100000",
                      "--config.checkpoint_every=5", "--config.log_every=1", "--config.tensorboard=False")
-    wait_for_steps(work, 8, proc)
+    wait_for_steps(losses, work, 8, proc)
     proc.kill()
     proc.wait()
     held = json.loads((work / workdir_lib.LOCK).read_text())
@@ -234,7 +226,7 @@ def test_lock_from_another_machine_holds_until_its_heartbeat_is_stale(tmp_path):
 
 
 # ---------------------------------------------------------------- 4. robust side files
-def test_torn_and_junk_metrics_lines_do_not_stop_a_resume(tmp_path, caplog):
+def test_torn_and_junk_metrics_lines_do_not_stop_a_resume(tmp_path, caplog, toy_config, losses):
     cfg = toy_config("total_steps=6", "checkpoint_every=100")
     loop.run(FAMILY, cfg, str(tmp_path), stop_after=4)
     path = tmp_path / "metrics.jsonl"
@@ -248,7 +240,7 @@ def test_torn_and_junk_metrics_lines_do_not_stop_a_resume(tmp_path, caplog):
     assert all(json.loads(line) for line in path.read_text().splitlines())  # trimmed: every line good
 
 
-def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tmp_path):
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(tmp_path, toy_config, losses):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
     loop.run(FAMILY, toy_config("total_steps=4"), str(tmp_path))
@@ -256,7 +248,7 @@ def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_duplicated(
     assert logged == [1, 2, 3, 4] and 9.0 not in losses(tmp_path).values()
 
 
-def test_damaged_config_json_is_one_line(tmp_path, capsys):
+def test_damaged_config_json_is_one_line(tmp_path, capsys, toy_config):
     loop.run(FAMILY, toy_config("total_steps=2"), str(tmp_path))
     (tmp_path / "config.json").write_bytes(b'{"family": "toy", "total_ste')
     assert commands.main(["train", "--workdir", str(tmp_path)]) == 2
@@ -265,11 +257,11 @@ def test_damaged_config_json_is_one_line(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- 5. Ctrl-C
-def test_ctrl_c_saves_at_the_current_step(tmp_path):
+def test_ctrl_c_saves_at_the_current_step(tmp_path, losses):
     work = tmp_path / "w"
     proc = start_cli("train", "--config", TOY + ":tiny", "--workdir", work, "--config.total_steps=100000",
                      "--config.checkpoint_every=1000000", "--config.log_every=1", "--config.tensorboard=False")
-    wait_for_steps(work, 10, proc)
+    wait_for_steps(losses, work, 10, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
@@ -312,7 +304,8 @@ def _files(root):
 @pytest.mark.parametrize("case", ["batch_size=0", "batch_size=-8", "checkpoint_every=0", "log_every=0",
                                   "workdir_is_a_file", "workdir_under_a_file", "json_config",
                                   "total_steps_below_the_checkpoint"])
-def test_user_mistakes_are_one_line_exit_2_nothing_compiled_nothing_written(tmp_path, capsys, monkeypatch, case):
+def test_user_mistakes_are_one_line_exit_2_nothing_compiled_nothing_written(tmp_path, capsys, monkeypatch, case,
+                                                                           toy_config):
     (tmp_path / "file").write_text("not a directory")
     work, config, extra = tmp_path / "w", TOY + ":tiny", []
     if "=" in case:

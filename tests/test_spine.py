@@ -30,15 +30,6 @@ TOY = os.path.join(REPO, "configs", "toy.py")
 FAMILY = get_family("toy")
 
 
-def toy_config(*overrides):
-    base = ["async_checkpointing=False", "tensorboard=False", "log_every=1"]
-    return config_lib.load_config(TOY + ":tiny", base + list(overrides))
-
-
-def losses(workdir):
-    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
-
-
 def params(workdir, cfg, mesh=None):
     model = loop.load_state(FAMILY, cfg, workdir, mesh=mesh)
     return jax.device_get(jax.tree.map(lambda v: v, jax.tree.leaves(model.model)))
@@ -50,7 +41,7 @@ def cli(*args, env=None, timeout=240):
                           text=True, env=full_env, timeout=timeout)
 
 
-def test_sharded_training_matches_one_device(tmp_path):
+def test_sharded_training_matches_one_device(tmp_path, toy_config, losses):
     assert jax.device_count() == 8
     sharded = toy_config("mesh.data=2", "mesh.fsdp=4", "total_steps=12")
     single = toy_config("mesh.data=1", "total_steps=12")
@@ -72,7 +63,7 @@ def test_sharded_training_matches_one_device(tmp_path):
     assert any(getattr(x, "shape", None) == kernel.shape and x.sharding.spec == P("fsdp", None) for x in mu)
 
 
-def test_init_is_directly_sharded():
+def test_init_is_directly_sharded(toy_config):
     cfg = toy_config("mesh.fsdp=8", "mesh.data=1", "model.hidden=64")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     graphdef, abstract = loop.abstract_state(FAMILY, cfg)
@@ -85,7 +76,7 @@ def test_init_is_directly_sharded():
     assert kernel.addressable_shards[0].data.shape == (64, 2)
 
 
-def test_resume_is_bit_exact(tmp_path):
+def test_resume_is_bit_exact(tmp_path, toy_config, losses):
     straight = toy_config("total_steps=16", "checkpoint_every=100", "mesh.data=2", "mesh.fsdp=4")
     loop.run(FAMILY, straight, str(tmp_path / "straight"))
     resumed = toy_config("total_steps=16", "checkpoint_every=100", "mesh.data=2", "mesh.fsdp=4")
@@ -100,7 +91,7 @@ def test_resume_is_bit_exact(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
-def test_checkpoint_reshards_fsdp8_to_data2(tmp_path):
+def test_checkpoint_reshards_fsdp8_to_data2(tmp_path, toy_config):
     cfg = toy_config("mesh.fsdp=8", "mesh.data=1", "total_steps=4", "model.hidden=64")
     loop.run(FAMILY, cfg, str(tmp_path))
     on_fsdp = loop.load_state(FAMILY, cfg, str(tmp_path), mesh=mesh_lib.make_mesh(cfg.mesh))
@@ -113,7 +104,7 @@ def test_checkpoint_reshards_fsdp8_to_data2(tmp_path):
         np.testing.assert_array_equal(jax.device_get(x), jax.device_get(y))
 
 
-def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, toy_config, losses):
     cfg = toy_config("optimizer.name='sgd'", "optimizer.lr=1e12", "optimizer.grad_clip=0.0",
                      "schedule.name='constant'", "checkpoint_every=1", "total_steps=40")
     with pytest.raises(loop.TrainingDiverged, match="last good checkpoint"):
@@ -127,7 +118,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_current_step_and_half_written_save_is_ignored(tmp_path):
+def test_sigterm_saves_current_step_and_half_written_save_is_ignored(tmp_path, losses):
     work = tmp_path / "w"
     args = ["train", "--config", TOY + ":tiny", "--workdir", str(work), "--config.total_steps=100000",
             "--config.checkpoint_every=1000000", "--config.log_every=1", "--config.tensorboard=False"]
@@ -197,7 +188,7 @@ def test_unknown_variant_and_missing_config_are_clear(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_override_types_and_mesh_fill():
+def test_override_types_and_mesh_fill(toy_config):
     cfg = toy_config("optimizer.lr=1", "mesh.data=-1", "mesh.fsdp=2")
     assert isinstance(cfg.optimizer.lr, float)
     with pytest.raises(UserError, match="at most one"):
@@ -219,7 +210,7 @@ def test_builder_overrides_take_new_keys_and_other_dicts_do_not():
             config_lib.apply_overrides(cfg, [typo])
 
 
-def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
+def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path, toy_config, losses):
     import dataclasses
 
     from flax import nnx
@@ -240,7 +231,7 @@ def test_frozen_part_is_loaded_not_trained_and_not_checkpointed(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path):
+def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path, losses):
     work = tmp_path / "w"
     args = ("--config", TOY + ":tiny", "--workdir", str(work), "--config.total_steps=6", "--config.log_every=1",
             "--config.checkpoint_every=100", "--config.tensorboard=False")
@@ -254,7 +245,7 @@ def test_cli_stop_after_checkpoints_mid_schedule_and_resumes_to_the_end(tmp_path
 
 
 @pytest.mark.slow
-def test_init_from_takes_the_model_weights_only(tmp_path):
+def test_init_from_takes_the_model_weights_only(tmp_path, toy_config, losses):
     base = toy_config("mesh.data=2", "mesh.fsdp=4", "total_steps=20")
     loop.run(FAMILY, base, str(tmp_path / "base"))
     # lr 0: whatever the run starts from is what it ends with; on another mesh.
@@ -276,7 +267,7 @@ def test_init_from_takes_the_model_weights_only(tmp_path):
     assert loop.run(FAMILY, longer, str(tmp_path / "tuned"))["step"] == 3
 
 
-def test_init_from_mistakes_are_caught_before_anything_is_written(tmp_path):
+def test_init_from_mistakes_are_caught_before_anything_is_written(tmp_path, toy_config):
     base = toy_config("total_steps=2")
     loop.run(FAMILY, base, str(tmp_path / "base"))
     for override, message in [

@@ -6,6 +6,8 @@ data=2 x fsdp=4 mesh; audio 5/8 s of sound, two encoder blocks (hop 16 x 20 = 32
 two mel and one STFT scale, one device. A few steps each.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.tokenizers.quantizers import QuantizerState
 from mmgen.train import loop
+from mmgen.train import workdir as workdir_lib
 from mmgen.train.metrics import read_metrics
 
 FAMILY = get_family("tokenizer")
@@ -108,13 +111,16 @@ def test_parameters_are_sharded_over_fsdp(video_run):
     assert len({str(s.index) for s in kernel.addressable_shards}) == 4
 
 
+# Audio: hop 16 x 20 = 320 in two encoder blocks, two mel and one STFT scale.
+AUDIO_SMALL = ["batch_size=2", "model.strides=(16,20)", "model.channel_multipliers=(2,4)", "model.dilations=(1,)",
+               "model.loss.mel_fft_sizes=(512,128)", "model.loss.stft_fft_sizes=(512,)",
+               "model.loss.stft_hop_sizes=(128,)", "model.loss.stft_win_lengths=(512,)"]
+
+
 @pytest.mark.slow
 def test_audio_tokenizer_trains_a_few_steps_with_its_ema_codebooks(data_dir, tmp_path):
     # The STFT discriminator's losses are tests/test_audio_tokenizer.py's; here the trainer's audio path.
-    cfg = _config("audio", "tiny,gan=0", data_dir, "batch_size=2", "model.strides=(16,20)",
-                  "model.channel_multipliers=(2,4)", "model.dilations=(1,)", "model.loss.mel_fft_sizes=(512,128)",
-                  "model.loss.stft_fft_sizes=(512,)", "model.loss.stft_hop_sizes=(128,)",
-                  "model.loss.stft_win_lengths=(512,)")
+    cfg = _config("audio", "tiny,gan=0", data_dir, *AUDIO_SMALL)
     loop.run(FAMILY, cfg, str(tmp_path), devices=jax.devices()[:1])
     rows = _metrics(str(tmp_path))
     assert sorted(rows) == [1, 2, 3]
@@ -128,6 +134,33 @@ def test_audio_tokenizer_trains_a_few_steps_with_its_ema_codebooks(data_dir, tmp
     codebooks, ema_codebooks = _flat(trained.model, QuantizerState), _flat(trained.ema, QuantizerState)
     assert codebooks and _max_change(codebooks, ema_codebooks) == 0.0
     assert _max_change(_flat(trained.model), _flat(trained.ema)) > 1e-5
+
+
+@pytest.mark.slow
+def test_audio_gan_steps_use_feature_matching_and_an_old_workdir_config_still_loads(data_dir, tmp_path):
+    """The STFT discriminator from the top-level ``config.discriminator`` (as video's), on from
+    step 1: adversarial and feature-matching terms, both players updated. A workdir whose
+    config.json has it under ``model.discriminator`` (as audio configs once did) still loads."""
+    cfg = _config("audio", "tiny", data_dir, *AUDIO_SMALL, "total_steps=2", "gan.start_step=1",
+                  "discriminator.fft_sizes=(128,)", "discriminator.channels=4", "discriminator.time_dilations=(1,)")
+    assert "discriminator" not in cfg.model
+    workdir = str(tmp_path)
+    loop.run(FAMILY, cfg, workdir, devices=jax.devices()[:1])
+    rows = _metrics(workdir)
+    assert sorted(rows) == [1, 2]
+    for key in ("g_adv_loss", "feature_matching_loss", "d_loss"):
+        assert np.isfinite(rows[2][key]) and rows[2][key] != 0.0, (key, rows[2])
+    first, second = (loop.load_state(FAMILY, cfg, workdir, step=s) for s in (1, 2))
+    assert _max_change(_flat(first.disc), _flat(second.disc)) > 0.0
+
+    old = json.loads(open(f"{workdir}/config.json").read())
+    old["model"]["discriminator"] = old.pop("discriminator")
+    with open(f"{workdir}/config.json", "w") as f:
+        json.dump(old, f)
+    read = workdir_lib.read_config(workdir)
+    assert "discriminator" not in read.model and read.discriminator.fft_sizes == [128]
+    state, step = loop.load_state_and_step(FAMILY, read, workdir)  # the discriminator is rebuilt and restored
+    assert step == 2 and _max_change(_flat(state.disc), _flat(second.disc)) == 0.0
 
 
 @pytest.mark.parametrize("modality", ["video", "audio"])

@@ -194,12 +194,9 @@ def test_sharded_train_forward_and_grad_matches_one_device():
         np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=0, atol=3e-3 * scale + 1e-8)
 
 
-def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_split():
+def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_split(constrained_matches_one_device):
     """Tokenizer + discriminator on a data=2 x fsdp=2 x tensor=2 mesh, activations constrained
     by logical name (the train step's context), equal one unconstrained device."""
-    import re
-
-    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules, batch_sharding, replicated, state_shardings
     from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D, discriminator_config
 
     disc_cfg = discriminator_config("tiny")
@@ -208,30 +205,13 @@ def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_s
         models = (VideoTokenizer(model_config("tiny"), rngs=nnx.Rngs(0)),
                   StyleGANDiscriminator3D(disc_cfg, rngs=nnx.Rngs(1)))
     graphdef, params, rest = nnx.split(models, nnx.Param, ...)
-    video = _video(3, (4,) + TINY_SHAPE[1:])
 
     def loss(params, video):
         tokenizer, disc = nnx.merge(graphdef, params, rest)
         recon, _, aux = tokenizer(video)
         return jnp.mean((recon - video) ** 2) + aux["loss"] + 0.1 * jnp.mean(disc(recon))
 
-    def constrained(params, video):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), axis_rules(DEFAULT_RULES):
-            return jax.value_and_grad(loss)(params, video)
-
-    loss_1, grads_1 = jax.jit(jax.value_and_grad(loss))(params, video)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    shardings = state_shardings(params, mesh, DEFAULT_RULES)
-    args = (jax.device_put(params, shardings), jax.device_put(video, batch_sharding(mesh, 5)))
-    lowered = jax.jit(constrained, out_shardings=(replicated(mesh), shardings)).lower(*args)
-    loss_8, grads_8 = lowered.compile()(*args)
-    assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)
-    for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8), strict=True):
-        g1, g8 = np.asarray(g1), np.asarray(g8)  # summed in another order: float32 rounding apart
-        np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-3 * float(np.abs(g1).max()))
-
-    text = lowered.as_text()
-    specs = set(re.findall(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, (\[.*?\])> : tensor<([^>]*)>", text))
+    specs = constrained_matches_one_device(loss, params, _video(3, (4,) + TINY_SHAPE[1:]))
     # conv_in's output [4, 9, 16, 16, 16]: the batch over data x fsdp, frames, space, channels whole
     # (the kernel, split over fsdp along conv_out, is gathered to it); the discriminator's
     # flattened features likewise.

@@ -14,7 +14,7 @@ we compare RVQ 4x256 (32 bits/frame) with VQ 1x256 at 8 bits and with mu-law PCM
 from mmgen.configs.common import parse_variant
 from mmgen.configs.tokenizer.common import tokenizer_base
 
-from mmgen.tokenizers.audio import model_config
+from mmgen.tokenizers.audio import discriminator_config, model_config
 from mmgen.tokenizers.losses import default_loss_config
 from mmgen.tokenizers.quantizers import default_quantizer_config
 
@@ -25,6 +25,7 @@ def get_config(arg=None):
         raise KeyError(f"unknown size {size!r}; choose one of ['B', 'tiny']")
     cfg = tokenizer_base("audio", size)
     cfg.model = model_config(size)
+    cfg.discriminator = discriminator_config(size)
     if "channels" in options:
         cfg.model.channels = int(options["channels"])
     kind = options.get("quantizer", "rvq")

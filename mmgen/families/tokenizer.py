@@ -11,7 +11,10 @@ One update step (MAGVIT-v2 / SoundStream recipes, docs/ALGORITHMS.md):
 
 ``gate`` is 0 before ``gan.start_step`` (discriminator warm-up), so one compiled step
 serves the whole run. Video uses the 3D StyleGAN discriminator; audio the
-multi-resolution STFT discriminator with feature matching.
+multi-resolution STFT discriminator with feature matching. What differs between the
+two is one ``mmgen.tokenizers.kinds.TokenizerKind`` object, picked once from
+``cfg.modality`` (``tokenizer_kind``); the code here calls it without branching.
+Both read the discriminator from ``cfg.discriminator``.
 
 The perceptual term (video, ``loss.perceptual.weights_path`` set; MAGVIT-v2: weight
 0.1) is LPIPS over every frame (``mmgen.nn.lpips``). Its network is the family's
@@ -30,25 +33,28 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from mmgen.data import media, pipeline
+from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel.distributed import host_value, is_writer
-from mmgen.tokenizers import LoadedTokenizer, build, input_shape, losses
+from mmgen.tokenizers import LoadedTokenizer, build, input_shape, kinds, losses
 from mmgen.tokenizers import audio as audio_lib
-from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D
 from mmgen.tokenizers.quantizers import QuantizerState
 from mmgen.train import loop, optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.loop import Family
 
 
+def tokenizer_kind(cfg) -> kinds.TokenizerKind:
+    """The video or audio ``TokenizerKind`` of ``cfg.modality``."""
+    return kinds.kind(cfg.modality)
+
+
 def model_input(cfg, batch) -> jax.Array:
     """The batch's signal in model range: video float32 [-1, 1] or audio [B, S]."""
-    if cfg.modality == "video":
-        return batch["video"].astype(jnp.float32) / 127.5 - 1.0
-    return batch["audio"].astype(jnp.float32)
+    k = tokenizer_kind(cfg)
+    return k.model_input(batch[k.name])
 
 
 def gan_enabled(cfg) -> bool:
@@ -63,10 +69,7 @@ class TokenizerState(nnx.Module):
         self.optimizer = optim.make_optimizer(self.model, cfg.optimizer, cfg.schedule, cfg.total_steps)
         disc = disc_optimizer = lecam = None
         if gan_enabled(cfg):
-            if cfg.modality == "video":
-                disc = StyleGANDiscriminator3D(cfg.discriminator, rngs=rngs)
-            else:
-                disc = audio_lib.STFTDiscriminator(cfg.model.discriminator, rngs=rngs)
+            disc = tokenizer_kind(cfg).build_discriminator(cfg.discriminator, rngs)
             disc_optimizer = optim.make_optimizer(disc, cfg.disc_optimizer, cfg.disc_schedule, cfg.total_steps)
             lecam = losses.LeCAMRegularizer(cfg.loss.lecam_decay)
         self.disc = nnx.data(disc)
@@ -80,9 +83,9 @@ class TokenizerState(nnx.Module):
 
 
 def perceptual_enabled(cfg) -> bool:
-    """The perceptual loss is on: a video tokenizer whose ``loss.perceptual.weights_path`` is set."""
+    """The perceptual loss is on: a kind that has one (video) and ``loss.perceptual.weights_path`` set."""
     loss = cfg.get("loss", None)
-    return cfg.modality == "video" and loss is not None and "perceptual" in loss and \
+    return tokenizer_kind(cfg).perceptual and loss is not None and "perceptual" in loss and \
         losses.perceptual_enabled(loss.perceptual)
 
 
@@ -90,27 +93,8 @@ def create_state(cfg, rngs: nnx.Rngs) -> TokenizerState:
     return TokenizerState(cfg, rngs)
 
 
-def _disc_logits(cfg, disc, x):
-    """(list of logits, list of feature lists) for either discriminator."""
-    if cfg.modality == "video":
-        return [disc(x)], []
-    return disc(x)
-
-
-def reconstruction_terms(cfg, x, recon, perceptual=None) -> tuple[jax.Array, dict]:
-    if cfg.modality == "video":
-        rec = losses.reconstruction_loss(recon, x, cfg.loss.reconstruction)
-        parts = {"rec_loss": rec}
-        total = cfg.loss.reconstruction_weight * rec
-        if perceptual is not None:
-            parts["perceptual_loss"] = perceptual(recon, x)
-            total = total + cfg.loss.perceptual_weight * parts["perceptual_loss"]
-        return total, parts
-    total, parts = audio_lib.audio_reconstruction_loss(x, recon, cfg.model.loss)
-    return total, parts
-
-
 def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
+    kind = tokenizer_kind(cfg)
     x = model_input(cfg, batch)
     step = state.optimizer.step[...]
     gate = (step >= cfg.gan.start_step).astype(jnp.float32)
@@ -123,19 +107,19 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
 
     def generator_loss(model, disc, x, rng):
         recon, _, aux = model(x, train=True, step=step)
-        loss, parts = reconstruction_terms(cfg, x, recon, perceptual)
+        loss, parts = kind.reconstruction_terms(cfg, x, recon, perceptual)
         loss = loss + aux["loss"]
         metrics = {**parts, "quantizer_loss": aux["loss"]}
         for k in ("commit_loss", "entropy_loss", "codebook_loss", "perplexity", "usage"):
             if k in aux:
                 metrics[k] = aux[k]
         if use_gan:
-            fake_logits, fake_feats = _disc_logits(cfg, disc, recon)
+            fake_logits, fake_feats = kind.disc_logits(disc, recon)
             adv = jnp.mean(jnp.stack([losses.generator_loss(lg, cfg.loss.generator_loss) for lg in fake_logits]))
             loss = loss + gate * cfg.loss.generator_weight * adv
             metrics["g_adv_loss"] = adv
             if fake_feats:
-                _, real_feats = _disc_logits(cfg, disc, x)
+                _, real_feats = kind.disc_logits(disc, x)
                 fm = audio_lib.feature_matching_loss(real_feats, fake_feats)
                 loss = loss + gate * cfg.loss.feature_matching_weight * fm
                 metrics["feature_matching_loss"] = fm
@@ -149,8 +133,8 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
     if use_gan:
         def discriminator_loss(disc, lecam, real_fake, rng):
             x, fake = real_fake
-            real_logits, _ = _disc_logits(cfg, disc, x)
-            fake_logits, _ = _disc_logits(cfg, disc, fake)
+            real_logits, _ = kind.disc_logits(disc, x)
+            fake_logits, _ = kind.disc_logits(disc, fake)
             d = jnp.mean(jnp.stack([losses.discriminator_loss(r, f, cfg.loss.discriminator_loss)
                                     for r, f in zip(real_logits, fake_logits)]))
             total = d
@@ -158,7 +142,7 @@ def train_step(cfg, state: TokenizerState, batch, rng) -> dict:
                 reg = jnp.mean(jnp.stack([lecam(jnp.mean(r), jnp.mean(f)) for r, f in zip(real_logits, fake_logits)]))
                 total = total + cfg.loss.lecam_weight * reg
             if cfg.loss.r1_weight:
-                total = total + losses.r1_penalty(lambda v: _disc_logits(cfg, disc, v)[0][0].reshape(v.shape[0], -1)
+                total = total + losses.r1_penalty(lambda v: kind.disc_logits(disc, v)[0][0].reshape(v.shape[0], -1)
                                                   .mean(-1), x, cfg.loss.r1_weight)
             logit_means = {"d_loss": d, "d_real_logit": jnp.mean(real_logits[0]),
                            "d_fake_logit": jnp.mean(fake_logits[0])}
@@ -185,12 +169,9 @@ def eval_step(cfg, state: TokenizerState, batch, rng) -> dict:
     model = inference_model(state)
     x = model_input(cfg, batch)
     recon, tokens, aux = model(x, train=False)
-    loss, parts = reconstruction_terms(cfg, x, recon, state.perceptual)
-    out = {"loss": loss, **parts}
-    if cfg.modality == "video":
-        mse = jnp.mean(jnp.square((recon - x) / 2.0), axis=tuple(range(1, x.ndim)))
-        out["psnr"] = jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
-    return out
+    kind = tokenizer_kind(cfg)
+    loss, parts = kind.reconstruction_terms(cfg, x, recon, state.perceptual)
+    return {"loss": loss, **parts, **kind.eval_metrics(x, recon)}
 
 
 # ------------------------------------------------------------------------ data
@@ -224,14 +205,15 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
                                 process_index=process_index, process_count=process_count, num_epochs=epochs)
     if train:  # the evals' split must be there before the first step, not at the first eval
         pipeline.check_eval_split(cfg.dataset, cfg.get("eval_split", "test"), int(cfg.get("eval_every", 0) or 0))
-    return _SelectKeys(it, [cfg.modality], global_batch_size=batch_size, process_index=process_index,
+    return _SelectKeys(it, [tokenizer_kind(cfg).name], global_batch_size=batch_size, process_index=process_index,
                        process_count=process_count)
 
 
 def example_batch(cfg) -> dict:
     """One global batch's shapes, as ``make_data`` yields them (``plan`` compiles the step from the config alone)."""
     shape = (int(cfg.batch_size), *input_shape(cfg)[1:])
-    return {cfg.modality: jax.ShapeDtypeStruct(shape, jnp.uint8 if cfg.modality == "video" else jnp.float32)}
+    kind = tokenizer_kind(cfg)
+    return {kind.name: jax.ShapeDtypeStruct(shape, kind.signal_dtype)}
 
 
 def check_perceptual(cfg) -> None:
@@ -258,21 +240,13 @@ def check_perceptual(cfg) -> None:
 
 
 def validate(cfg) -> None:
+    kind = tokenizer_kind(cfg)
     model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
     shape = input_shape(cfg)
-    if cfg.modality == "video":
-        model.check_video_shape(shape)
-        check_perceptual(cfg)
-        if gan_enabled(cfg):
-            d = cfg.discriminator
-            if (d.frames, d.height, d.width) != shape[1:4]:
-                raise UserError(
-                    f"discriminator clip {d.frames}x{d.height}x{d.width} differs from the data "
-                    f"{shape[1]}x{shape[2]}x{shape[3]}: set config.discriminator.frames/height/width")
-    else:
-        if int(cfg.model.sample_rate) != int(cfg.dataset.sample_rate):
-            raise UserError(f"config.model.sample_rate={cfg.model.sample_rate} differs from "
-                            f"config.dataset.sample_rate={cfg.dataset.sample_rate}")
+    kind.check_config(cfg, model, shape)
+    check_perceptual(cfg)
+    if gan_enabled(cfg):
+        kind.check_discriminator(cfg.discriminator, shape)
 
 
 def flops_per_example(cfg) -> float:
@@ -306,22 +280,15 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
                                 num_epochs=pipeline.eval_epochs(cfg.dataset, cfg.eval_split, n))
     batch = next(it)
     model = inference_model(state)
-    x = np.asarray(batch[cfg.modality])
-    recon = jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(model_input(cfg, {cfg.modality: x})))
+    kind = tokenizer_kind(cfg)
+    x = np.asarray(batch[kind.name])
+    recon = jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(kind.model_input(x)))
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}
     out_dir = os.path.join(workdir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    if cfg.modality == "video":
-        pairs = np.concatenate([x, media.from_model(recon)], axis=0)  # rows: originals, then reconstructions
-        media.save_png_grid(os.path.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
-        side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
-        media.write_video(os.path.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
-    else:
-        rate = int(cfg.dataset.sample_rate)
-        media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
-        media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
+    kind.write_reconstructions(cfg, out_dir, step, x, recon)
     return {}
 
 

@@ -33,7 +33,7 @@ from mmgen.errors import UserError
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.transformer import modality_specs
-from mmgen.tokenizers.audio import audio_samples_for_video
+from mmgen.tokenizers import kinds
 from mmgen.train import workdir as workdir_lib
 
 DATA_SOURCES = ("tokenizers", "token_cache", "random_tokens")
@@ -78,36 +78,12 @@ def read_tokenizer_config(workdir: str, modality: str):
 
 
 def check_tokenizer_layout(cfg, modality: str, tokenizer_model) -> None:
-    """The config's token layout must be what the tokenizer makes of the config's clips."""
-    spec = specs_of(cfg)[modality]
-    d = cfg.dataset
-    if modality == "video":
-        shape = tokenizer_model.latent_shape((1, int(d.frames), int(d.resolution), int(d.resolution), 3))[1:]
-        if tokenizer_model.quantizer.num_levels != 1:
-            raise UserError("the video tokenizer must have one token per latent position (LFQ, FSQ or VQ, not RVQ)")
-        if shape != spec.shape:
-            raise UserError(f"the video tokenizer maps {d.frames}x{d.resolution}x{d.resolution} clips to "
-                            f"{'x'.join(map(str, shape))} tokens but config.model.video_grid={tuple(spec.shape)}: "
-                            f"set --config.model.video_grid={tuple(shape)}")
-        if tokenizer_model.vocab_size != spec.vocab:
-            raise UserError(f"the video tokenizer has {tokenizer_model.vocab_size} codes but "
-                            f"config.model.video_vocab={spec.vocab}: set --config.model.video_vocab="
-                            f"{tokenizer_model.vocab_size}")
-    else:
-        samples = audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate))
-        if int(tokenizer_model.sample_rate) != int(d.sample_rate):
-            raise UserError(f"the audio tokenizer runs at {tokenizer_model.sample_rate} Hz but "
-                            f"config.dataset.sample_rate={d.sample_rate}")
-        shape = tokenizer_model.latent_shape((1, samples))[1:]
-        if shape != spec.shape:
-            levels = shape[1] if len(shape) > 1 else 1
-            raise UserError(f"the audio tokenizer maps {samples} samples to {'x'.join(map(str, shape))} tokens but "
-                            f"the config says {'x'.join(map(str, spec.shape))}: set --config.model.audio_len={shape[0]} "
-                            f"--config.model.audio_levels={levels}")
-        if tokenizer_model.vocab_size != spec.vocab:
-            raise UserError(f"the audio tokenizer has {tokenizer_model.vocab_size} codes per level but "
-                            f"config.model.audio_vocab={spec.vocab}: set --config.model.audio_vocab="
-                            f"{tokenizer_model.vocab_size}")
+    """The config's token layout must be what the tokenizer makes of the config's clips.
+
+    The ``modality`` tokenizer's kind (``mmgen.tokenizers.kinds``) compares its tokens
+    of one ``cfg.dataset`` clip with ``specs_of(cfg)[modality]``.
+    """
+    kinds.kind(modality).check_layout(tokenizer_model, cfg.dataset, specs_of(cfg)[modality])
 
 
 def audio_padded_length(cfg, tokenizer) -> int:

@@ -1,6 +1,7 @@
 """Tokenizers: quantizers, the video (MAGVIT-v2) and audio (SoundStream) tokenizers.
 
-``build(cfg, rngs)`` makes the tokenizer a config describes; ``LoadedTokenizer`` is a
+``build(cfg, rngs)`` makes the tokenizer a config describes (``kinds``: one object per
+kind of tokenizer, picked by ``cfg.modality``); ``LoadedTokenizer`` is a
 trained one's API for everything downstream (``encode``/``decode``/``latent_shape``/
 ``vocab_size``). ``mmgen.families.tokenizer.load(workdir)`` (also ``mmgen.load_tokenizer``)
 gives one from a workdir alone.
@@ -15,27 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmgen.errors import UserError
 from mmgen.parallel.distributed import host_value
-from mmgen.tokenizers.audio import AudioTokenizer, audio_samples_for_video
-from mmgen.tokenizers.video import VideoTokenizer
+from mmgen.tokenizers.kinds import TokenizerKind, kind
 
 
 def build(cfg, rngs: nnx.Rngs):
-    """The (untrained) tokenizer of a tokenizer config: ``cfg.modality`` picks video or audio."""
-    if cfg.modality == "video":
-        return VideoTokenizer(cfg.model, rngs=rngs)
-    if cfg.modality == "audio":
-        return AudioTokenizer(cfg.model, rngs=rngs)
-    raise UserError(f"config.modality={cfg.modality!r} must be 'video' or 'audio'")
+    """The (untrained) tokenizer of a tokenizer config: ``cfg.modality`` picks its kind."""
+    return kind(cfg.modality).build(cfg.model, rngs)
 
 
 def input_shape(cfg) -> tuple[int, ...]:
     """One example's input shape: ``(1, T, H, W, 3)`` for video, ``(1, S)`` for audio."""
-    d = cfg.dataset
-    if cfg.modality == "video":
-        return (1, int(d.frames), int(d.resolution), int(d.resolution), 3)
-    return (1, audio_samples_for_video(int(d.frames), float(d.fps), int(d.sample_rate)))
+    return kind(cfg.modality).input_shape(cfg.dataset)
 
 
 @dataclasses.dataclass
@@ -58,6 +50,10 @@ class LoadedTokenizer:
         self._decode = jax.jit(lambda m, t: m.decode(t))
 
     @property
+    def kind(self) -> TokenizerKind:
+        return kind(self.modality)
+
+    @property
     def vocab_size(self) -> int:
         return self.model.vocab_size
 
@@ -70,10 +66,7 @@ class LoadedTokenizer:
 
     def encode(self, x):
         x = jnp.asarray(x, jnp.float32)
-        if self.modality == "video":
-            self.model.check_video_shape(x.shape)
-        else:
-            self.model.check_audio_shape(x.shape)
+        self.kind.check_input(self.model, x.shape)
         return jax.tree.map(host_value, self._encode(self.model, x))
 
     def decode(self, tokens):

@@ -95,17 +95,17 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
     Both keep strides (2, 4, 5, 8): hop 320, 50 latent frames per second at 16 kHz.
     B: SoundStream's C = 32 with channels 64/128/256/512, RVQ 4 levels x 1024 codes of
     dim 128 (VideoPoet's 4 x 1024). tiny: C = 4 (8/16/32/64), RVQ 4 x 256 of dim 16,
-    smaller FFTs in the discriminator. The config also carries the discriminator
-    (``discriminator``) and the reconstruction-loss weights (``loss``) the trainer uses.
+    smaller FFTs in the discriminator (``discriminator_config``). The config also carries
+    the reconstruction-loss weights (``loss``) the trainer uses.
     """
     presets = {
-        # channels, levels, codebook size, code dim, discriminator (fft sizes, channels)
-        "tiny": (4, 4, 256, 16, (512, 256, 128), 8),
-        "B": (32, 4, 1024, 128, (2048, 1024, 512), 32),
+        # channels, levels, codebook size, code dim
+        "tiny": (4, 4, 256, 16),
+        "B": (32, 4, 1024, 128),
     }
     if size not in presets:
         raise UserError(f"audio tokenizer size {size!r} is unknown; choose one of {sorted(presets)}")
-    channels, levels, codes, code_dim, disc_ffts, disc_channels = presets[size]
+    channels, levels, codes, code_dim = presets[size]
     quantizer = default_quantizer_config("rvq")
     quantizer.num_quantizers = levels
     quantizer.codebook_size = codes
@@ -129,19 +129,6 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
             quantizer=quantizer,
         )
     )
-    cfg.discriminator = ml_collections.ConfigDict(
-        dict(
-            fft_sizes=disc_ffts,  # one 2D-conv discriminator per resolution
-            hop_divisor=4,  # hop = n_fft // 4
-            channels=disc_channels,
-            time_dilations=(1, 2, 4),  # one frequency-strided block per entry
-            kernel_size=(3, 9),  # (time, frequency)
-            negative_slope=0.2,  # LeakyReLU
-            log_eps=1e-5,
-            dtype="float32",
-            param_dtype="float32",
-        )
-    )
     cfg.loss = ml_collections.ConfigDict(
         dict(
             sample_rate=cfg.get_ref("sample_rate"),
@@ -158,6 +145,34 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
         )
     )
     return cfg
+
+
+def discriminator_config(size: str = "B") -> ml_collections.ConfigDict:
+    """``STFTDiscriminator`` presets matching ``model_config``'s sizes (the config's top-level ``discriminator``).
+
+    B: FFT sizes 2048/1024/512 with 32 channels; tiny: 512/256/128 with 8.
+    """
+    presets = {
+        # fft sizes, channels
+        "tiny": ((512, 256, 128), 8),
+        "B": ((2048, 1024, 512), 32),
+    }
+    if size not in presets:
+        raise UserError(f"audio discriminator size {size!r} is unknown; choose one of {sorted(presets)}")
+    fft_sizes, channels = presets[size]
+    return ml_collections.ConfigDict(
+        dict(
+            fft_sizes=fft_sizes,  # one 2D-conv discriminator per resolution
+            hop_divisor=4,  # hop = n_fft // 4
+            channels=channels,
+            time_dilations=(1, 2, 4),  # one frequency-strided block per entry
+            kernel_size=(3, 9),  # (time, frequency)
+            negative_slope=0.2,  # LeakyReLU
+            log_eps=1e-5,
+            dtype="float32",
+            param_dtype="float32",
+        )
+    )
 
 
 # --------------------------------------------------------------------------- lengths

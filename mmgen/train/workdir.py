@@ -68,10 +68,24 @@ def read_config(workdir: str, families: tuple[str, ...] = (), what: str = "") ->
             f"{config_path(workdir)} is damaged ({' '.join(str(e).split())[:120]}): rewrite it with "
             f"`mmgen train --config CONFIG --workdir {workdir}` (the same config; checkpoints are kept) "
             f"or restore it from a copy") from None
+    _move_old_keys(cfg)
     if families and cfg.get("family") not in families:
         want = what or " or ".join(repr(f) for f in families)
         raise UserError(f"{workdir} holds a {cfg.get('family')!r} run, not {want}")
     return cfg
+
+
+def _move_old_keys(cfg: ml_collections.ConfigDict) -> None:
+    """Read a config written before a key moved as one written after.
+
+    An audio tokenizer kept its discriminator under ``model.discriminator``; both
+    tokenizers now read the top-level ``discriminator``.
+    """
+    model = cfg.get("model")
+    if cfg.get("family") == "tokenizer" and isinstance(model, ml_collections.ConfigDict) \
+            and "discriminator" in model and "discriminator" not in cfg:
+        cfg.discriminator = model.discriminator
+        del model["discriminator"]
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:

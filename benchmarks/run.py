@@ -30,21 +30,7 @@ from mmgen.generative import masking, sampling, tasks
 from mmgen.generative import transformer as tr
 from mmgen.train import optim
 
-
-def _block(tree):
-    return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
-
-
-def time_calls(fn, *args, warmup=1, iters=5):
-    """Best and median wall seconds per call of ``fn(*args)`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        _block(fn(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        _block(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.min(times)), float(np.median(times))
+from benchmarks import harness
 
 
 def peak_bytes(compiled) -> int | None:
@@ -53,16 +39,6 @@ def peak_bytes(compiled) -> int | None:
         return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
     except Exception:
         return None
-
-
-# ------------------------------------------------------------------ matmul peak
-def matmul_peak(dtype, n: int, iters: int) -> float:
-    """FLOP/s of a square n^3 matmul in ``dtype`` (best of ``iters``): the reference peak."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    best, _ = time_calls(f, a, b, warmup=2, iters=iters)
-    return 2.0 * n**3 / best
 
 
 # ------------------------------------------------------------------ transformer
@@ -96,8 +72,12 @@ def masked_token_step(cfg, graphdef, task_ids):
     return step
 
 
-def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
-    """Masked-token training step (masking + fwd + bwd + AdamW) on video tokens only."""
+def transformer_step_bench(cfg, batch: int) -> dict:
+    """Masked-token training step (masking + fwd + bwd + AdamW) on video tokens only.
+
+    Returns the row's facts and ``call``: one step on the compiled function, for the
+    harness to time between readings of the peak.
+    """
     seq = 2 + int(np.prod(cfg.video_grid))  # task + condition + video; no audio in this benchmark
     t0 = time.perf_counter()
     state = nnx.jit(lambda: _TrainState(cfg, nnx.Rngs(0)))()
@@ -110,15 +90,13 @@ def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
     compile_s = time.perf_counter() - t0
     holder = {"st": st}
 
-    def run_once():
+    def call():
         holder["st"], loss = compiled(holder["st"], tokens, jax.random.key(2))
         return loss
 
-    best, median = time_calls(run_once, warmup=1, iters=iters)
-    flops = tr.flops_per_token(cfg, seq) * batch * seq
-    return {"seq_len": seq, "batch": batch, "params": tr.param_count(cfg), "step_s": best, "step_s_median": median,
-            "tokens_per_s": batch * seq / best, "flops_per_s": flops / best, "first_compile_s": compile_s,
-            "peak_bytes": peak_bytes(compiled)}
+    return {"seq_len": seq, "batch": batch, "params": tr.param_count(cfg), "units": batch * seq, "unit": "tokens",
+            "flops": tr.flops_per_token(cfg, seq) * batch * seq, "first_compile_s": compile_s,
+            "peak_bytes": peak_bytes(compiled), "call": call}
 
 
 def compile_time(cfg, batch: int) -> float:
@@ -133,19 +111,17 @@ def compile_time(cfg, batch: int) -> float:
 
 
 # ------------------------------------------------------------------ sampling
-def sampling_bench(cfg, batch: int, steps: int, iters: int) -> dict:
+def sampling_bench(cfg, batch: int, steps: int, reps: int) -> dict:
+    """MaskGIT sampling vs ``steps`` bare forward passes, alternated call by call."""
     model = nnx.jit(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0)))()
     rng = jax.random.key(0)
-    sampling.sample(model, "unconditional", None, rng, steps=steps, batch_size=batch)  # compile
-    sample_s, _ = time_calls(lambda: sampling.sample(model, "unconditional", None, rng, steps=steps,
-                                                     batch_size=batch)["video"], warmup=1, iters=iters)
     tokens = jnp.full((batch, *cfg.video_grid), cfg.video_vocab, jnp.int32)
     task_ids = jnp.full((batch,), tasks.task_id("unconditional"), jnp.int32)
 
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def twelve_forwards(params, tokens):
+    def bare_forwards(params, tokens):
         def body(i, carry):  # parameters ride in the carry, as in sampling's loop
             params, tokens = carry
             logits = nnx.merge(graphdef, params)({"video": tokens}, task_ids)["video"]
@@ -153,13 +129,14 @@ def sampling_bench(cfg, batch: int, steps: int, iters: int) -> dict:
             return params, jnp.argmax(logits[..., 0, :], axis=-1).astype(jnp.int32)
         return jax.lax.fori_loop(0, steps, body, (params, tokens))[1]
 
-    fwd_s, _ = time_calls(twelve_forwards, params, tokens, warmup=1, iters=iters)
-    return {"steps": steps, "batch": batch, "sample_s": sample_s, "bare_forwards_s": fwd_s,
-            "overhead": sample_s / fwd_s}
+    sample = lambda: sampling.sample(model, "unconditional", None, rng, steps=steps, batch_size=batch)["video"]
+    sample_t, fwd_t = harness.alternate([sample, lambda: bare_forwards(params, tokens)], reps)
+    return {"steps": steps, "batch": batch, "sample_s": harness.summary(sample_t),
+            "bare_forwards_s": harness.summary(fwd_t), "overhead": harness.ratio_per_round(fwd_t, sample_t)}
 
 
 # ------------------------------------------------------------------ tokenizers
-def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
+def tokenizer_step_bench(spec: str, batch: int) -> dict:
     from mmgen import config as config_lib
     from mmgen.families import tokenizer as tok
     from mmgen.train import loop
@@ -183,14 +160,25 @@ def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
     compile_s = time.perf_counter() - t0
     holder = {"st": st}
 
-    def run_once():
+    def call():
         holder["st"], loss = compiled(holder["st"], batch_np, jax.random.key(1))
         return loss
 
-    best, median = time_calls(run_once, warmup=1, iters=iters)
-    flops = tok.flops_per_example(cfg) * batch
-    return {"config": spec, "batch": batch, "step_s": best, "step_s_median": median, "clips_per_s": batch / best,
-            "model_flops_per_s": flops / best, "first_compile_s": compile_s, "peak_bytes": peak_bytes(compiled)}
+    return {"config": spec, "batch": batch, "units": batch, "unit": "clips",
+            "flops": tok.flops_per_example(cfg) * batch, "first_compile_s": compile_s,
+            "peak_bytes": peak_bytes(compiled), "call": call}
+
+
+def timed_row(prepared: dict, peak: tuple, reps: int, tolerance: float) -> dict:
+    """A prepared row timed between peak readings (``benchmarks.harness.bracketed``)."""
+    call, peak_count = peak
+    row = {k: v for k, v in prepared.items() if k != "call"}
+    row.update(harness.bracketed(prepared["call"], prepared["flops"], call, peak_count, reps=reps,
+                                 tolerance=tolerance))
+    row["step_s_median"] = row["step_s"]["median"]
+    row["units_per_s"] = prepared["units"] / row["step_s"]["median"]
+    row["flops_per_s"] = prepared["flops"] / row["step_s"]["median"]
+    return row
 
 
 def measured(bench, *args) -> dict:
@@ -209,37 +197,63 @@ def _fmt_bytes(n):
     return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _range(summ: dict, scale: float = 1.0, fmt: str = ".3f", pct: bool = False) -> str:
+    """``median (min-max)`` of a ``harness.summary``."""
+    f = (lambda v: f"{v:.1%}") if pct else (lambda v: format(v * scale, fmt))
+    return f"{f(summ['median'])} ({f(summ['min'])}-{f(summ['max'])})"
+
+
+def _peaks(t: dict) -> str:
+    flag = "" if t["reliable"] else f" **unreliable** (> {t['tolerance']:.0%})"
+    return f"{t['peak_before'] / 1e9:.0f} / {t['peak_after'] / 1e9:.0f} ({t['peak_spread']:.0%}){flag}"
+
+
+def _fraction(t: dict) -> str:
+    """The fraction of peak, struck through when the row's peak readings disagree."""
+    text = _range(t["fraction_of_peak"], pct=True)
+    return text if t["reliable"] else f"~~{text}~~"
+
+
 def write_markdown(results: dict, path: str) -> None:
     r = results
-    peak = r["matmul_peak_flops"]
+    th = r["threads"]
     lines = [
         "# Benchmarks",
         "",
         "Every figure below was measured by `python -m benchmarks.run"
-        + (" --quick" if r["quick"] else "") + "` in one process; MFU is achieved model FLOP/s over the "
-        "matmul peak measured in the same run (CPU: fp32; GPU: bf16). Timing is the best of several calls "
-        "after a warm-up; the machine may have been shared, so compare ratios from one run.",
+        + (" --quick" if r["quick"] else "") + "` in one process (`benchmarks/harness.py`). Each row's "
+        "repetitions alternate with readings of the matmul peak (CPU: fp32; GPU: bf16): its fraction of peak "
+        "divides each repetition's model FLOP/s by the larger of the two peak readings either side of it, and "
+        "the table gives the median with min-max, the first and last peak reading (GFLOP/s) and the spread of "
+        f"all of the row's readings. A row whose readings spread by more than {r['tolerance']:.0%} is marked "
+        "unreliable and its fraction struck through: the machine changed speed while it ran. Comparisons "
+        "alternate the two sides call by call and give the per-round ratio.",
         "",
         f"- date: {r['date']}",
-        f"- machine: {r['machine']}",
+        f"- machine: {r['machine']}; CPU: {r['cpu_model']}",
+        f"- threads: {th['usable_cores']} usable of {th['machine_cores']} cores; 1-minute load at the start "
+        f"{th['load_1min']:.1f}" if th["load_1min"] is not None else f"- threads: {th['usable_cores']} usable",
         f"- devices: {r['devices']}",
         f"- versions: jax {r['versions']['jax']}, flax {r['versions']['flax']}, mmgen {r['versions']['mmgen']}",
-        f"- matmul peak ({r['peak_dtype']}, {r['matmul_n']}^3): **{peak / 1e9:.1f} GFLOP/s** (the larger of the "
-        f"readings at the start, {r.get('matmul_peak_flops_start', peak) / 1e9:.1f}, and the end, "
-        f"{r.get('matmul_peak_flops_end', peak) / 1e9:.1f})",
+        f"- matmul peak ({r['peak_dtype']}, {r['matmul_n']}^3), read around every row",
         "",
         "## Transformer train step (masking + forward + backward + AdamW)",
         "",
-        "| config | params | batch x seq | step (s) | tokens/s | GFLOP/s | MFU | first compile (s) | peak memory |",
+        "| config | params | batch x seq | step (s) | tokens/s | MFU | peak before / after GFLOP/s (spread) | "
+        "first compile (s) | peak memory |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in r["transformer"].items():
         if "error" in t:
             lines.append(f"| {name} | failed: {t['error']} |")
             continue
-        lines.append(f"| {name} | {t['params'] / 1e6:.1f}M | {t['batch']} x {t['seq_len']} | {t['step_s']:.3f} | "
-                     f"{t['tokens_per_s']:.0f} | {t['flops_per_s'] / 1e9:.1f} | {t['flops_per_s'] / peak:.1%} | "
+        lines.append(f"| {name} | {t['params'] / 1e6:.1f}M | {t['batch']} x {t['seq_len']} | {_range(t['step_s'])} | "
+                     f"{t['units_per_s']:.0f} | {_fraction(t)} | {_peaks(t)} | "
                      f"{t['first_compile_s']:.1f} | {_fmt_bytes(t['peak_bytes'])} |")
+    for name, c in r.get("comparisons", {}).items():
+        lines += ["", f"- {name}: " + ("failed: " + c["error"] if "error" in c else
+                  f"**{_range(c['ratio'], fmt='.2f')}x** faster ({c['a']} {_range(c['a_s'])} s vs "
+                  f"{c['b']} {_range(c['b_s'])} s per step, {c['ratio']['n']} alternating rounds)")]
     c = r["compile_scaling"]
     lines += ["", "## Compile time vs depth (layers under `nnx.scan`)", "",
               f"- 4 layers: {c['depth4_s']:.1f} s; 24 layers: {c['depth24_s']:.1f} s; ratio **{c['ratio']:.2f}x**", ""]
@@ -248,18 +262,19 @@ def write_markdown(results: dict, path: str) -> None:
     if "error" in s:
         lines += [f"- failed: {s['error']}", ""]
     else:
-        lines += [(f"- {s['steps']} decoding steps, batch {s['batch']}: {s['sample_s']:.3f} s; {s['steps']} bare "
-                   f"forward passes: {s['bare_forwards_s']:.3f} s; overhead **{s['overhead']:.2f}x**"), ""]
+        lines += [(f"- {s['steps']} decoding steps, batch {s['batch']}: {_range(s['sample_s'])} s; {s['steps']} bare "
+                   f"forward passes: {_range(s['bare_forwards_s'])} s, alternated; overhead "
+                   f"**{_range(s['overhead'], fmt='.2f')}x**"), ""]
     lines += ["## Tokenizer train steps (generator + discriminator + EMA)", "",
-              "| config | batch | step (s) | clips/s | model GFLOP/s | fraction of matmul peak | first compile (s) | peak memory |",
+              "| config | batch | step (s) | clips/s | fraction of matmul peak | peak before / after GFLOP/s (spread) | "
+              "first compile (s) | peak memory |",
               "|---|---|---|---|---|---|---|---|"]
     for name, t in r["tokenizers"].items():
         if "error" in t:
             lines.append(f"| {name} | failed: {t['error']} |")
             continue
-        lines.append(f"| {t['config']} | {t['batch']} | {t['step_s']:.3f} | {t['clips_per_s']:.2f} | "
-                     f"{t['model_flops_per_s'] / 1e9:.2f} | {t['model_flops_per_s'] / peak:.1%} | "
-                     f"{t['first_compile_s']:.1f} | {_fmt_bytes(t['peak_bytes'])} |")
+        lines.append(f"| {t['config']} | {t['batch']} | {_range(t['step_s'])} | {t['units_per_s']:.2f} | "
+                     f"{_fraction(t)} | {_peaks(t)} | {t['first_compile_s']:.1f} | {_fmt_bytes(t['peak_bytes'])} |")
     if os.path.exists(path):  # hand-kept sections (GPU figures, notes) stay as they are
         with open(path) as f:
             old = f.read()
@@ -272,57 +287,78 @@ def write_markdown(results: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and rows (a smoke run)")
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--skip-tokenizers", action="store_true")
+    p.add_argument("--tolerance", type=float, default=harness.DEFAULT_TOLERANCE,
+                   help="largest spread of a row's peak readings before it is marked unreliable")
     args = p.parse_args(argv)
-    iters = 2 if args.quick else 5
+    reps = 3 if args.quick else 7
     gpu = jax.default_backend() == "gpu"
     peak_dtype = jnp.bfloat16 if gpu else jnp.float32
     n = 8192 if gpu else 2048
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu_model": harness.cpu_model(),
+        "threads": harness.threads(), "tolerance": args.tolerance,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "versions": {"jax": jax.__version__, "flax": __import__("flax").__version__, "mmgen": mmgen.__version__},
         "quick": args.quick, "peak_dtype": jnp.dtype(peak_dtype).name, "matmul_n": n,
     }
+    peak = harness.matmul_call(peak_dtype, n)
 
     def save_partial():  # after each section, so a run cut short keeps what it measured
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
 
-    print("matmul peak ...", flush=True)
-    results["matmul_peak_flops"] = matmul_peak(peak_dtype, n, iters=max(iters, 5))
     dt = "bfloat16" if gpu else "float32"
     before = transformer_config(512, 4, 8, (4, 16, 16), dtype=dt)
     before.attention_impl = "dot_product_attention"  # the form every backend used before heads_major
     configs = {"tiny (128x2)": (transformer_config(128, 2, 4, (3, 8, 8), dtype=dt), 8),
                "w512 x 4 layers, seq 1026": (transformer_config(512, 4, 8, (4, 16, 16), dtype=dt), 4),
-               "same, attention via jax.nn.dot_product_attention": (before, 4),
                "w512 x 4 layers, 4 heads of 128, seq 1026": (transformer_config(512, 4, 4, (4, 16, 16), dtype=dt), 4)}
+    # Each comparison: (a, b) timed alternately; the ratio is b's step time over a's.
+    comparisons = {"heads-major attention vs `jax.nn.dot_product_attention` (w512 x 4, seq 1026)":
+                   (("heads-major", configs["w512 x 4 layers, seq 1026"]), ("dot_product_attention", (before, 4)))}
     if gpu:
         big = {"grid": (5, 16, 16), "vocab": 2**10 * 16, "dtype": dt}
         remat = "dots_with_no_batch_dims_saveable"
         xla_attention = transformer_config(1024, 24, 16, remat=remat, **big)
         xla_attention.attention_impl = "dot_product_attention"  # what "auto" ran on GPU before cuDNN
-        # L several ways, to say what bounds it: attention (cuDNN vs XLA), no remat (nothing
-        # recomputed: the model-FLOP ceiling of this step), twice the batch.
+        # L several ways, to say what bounds it: no remat (nothing recomputed: the
+        # model-FLOP ceiling of this step), twice the batch.
         configs = {"B (768x12)": (transformer_config(768, 12, 12, remat="none", **big), 32),
                    "L (1024x24)": (transformer_config(1024, 24, 16, remat=remat, **big), 32),
-                   "L, attention in XLA (before)": (xla_attention, 32),
                    "L, no remat": (transformer_config(1024, 24, 16, remat="none", **big), 32),
                    "L, batch 64": (transformer_config(1024, 24, 16, remat=remat, **big), 64)}
+        comparisons = {"L: cuDNN attention vs attention in XLA": (("cuDNN", configs["L (1024x24)"]),
+                                                                  ("XLA", (xla_attention, 32)))}
+    if args.quick:
+        configs = dict(list(configs.items())[:1])
+        comparisons = {}
     results["transformer"] = {}
     for name, (cfg, batch) in configs.items():
         print(f"transformer {name} ...", flush=True)
-        results["transformer"][name] = t = measured(transformer_step_bench, cfg, batch, iters)
+        results["transformer"][name] = t = measured(
+            lambda: timed_row(transformer_step_bench(cfg, batch), peak, reps, args.tolerance))
         if "error" not in t:
-            print(f"  {t['step_s']:.4f} s/step, {t['tokens_per_s']:.0f} tokens/s, "
-                  f"MFU {t['flops_per_s'] / results['matmul_peak_flops']:.1%}, compile {t['first_compile_s']:.1f} s",
-                  flush=True)
+            print(f"  {t['step_s']['median']:.4f} s/step, {t['units_per_s']:.0f} tokens/s, MFU "
+                  f"{t['fraction_of_peak']['median']:.1%} (peak spread {t['peak_spread']:.0%}"
+                  f"{'' if t['reliable'] else ', unreliable'}), compile {t['first_compile_s']:.1f} s", flush=True)
+        save_partial()
+    results["comparisons"] = {}
+    for name, ((a_name, (a_cfg, a_batch)), (b_name, (b_cfg, b_batch))) in comparisons.items():
+        print(f"comparison {name} ...", flush=True)
+
+        def compare():
+            a, b = transformer_step_bench(a_cfg, a_batch), transformer_step_bench(b_cfg, b_batch)
+            a_t, b_t = harness.alternate([a["call"], b["call"]], reps)
+            return {"a": a_name, "b": b_name, "a_s": harness.summary(a_t), "b_s": harness.summary(b_t),
+                    "ratio": harness.ratio_per_round(a_t, b_t)}
+
+        results["comparisons"][name] = measured(compare)
         save_partial()
     print("compile scaling ...", flush=True)
     d4 = compile_time(transformer_config(256, 4, 4, (3, 8, 8)), 2)
@@ -336,19 +372,15 @@ def main(argv=None) -> int:
         sample_cfg, sample_batch = transformer_config(768, 12, 12, **big), 16
     else:
         sample_cfg, sample_batch = transformer_config(256, 4, 4, (3, 8, 8), dtype=dt), 4
-    results["sampling"] = measured(sampling_bench, sample_cfg, sample_batch, 12, iters)
+    results["sampling"] = measured(lambda: sampling_bench(sample_cfg, sample_batch, 12, reps))
     save_partial()
     results["tokenizers"] = {}
     if not args.skip_tokenizers:
         for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
             print(f"tokenizer {spec} ...", flush=True)
-            results["tokenizers"][spec] = measured(tokenizer_step_bench, spec, 8, max(2, iters // 2))
-    # The peak again at the end: the machine's speed drifts (load, clocks), and MFU divides
-    # by the larger of the two readings, so it never flatters.
-    results["matmul_peak_flops_start"] = results["matmul_peak_flops"]
-    results["matmul_peak_flops_end"] = matmul_peak(peak_dtype, n, iters=max(iters, 5))
-    results["matmul_peak_flops"] = max(results["matmul_peak_flops_start"], results["matmul_peak_flops_end"])
-    save_partial()
+            results["tokenizers"][spec] = measured(
+                lambda: timed_row(tokenizer_step_bench(spec, 8), peak, max(3, reps // 2), args.tolerance))
+            save_partial()
     write_markdown(results, args.out)
     print(json.dumps(results, indent=2))
     return 0

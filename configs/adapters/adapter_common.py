@@ -3,7 +3,8 @@
 An adapter config is the generative config of the same variant (this run's data,
 tasks, masking, steps) without the keys the base workdir decides (``model``,
 ``tokenizers``, ``conditioning``: ``mmgen.families.adapters.BASE_KEYS``, copied from the
-base when the run starts), plus the base reference and an ``adapter`` block.
+base when the run starts), plus the base reference, an ``adapter`` block and the
+``merge`` block (``mmgen adapters merge --method`` options, ``merge_options``).
 
 Variant: ``size[,tasks=a+b][,data_source=tokenizers|random_tokens]`` with size ``tiny``
 (CPU) or ``B``/``L``/``XL`` (the base's size decides the model; this picks the recipe).

@@ -266,7 +266,7 @@ def resolve_method(method, options, kind: str, shared_a: bool, n: int, weights) 
     if method is None:
         method = "average" if (kind == "flylora" and shared_a and weights is None) else "sum"
     try:
-        opts = check_merge_options(method, options.get(method, {}) if method in options else {})
+        opts = check_merge_options(method, options.get(method, {}))
         if kind == "flylora" and not shared_a and additive_scale(method, opts, weights, n) is None:
             raise ValueError(f"--method {method}{' (combine=ties)' if method == 'dare' else ''} elects one sign "
                              "per parameter across tasks, but FlyLoRA adapters with independent A's (different "

@@ -56,10 +56,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmgen.adapters.flylora import FlyLoRA, FlyLoRASum, RoutingCount
+from mmgen.adapters.flylora import FlyLoRASum, RoutingCount
 from mmgen.adapters.lora import LoRA
 from mmgen.adapters.merge import (
-    MERGE_METHODS,
     additive_scale,
     check_merge_options,
     lora_factors,
@@ -233,17 +232,6 @@ def lora_concat_values(model, flats, weights) -> dict:
     return values
 
 
-def projections_shared(model, flats) -> bool:
-    """Whether every adapter holds the very same FlyLoRA A in every layer."""
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, FlyLoRA):
-            key = tuple(str(p) for p in path) + ("A",)
-            a0 = np.asarray(flats[0][key])
-            if not all(np.array_equal(a0, np.asarray(f[key])) for f in flats[1:]):
-                return False
-    return True
-
-
 # ------------------------------------------------------------------------ method options
 def merge_options(cfg, overrides=()) -> ml_collections.ConfigDict:
     """The ``merge`` block (every method's options) of ``cfg``, or of the shipped config of its
@@ -302,6 +290,11 @@ def merge(workdirs, out: str, weights=None, fold: bool = False, method: str | No
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"--out {out} exists and is not empty: give a new folder")
     options = merge_options(cfgs[0], overrides)
+    if method is not None:  # bad option values stop here, before anything is restored or compiled
+        try:
+            check_merge_options(method, options.to_dict().get(method, {}))
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     first = cfgs[0]
     mesh = mesh_lib.make_mesh(first.mesh)
@@ -311,12 +304,13 @@ def merge(workdirs, out: str, weights=None, fold: bool = False, method: str | No
     flats = [_flat(s) for s in states]
     step = max(s for _, s in restored)
     tasks = merged_task_weights(cfgs)
-    # The first run's model with the base loaded and checked against its fingerprint.
-    model = loop.load_state(FAMILY, first, workdirs[0], mesh=mesh).model
     n = len(workdirs)
     kind = first.adapter.kind
-    shared_a = kind == "flylora" and projections_shared(model, flats)
+    shared_a = kind == "flylora" and all(np.array_equal(np.asarray(flats[0][k]), np.asarray(f[k]))
+                                         for f in flats[1:] for k in flats[0] if k[-1] == "A")
     method, opts = resolve_method(method, options.to_dict(), kind, shared_a, n, weights)
+    # The first run's model with the base loaded and checked against its fingerprint.
+    model = loop.load_state(FAMILY, first, workdirs[0], mesh=mesh).model
     extra = {}
 
     if kind == "lora" and fold:

@@ -261,3 +261,75 @@ def test_merging_refuses_different_bases_kinds_and_folded_flylora(runs, tmp_path
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.count("\n") == 0 and message in err, err
         assert not os.path.exists(tmp_path / f"m{i}")
+
+
+def write_other_lora(trained_workdir, workdir, seed=1):
+    """A LoRA workdir like ``trained_workdir``'s (same base) with numpy-drawn A and B."""
+    from mmgen.commands.adapters_merge import write_workdir
+    from mmgen.parallel import mesh as mesh_lib
+
+    cfg = saved_config(trained_workdir)
+    rng = np.random.default_rng(seed)
+    values = {}
+    for path, lora in nnx.iter_modules(load(trained_workdir).model):
+        if isinstance(lora, LoRA):
+            key = tuple(map(str, path))
+            values[key + ("A",)] = rng.normal(0.0, 1.0 / lora.rank, lora.A[...].shape).astype(np.float32)
+            values[key + ("B",)] = rng.normal(0.0, 0.05, lora.B[...].shape).astype(np.float32)
+    write_workdir(get_family("adapters"), cfg, workdir, 2, values, mesh_lib.make_mesh(cfg.mesh))
+
+
+def test_ties_merges_fold_exactly_and_store_unfolded_as_an_svd_lora(runs, tmp_path, probe_inputs):
+    other = str(tmp_path / "lora_other")
+    write_other_lora(runs["lora"], other)
+    both = ["adapters", "merge", "--workdirs", runs["lora"], other, "--method", "ties"]
+    folded, svd, low = (str(tmp_path / n) for n in ("ties_folded", "ties_svd", "ties_rank4"))
+    assert cli.main(both + ["--out", folded, "--fold", "--config.merge.ties.k=0.5"]) == 0
+    assert cli.main(both + ["--out", svd, "--config.merge.ties.k=0.5"]) == 0
+    with open(os.path.join(svd, "merge.json")) as f:
+        record = json.load(f)
+    # 2 adapters of rank 16 on 32 x 32 projections: the rank-32 SVD LoRA is exact
+    assert record["mode"] == "lora_svd" and record["method"] == "ties" and record["options"]["k"] == 0.5
+    assert record["svd_rank"] == 32 and max(record["svd_relative_residual"].values()) < 1e-4
+    assert saved_config(svd).adapter.rank == 32 and saved_config(svd).weights_only
+    want = logits_of(load(folded).model, *probe_inputs)
+    assert_logits_close(logits_of(load(svd).model, *probe_inputs), want, atol=1e-4)
+    # the merge is not the plain sum (trim + election changed something)
+    summed = str(tmp_path / "sum_folded")
+    assert cli.main(["adapters", "merge", "--workdirs", runs["lora"], other, "--out", summed, "--fold"]) == 0
+    plain = logits_of(load(summed).model, *probe_inputs)
+    assert max(float(jnp.abs(want[m] - plain[m]).max()) for m in want) > 1e-4
+    # a lower rank is an approximation, its residual recorded
+    assert cli.main(both + ["--out", low, "--config.merge.svd_rank=4"]) == 0
+    with open(os.path.join(low, "merge.json")) as f:
+        record = json.load(f)
+    assert record["svd_rank"] == 4 and min(record["svd_relative_residual"].values()) > 1e-3
+    assert {m.rank for _, m in nnx.iter_modules(load(low).model) if isinstance(m, LoRA)} == {4}
+
+
+def test_flylora_breadcrumbs_merge_loads_as_masked_branches(runs, tmp_path, probe_inputs):
+    out = str(tmp_path / "fly_crumbs")
+    args = ["adapters", "merge", "--workdirs", runs["flylora"], runs["flylora_other"], "--out", out,
+            "--method", "breadcrumbs", "--config.merge.breadcrumbs.alpha=0.5"]
+    assert cli.main(args) == 0
+    assert list(saved_config(out).adapter.branch_weights) == [0.5, 0.5]
+    first, other = load(runs["flylora"]).model, load(runs["flylora_other"]).model
+    options = dict(saved_config(runs["flylora"]).merge.breadcrumbs.to_dict(), alpha=0.5)
+    expected = merge_flylora_adapters(first, [adapter_state(first), adapter_state(other)], method="breadcrumbs",
+                                      options=options)
+    assert_logits_close(logits_of(load(out).model, *probe_inputs), logits_of(expected, *probe_inputs))
+
+
+def test_merge_methods_refuse_what_does_not_apply_with_one_line(runs, tmp_path, capsys):
+    cases = [([runs["flylora"], runs["flylora_other"]], ["--method", "ties"], "share no parameters"),
+             ([runs["flylora"], runs["flylora_other"]], ["--method", "dare", "--config.merge.dare.combine=ties"],
+              "share no parameters"),
+             ([runs["lora"], runs["lora"]], ["--method", "ties", "--config.merge.ties.k=0"], "ties.k"),
+             ([runs["lora"], runs["lora"]], ["--method", "dare", "--config.merge.dare.p=1.5"], "dare.p"),
+             ([runs["lora"], runs["lora"]], ["--config.merge.ties.kk=1"], "no key"),
+             ([runs["lora"], runs["lora"]], ["--config.total_steps=3"], "only --config.merge.*")]
+    for i, (workdirs, flags, message) in enumerate(cases):
+        code = cli.main(["adapters", "merge", "--workdirs", *workdirs, "--out", str(tmp_path / f"r{i}"), *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and message in err, err
+        assert not os.path.exists(tmp_path / f"r{i}")

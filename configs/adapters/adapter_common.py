@@ -3,12 +3,14 @@
 An adapter config is the generative config of the same variant (this run's data,
 tasks, masking, steps) without the keys the base workdir decides (``model``,
 ``tokenizers``, ``conditioning``: ``mmgen.families.adapters.BASE_KEYS``, copied from the
-base when the run starts), plus the base reference and an ``adapter`` block.
+base when the run starts), plus the base reference, an ``adapter`` block and the
+``merge`` block (``mmgen adapters merge --method`` options, ``merge_options``).
 
 Variant: ``size[,tasks=a+b][,data_source=tokenizers|random_tokens]`` with size ``tiny``
 (CPU) or ``B``/``L``/``XL`` (the base's size decides the model; this picks the recipe).
 """
 
+import ml_collections
 from mmgen.configs.common import parse_variant
 from mmgen.configs.generative import multitask
 
@@ -19,6 +21,28 @@ from mmgen.families.adapters import BASE_KEYS
 ATTENTION = r"blocks\.layers\.attention\.(query|key|value|out)"
 
 OPTIONS = ("tasks", "data_source")
+
+
+def merge_options():
+    """``mmgen adapters merge --method M`` options (formulas: ``mmgen.adapters.merge``), the papers' defaults.
+
+    Change one with ``--config.merge.<method>.<key>=value`` on the merge command line.
+    """
+    return ml_collections.ConfigDict({
+        # TIES-Merging (Yadav et al. 2023): keep the top k of |tau_i|, elect signs, disjoint mean, times lam.
+        # scope "model": top-k over the whole task vector (the paper); "layer": within each layer.
+        "ties": {"k": 0.2, "lam": 1.0, "scope": "model"},
+        # Model Breadcrumbs (Davari & Belilovsky 2023): per layer, mask the drop_largest largest |tau_i|
+        # and all below the next `keep`; tau = alpha * sum of the masked tau_i. The starting point of the
+        # authors' released search (beta = 0.15 kept, gamma = 0.006 top removed, alpha = 0.2).
+        "breadcrumbs": {"keep": 0.15, "drop_largest": 0.006, "alpha": 0.2},
+        # DARE (Yu et al. 2023): drop each entry with probability p, rescale by 1 / (1 - p), then
+        # combine by "sum" (times lam) or "ties" (sign election + disjoint mean); masks drawn from seed.
+        "dare": {"p": 0.9, "combine": "sum", "lam": 1.0, "seed": 0},
+        # LoRA merged by ties / breadcrumbs / dare without --fold: the rank of the truncated-SVD LoRA
+        # that stores the (full-rank) merged delta; 0: N x adapter rank (capped at min(in, out): exact).
+        "svd_rank": 0,
+    })
 
 
 def adapter_config(adapter, arg):
@@ -33,6 +57,7 @@ def adapter_config(adapter, arg):
     cfg.base_step = -1  # -1: its newest checkpoint, pinned when the run starts
     cfg.base_fingerprint = ""  # sha256 of the base parameters, pinned when the run starts
     cfg.adapter = adapter
+    cfg.merge = merge_options()
 
     # Adapters train with plain AdamW, no weight decay, a short warm-up.
     cfg.optimizer.b2 = 0.999

@@ -1,32 +1,41 @@
-"""Adapters: LoRA vs FlyLoRA merging on a structured synthetic token task (docs/RESULTS.md).
+"""Adapters: merging one LoRA per task with every ``adapters merge --method`` (docs/RESULTS.md).
 
-    python docs/results/adapter_merging.py --out /work/runs/adapter_merging [--seeds 0 1] [--base-steps 800] [--adapter-steps 800]
+    python docs/results/adapter_merging.py --out /work/runs/adapter_merging_methods --seeds 0 1 \
+        [--tasks frame_prediction frame_interpolation video_to_audio audio_to_video] \
+        [--base-steps 500] [--adapter-steps 300] [--parallel 2]
 
-FlyLoRA (2025) claims that adapters with independent frozen random A's interfere less
-when task adapters are merged than LoRA adapters do. This script measures that at CPU
-scale with the real trainer (``loop.run`` on the ``generative`` and ``adapters``
-families), the real ``python -m mmgen adapters merge`` and the real checkpoints; only
-the token source is synthetic (tokens with no tokenizer behind them, but with
-structure the tasks must learn; uniform random tokens would teach nothing):
+Trains, per seed, one tiny base on every task and one LoRA adapter per task on that
+task's *new* data, merges the task adapters with each method of ``python -m mmgen
+adapters merge --method {sum, average, ties, breadcrumbs, dare} --fold`` (the methods'
+default options: ``cfg.merge`` of ``configs/adapters/adapter_common.py``), and scores
+every task's masked-token loss and accuracy with the merged model, the task's own
+adapter and the base. The trainings go through the sweep runner (``mmgen.commands.sweep``,
+the same as ``launch/sweep.py``) with this file as the sweep config (``get_config`` /
+``get_sweep``) and ``python docs/results/adapter_merging.py train`` as its train command,
+which runs the real trainer (``loop.run`` of the ``generative`` / ``adapters``
+families) on a synthetic token source; merges are the real command on the real
+checkpoints. The earlier two-task LoRA-vs-FlyLoRA comparison in docs/RESULTS.md was
+measured with this file as of commit 6703021.
 
-* clips are 3 x 4 x 4 latent grids of a 16-token vocabulary; frame 0 is uniform noise;
-* **base data** (both tasks): every clip moves its tokens by a clip-wise shift
-  s in {1, 2, 3}: ``x_t = x_0 + s t (mod 16)``;
-* **task A, frame_prediction** (frame 0 given, frames 1-2 generated), new data: always
-  s = 1, so ``x_t = x_0 + t``. The base can only guess s from one frame;
-* **task B, frame_interpolation** (frames 0 and 2 given, frame 1 generated), new data: a
-  fixed random permutation P of the vocabulary, ``x_1 = P(x_0)``, ``x_2 = P(P(x_0))``,
-  a relation the base never saw.
+The synthetic tokens (no tokenizer behind them, but structure the tasks must learn):
+clips are 3 x 4 x 4 video grids and 8 x 2 audio grids, both over 16 ids; x_0 (frame 0)
+is uniform noise.
 
-The base (the tiny transformer narrowed to 2 layers x 64, MLP 256, prefix conditioning)
-trains on the base data; per method, one adapter per task trains on its task's new
-data with the same recipe (``configs/adapters/*.py:tiny``: AdamW lr 1e-3; LoRA r=16 and
-FlyLoRA r=32, k=8 on the attention projections: 32 x 64 = 2,048 trainable weights per
-projection each, 16,384 in all); ``adapters merge`` merges the two (task arithmetic
-sum for LoRA, summed outputs of the two independent-A branches for FlyLoRA; weights
-1 + 1 and 0.5 + 0.5). Score: masked-token cross-entropy (no label smoothing) and
-accuracy of the generated frames with every target token masked, on 16 test batches
-of 32 clips drawn from a seed the training never uses, per task.
+* **base data** (every task): a clip-wise shift s in {1, 2, 3}, ``x_t = x_0 + s t (mod 16)``;
+  the audio spells frame 0, ``a = x_0`` (row-major, 16 ids);
+* **task data** (what each adapter learns, never seen by the base):
+  - ``frame_prediction`` (frame 0 given): s = 1 always;
+  - ``frame_interpolation`` (frames 0 and 2 given): ``x_1 = P(x_0)``, ``x_2 = P(P(x_0))`` for a
+    fixed random permutation P of the ids;
+  - ``video_to_audio`` (video given): ``a = Q(x_0)`` for another fixed permutation Q;
+  - ``audio_to_video`` (audio given): s = 2 always (frame 0 still spelled by the audio),
+    which contradicts frame prediction's s = 1 where the two adapters overlap.
+
+Base: the tiny transformer narrowed to width 64 (MLP 256), prefix conditioning, both
+modalities. Adapters: ``configs/adapters/lora.py:tiny`` (r = 16, alpha = 32 on the
+attention projections, AdamW lr 1e-3). Score: masked-token cross-entropy (nats, no
+label smoothing) and accuracy with every target token masked, on ``TEST_BATCHES`` batches
+of ``TEST_BATCH`` clips from a seed the training never uses.
 """
 
 from __future__ import annotations
@@ -46,44 +55,54 @@ from flax import nnx
 
 from mmgen import commands as cli
 from mmgen import config as config_lib
+from mmgen.commands import sweep as sweep_lib
 from mmgen.families import generative, get_family
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative import tokens as tokens_lib
 from mmgen.train import loop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VOCAB, GRID = 16, (3, 4, 4)
-TASK_A, TASK_B = "frame_prediction", "frame_interpolation"
-TEST_SEED, TEST_BATCHES, TEST_BATCH = 10_007, 16, 32
+THIS = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(THIS)))
+VOCAB, GRID, AUDIO = 16, (3, 4, 4), (8, 2)
+TASKS = ("frame_prediction", "frame_interpolation", "video_to_audio", "audio_to_video")
+METHODS = ("sum", "average", "ties", "breadcrumbs", "dare")
+TEST_SEED, TEST_BATCHES, TEST_BATCH = 10_007, 8, 32
 RUN = ["log_every=50", "eval_every=0", "progress=False", "tensorboard=False", "async_checkpointing=False",
        "batch_size=32"]
-MODEL = [f"model.video_grid={GRID}", f"model.video_vocab={VOCAB}", "model.width=64", "model.mlp_dim=256",
+MODEL = [f"model.video_grid={GRID}", f"model.video_vocab={VOCAB}", f"model.audio_len={AUDIO[0]}",
+         f"model.audio_levels={AUDIO[1]}", f"model.audio_vocab={VOCAB}", "model.width=64", "model.mlp_dim=256",
          "model.remat_policy='none'"]
 
 
 # ------------------------------------------------------------------------ the synthetic token source
-def permutation(seed: int = 1234) -> np.ndarray:
+def permutation(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(VOCAB)
 
 
-def clip_tokens(rng: np.random.Generator, task_ids: np.ndarray, dataset: str) -> np.ndarray:
-    """int32 [b, 3, 4, 4] clips of ``dataset`` ("base" or "tasks") for these task ids."""
+P, Q = permutation(1234), permutation(4321)
+
+
+def clip_tokens(rng: np.random.Generator, task_ids: np.ndarray, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """(video int32 [b, 3, 4, 4], audio int32 [b, 8, 2]) of ``dataset`` ("base" or "tasks")."""
     b = len(task_ids)
     x0 = rng.integers(0, VOCAB, (b, *GRID[1:]))
     t = np.arange(GRID[0])[None, :, None, None]
-    if dataset == "base":
-        shift = rng.integers(1, 4, b)[:, None, None, None]
-        return ((x0[:, None] + shift * t) % VOCAB).astype(np.int32)
-    p = permutation()
-    shifted = (x0[:, None] + t) % VOCAB
-    permuted = np.stack([x0, p[x0], p[p[x0]]], axis=1)
-    is_b = (task_ids == tasks_lib.task_id(TASK_B))[:, None, None, None]
-    return np.where(is_b, permuted, shifted).astype(np.int32)
+    shift = rng.integers(1, 4, b)
+    audio = x0.reshape(b, *AUDIO)
+    if dataset == "tasks":
+        name = np.asarray(tasks_lib.TASK_NAMES)[task_ids]
+        shift = np.where(name == "frame_prediction", 1, np.where(name == "audio_to_video", 2, shift))
+        audio = np.where((name == "video_to_audio")[:, None, None], Q[audio], audio)
+    video = (x0[:, None] + shift[:, None, None, None] * t) % VOCAB
+    if dataset == "tasks":
+        permuted = np.stack([x0, P[x0], P[P[x0]]], axis=1)
+        video = np.where((name == "frame_interpolation")[:, None, None, None], permuted, video)
+    return video.astype(np.int32), audio.astype(np.int32)
 
 
 class SyntheticTokens:
-    """Batches in the generative family's layout (prefix conditioning, video only); resumable."""
+    """Batches in the generative family's layout (prefix conditioning, video and audio); resumable."""
 
     def __init__(self, cfg, dataset: str, *, seed: int, batch_size: int, process_index: int, process_count: int,
                  num_batches: int | None = None):
@@ -100,11 +119,13 @@ class SyntheticTokens:
             raise StopIteration
         ids, key = tokens_lib.draw_tasks(self.cfg, self.seed, self.index, self.batch)
         rng = np.random.default_rng([self.seed, self.index, 7])
-        tokens = clip_tokens(rng, ids, self.dataset)[self.start:self.start + self.local]
-        ids = ids[self.start:self.start + self.local]
+        video, audio = clip_tokens(rng, ids, self.dataset)
+        rows = slice(self.start, self.start + self.local)
         self.index += 1
-        return {"video_tokens": tokens, "task_id": ids, "label": np.zeros(len(ids), np.int32),
-                "has_audio": np.zeros(len(ids), bool), "region_key": np.broadcast_to(key, (len(ids), *key.shape)).copy()}
+        n = self.local
+        return {"video_tokens": video[rows], "audio_tokens": audio[rows], "task_id": ids[rows],
+                "label": np.zeros(n, np.int32), "has_audio": np.ones(n, bool),
+                "region_key": np.broadcast_to(key, (n, *key.shape)).copy()}
 
     def get_state(self) -> dict:
         return {"index": self.index}
@@ -122,24 +143,76 @@ def synthetic_family(name: str, dataset: str):
     return dataclasses.replace(get_family(name), make_data=make_data)
 
 
+# ------------------------------------------------------------------------ the sweep config (get_config / get_sweep)
+def parse_arg(arg: str) -> dict:
+    """``phase,key=value,...``: phase ``base`` or ``adapters``; keys tasks (a+b), seeds (0+1), steps,
+    task (adapters: the adapter's task), bases (adapters: the base sweep's root)."""
+    phase, *rest = arg.split(",")
+    out = {"phase": phase}
+    for item in rest:
+        key, value = item.split("=", 1)
+        out[key] = value
+    return out
+
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+    a = parse_arg(arg)
+    steps = int(a["steps"])
+    run = RUN + [f"total_steps={steps}", f"checkpoint_every={steps}"]
+    if a["phase"] == "base":
+        spec = (f"{ROOT}/configs/generative/multitask.py:tiny,conditioning=prefix,data_source=random_tokens,"
+                f"tasks={a['tasks']}")
+        return config_lib.load_config(spec, run + MODEL + [f"schedule.warmup_steps={min(100, steps // 5)}"])
+    spec = f"{ROOT}/configs/adapters/lora.py:tiny,tasks={a['task']},data_source=random_tokens"
+    return config_lib.load_config(spec, run + [f"base_workdir={os.path.join(a['bases'], 'seed=0')}",
+                                              f"schedule.warmup_steps={min(30, steps // 5)}"])
+
+
+def get_sweep(arg: str) -> list[dict]:
+    return sweep_lib.sweep("seed", [int(s) for s in parse_arg(arg)["seeds"].split("+")])
+
+
+def train_main(argv: list[str]) -> int:
+    """``train --config THIS:arg --workdir W --config.seed=S``: the sweep's train command.
+
+    An adapter point adapts the base of its own seed (``bases/seed=S``) with adapter seed
+    10 S + the task's index, so each (seed, task) adapter has its own A.
+    """
+    p = argparse.ArgumentParser(prog="adapter_merging.py train")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True)
+    args, extra = p.parse_known_args(argv)
+    _, arg = config_lib.split_spec(args.config)
+    cfg = config_lib.load_config(args.config, [e.removeprefix("--config.") for e in extra])
+    a = parse_arg(arg)
+    if a["phase"] == "base":
+        family = synthetic_family("generative", "base")
+    else:
+        family = synthetic_family("adapters", "tasks")
+        cfg.base_workdir = os.path.join(a["bases"], f"seed={cfg.seed}")
+        cfg.adapter.seed = 10 * int(cfg.seed) + a["tasks"].split("+").index(a["task"])
+    loop.run(family, cfg, args.workdir)
+    return 0
+
+
 # ------------------------------------------------------------------------ scoring
-def task_loss(model, task: str) -> tuple[float, float]:
-    """Masked-token cross-entropy (no smoothing) and accuracy with every target token masked."""
+@nnx.jit
+def _score(model, batch, key):
+    example = masking.make_training_example(
+        model.cfg, {"video": batch["video_tokens"], "audio": batch["audio_tokens"]}, batch["task_id"], key,
+        labels=batch["label"], has_audio=batch["has_audio"], mode="prefix", cfg_dropout=0.0,
+        ratio=jnp.ones(batch["task_id"].shape[0]), region_rng=jax.random.wrap_key_data(batch["region_key"][0]))
+    _, metrics = masking.loss_fn(model, example, label_smoothing=0.0, train=False)
+    return metrics["loss"], metrics["accuracy"]
+
+
+def task_score(model, task: str) -> tuple[float, float]:
+    """Masked-token cross-entropy (no smoothing) and accuracy on ``task``'s test data, every target masked."""
     model.eval()
     probe = ml_collections.ConfigDict({"task_weights": {n: float(n == task) for n in tasks_lib.TASK_NAMES}})
-
-    @nnx.jit
-    def score(model, batch, key):
-        example = masking.make_training_example(
-            model.cfg, {"video": batch["video_tokens"]}, batch["task_id"], key, labels=batch["label"],
-            mode="prefix", cfg_dropout=0.0, ratio=jnp.ones(batch["task_id"].shape[0]),
-            region_rng=jax.random.wrap_key_data(batch["region_key"][0]))
-        _, metrics = masking.loss_fn(model, example, label_smoothing=0.0, train=False)
-        return metrics["loss"], metrics["accuracy"]
-
     data = SyntheticTokens(probe, "tasks", seed=TEST_SEED, batch_size=TEST_BATCH, process_index=0, process_count=1,
                            num_batches=TEST_BATCHES)
-    scores = [jax.device_get(score(model, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(i)))
+    scores = [jax.device_get(_score(model, {k: jnp.asarray(v) for k, v in b.items()}, jax.random.key(i)))
               for i, b in enumerate(data)]
     return float(np.mean([s[0] for s in scores])), float(np.mean([s[1] for s in scores]))
 
@@ -150,84 +223,121 @@ def load_model(workdir: str):
 
 
 # ------------------------------------------------------------------------ the experiment
-def train(family, spec: str, overrides: list[str], workdir: str) -> float:
+def sweep(config: str, root: str, parallel: int, log) -> None:
+    code = sweep_lib.run(["--config", config, "--root", root, "--parallel", str(parallel),
+                          "--train-cmd", f"{sys.executable} {THIS} train"], log=log)
+    if code != 0:
+        raise SystemExit(f"sweep {config} failed (exit {code}); see the train.log files under {root}")
+
+
+def run(out: str, seeds: list[int], tasks: list[str], base_steps: int, adapter_steps: int, parallel: int,
+        log) -> list[dict]:
+    joined, seed_arg = "+".join(tasks), "+".join(map(str, seeds))
+    bases = os.path.join(out, "bases")
     t = time.perf_counter()
-    if not os.path.exists(os.path.join(workdir, "checkpoints")):
-        cfg = config_lib.load_config(spec, overrides)
-        loop.run(family, cfg, workdir)
-    return time.perf_counter() - t
-
-
-def run_seed(out: str, seed: int, base_steps: int, adapter_steps: int, log) -> list[dict]:
-    root = os.path.join(out, f"seed{seed}")
-    base = os.path.join(root, "base")
-    spent = train(synthetic_family("generative", "base"),
-                  os.path.join(ROOT, f"configs/generative/multitask.py:tiny,modalities=video,conditioning=prefix,"
-                                     f"data_source=random_tokens,tasks={TASK_A}+{TASK_B}"),
-                  RUN + MODEL + [f"seed={seed}", f"total_steps={base_steps}", "schedule.warmup_steps=100"], base)
-    log(f"seed {seed}: base trained in {spent:.0f}s")
+    sweep(f"{THIS}:base,tasks={joined},seeds={seed_arg},steps={base_steps}", bases, parallel, log)
+    log(f"bases trained ({time.perf_counter() - t:.0f}s)")
+    for task in tasks:
+        t = time.perf_counter()
+        sweep(f"{THIS}:adapters,tasks={joined},seeds={seed_arg},steps={adapter_steps},task={task},bases={bases}",
+              os.path.join(out, "adapters", task), parallel, log)
+        log(f"{task} adapters trained ({time.perf_counter() - t:.0f}s)")
     rows = []
-    for kind in ("lora", "flylora"):
-        workdirs = {}
-        for i, task in enumerate((TASK_A, TASK_B)):
-            workdirs[task] = os.path.join(root, f"{kind}_{task}")
-            spent = train(synthetic_family("adapters", "tasks"),
-                          os.path.join(ROOT, f"configs/adapters/{kind}.py:tiny,tasks={task},data_source=random_tokens"),
-                          RUN + [f"base_workdir={base}", f"seed={seed}", f"adapter.seed={10 * seed + i}",
-                                 f"total_steps={adapter_steps}"], workdirs[task])
-            log(f"seed {seed}: {kind} adapter for {task} trained in {spent:.0f}s")
+    for seed in seeds:
+        t = time.perf_counter()
+        adapters = {task: os.path.join(out, "adapters", task, f"seed={seed}") for task in tasks}
         merged = {}
-        for label, weights in (("sum", ["1", "1"]), ("mean", ["0.5", "0.5"])):
-            merged[label] = os.path.join(root, f"{kind}_merged_{label}")
-            if not os.path.exists(merged[label]):
-                args = ["adapters", "merge", "--workdirs", workdirs[TASK_A], workdirs[TASK_B], "--out", merged[label],
-                        "--weights", *weights]
+        for method in METHODS:
+            merged[method] = os.path.join(out, "merged", f"seed={seed}", method)
+            if not os.path.exists(os.path.join(merged[method], "merge.json")):
+                args = ["adapters", "merge", "--workdirs", *adapters.values(), "--out", merged[method],
+                        "--method", method, "--fold"]
                 if cli.main(args) != 0:
                     raise SystemExit(f"merge failed: {args}")
-        scores = {"base": load_model(base)}
-        for task in (TASK_A, TASK_B):
-            scores[task] = load_model(workdirs[task])
-        for label, workdir in merged.items():
-            scores[f"merged_{label}"] = load_model(workdir)
-        for task in (TASK_A, TASK_B):
-            row = {"seed": seed, "method": kind, "task": task}
-            for name, model in scores.items():
-                key = "own_adapter" if name == task else ("other_adapter" if name in (TASK_A, TASK_B) else name)
-                row[f"{key}_loss"], row[f"{key}_acc"] = task_loss(model, task)
+        log(f"seed {seed}: {len(METHODS)} merges ({time.perf_counter() - t:.0f}s)")
+        t = time.perf_counter()
+        models = {"base": load_model(os.path.join(bases, f"seed={seed}"))}
+        models.update({m: load_model(w) for m, w in merged.items()})
+        for task in tasks:
+            row = {"seed": seed, "task": task}
+            row["own_loss"], row["own_acc"] = task_score(load_model(adapters[task]), task)
+            for name, model in models.items():
+                row[f"{name}_loss"], row[f"{name}_acc"] = task_score(model, task)
             rows.append(row)
             log(json.dumps(row))
+        log(f"seed {seed}: scored ({time.perf_counter() - t:.0f}s)")
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | task | seed | base | own adapter | merged (1+1) | merged (0.5+0.5) | other task's adapter |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        def cell(k, r=r):
-            return f"{r[k + '_loss']:.3f} ({100 * r[k + '_acc']:.0f}%)"
+COLUMNS = ("base", "own") + METHODS
 
-        lines.append(f"| {r['method']} | {r['task']} | {r['seed']} | {cell('base')} | {cell('own_adapter')} | "
-                     f"{cell('merged_sum')} | {cell('merged_mean')} | {cell('other_adapter')} |")
+
+def table(rows: list[dict], tasks: list[str]) -> str:
+    """Per task: loss (accuracy) of each column, mean over seeds; then the mean over tasks."""
+    head = "| task | " + " | ".join(("base", "own adapter") + tuple(f"merged: {m}" for m in METHODS)) + " |"
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 1)]
+
+    def mean(task, col, what):
+        return float(np.mean([r[f"{col}_{what}"] for r in rows if task is None or r["task"] == task]))
+
+    for task in [*tasks, None]:
+        cells = [f"{mean(task, c, 'loss'):.3f} ({100 * mean(task, c, 'acc'):.0f}%)" for c in COLUMNS]
+        lines.append(f"| {task or '**mean over tasks**'} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], tasks: list[str], path: str) -> None:
+    """Loss and accuracy per task, one bar per column (mean over seeds, whiskers: min and max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    width = 0.8 / len(COLUMNS)
+    for ax, what, label in ((axes[0], "loss", "masked-token loss (nats)"), (axes[1], "acc", "accuracy")):
+        for j, col in enumerate(COLUMNS):
+            values = [[r[f"{col}_{what}"] for r in rows if r["task"] == task] for task in tasks]
+            mean = np.array([np.mean(v) for v in values])
+            err = np.array([[m - min(v), max(v) - m] for m, v in zip(mean, values)]).T
+            ax.bar(np.arange(len(tasks)) + (j - (len(COLUMNS) - 1) / 2) * width, mean, width, yerr=err,
+                   label={"own": "own adapter"}.get(col, col if col == "base" else f"merged: {col}"), capsize=2)
+        ax.set_xticks(np.arange(len(tasks)), [t.replace("_", "\n") for t in tasks], fontsize=8)
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{len(tasks)} LoRA task adapters merged (tiny base, {len({r['seed'] for r in rows})} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--base-steps", type=int, default=800)
-    p.add_argument("--adapter-steps", type=int, default=800)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--base-steps", type=int, default=500)
+    p.add_argument("--adapter-steps", type=int, default=300)
+    p.add_argument("--parallel", type=int, default=2, help="trainings at a time")
+    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "results", "adapter_merging_methods.png"))
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+
     def log(msg):
         print(msg, flush=True)
         with open(os.path.join(args.out, "log.txt"), "a") as f:
-            f.write(msg + "\n")
+            f.write(f"{msg}\n")
 
-    rows = [r for seed in args.seeds for r in run_seed(args.out, seed, args.base_steps, args.adapter_steps, log)]
+    start = time.perf_counter()
+    rows = run(args.out, args.seeds, args.tasks, args.base_steps, args.adapter_steps, args.parallel, log)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    log(table(rows))
+    plot(rows, args.tasks, args.plot)
+    log(table(rows, args.tasks))
+    log(f"total {time.perf_counter() - start:.0f}s; plot: {args.plot}")
     return 0
 
 

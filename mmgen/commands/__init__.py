@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = asub.add_parser("merge", help="merge task adapters into one workdir")
     m.add_argument("--workdirs", nargs="+", required=True)
     m.add_argument("--out", required=True)
+    m.add_argument("--method", choices=("sum", "average", "ties", "breadcrumbs", "dare"), default=None,
+                   help="how the task vectors merge (default: sum; the average for FlyLoRA adapters sharing A); "
+                        "options: --config.merge.<method>.<key>=value")
     m.add_argument("--weights", type=float, nargs="*", default=None)
     m.add_argument("--fold", action="store_true", help="fold LoRA into the base weights")
     m.set_defaults(fn=_run("adapters_merge"))

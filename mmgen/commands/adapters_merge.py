@@ -1,29 +1,48 @@
-"""``mmgen adapters merge --workdirs A B ... --out DIR [--weights w ...] [--fold]``.
+"""``mmgen adapters merge --workdirs A B ... --out DIR [--method M] [--weights w ...] [--fold] [--config.merge.M.key=v]``.
 
 Combines task adapters trained on one base (adapter workdirs of ``mmgen.families.adapters``)
-into one workdir that ``sample`` and ``eval`` read like any other (docs/ALGORITHMS.md
-"Adapters"; LoRA merging, Hu et al. 2021 sec. 4.1; task arithmetic, Ilharco et al.
-2023; FlyLoRA's multi-task merging, 2025):
+into one workdir that ``sample``, ``eval`` and ``init_from`` read like any other
+(docs/ALGORITHMS.md "Adapters"; LoRA merging, Hu et al. 2021 sec. 4.1; task
+arithmetic, Ilharco et al. 2023; TIES-Merging, Yadav et al. 2023; Model Breadcrumbs,
+Davari & Belilovsky 2023; DARE, Yu et al. 2023; FlyLoRA's multi-task merging, 2025).
+``--method`` is one of ``sum``, ``average``, ``ties``, ``breadcrumbs``, ``dare``
+(formulas: ``mmgen.adapters.merge``); its options are the ``merge`` block of the first
+workdir's config (``configs/adapters/adapter_common.py``: the papers' defaults; the
+shipped config's block for a workdir older than it), changed with
+``--config.merge.<method>.<key>=value``. ``--weights`` w_i scale each task vector first
+(default 1). Without ``--method``: ``sum`` (``average`` for FlyLoRA adapters sharing A).
 
-* LoRA with ``--fold``: ``W' = W + sum_i w_i (alpha/r) B_i A_i`` folded into the base
-  weights (``merge_lora_adapters``). ``--out`` is a *generative* workdir holding the
-  whole merged model: it no longer needs the base workdir.
-* LoRA without ``--fold``: the same sum kept as one LoRA of rank ``N r`` over the
-  base, ``A = [A_1; ...; A_N]``, ``B = [w_1 B_1, ..., w_N B_N]`` (same scale
-  ``alpha / r``: alpha becomes ``N alpha``), equal to the folded model up to float
-  rounding. ``--out`` is an *adapters* workdir that loads the base like its inputs did.
+* LoRA with ``--fold``: ``W' = W + tau``, tau the method's merge of the folded deltas
+  ``tau_i = (alpha/r) B_i A_i``, folded into the base weights (exact).
+  ``--out`` is a *generative* workdir holding the whole merged model: it no longer
+  needs the base workdir.
+* LoRA without ``--fold``, ``--out`` an *adapters* workdir that loads the base like its
+  inputs did:
+    - sum / average: one LoRA of rank ``N r``, ``A = [A_1; ...; A_N]``,
+      ``B = [c w_1 B_1, ..., c w_N B_N]`` (c = 1, or 1 / sum w for the average; same
+      scale ``alpha / r``: alpha becomes ``N alpha``), equal to the folded model up to
+      float rounding;
+    - ties / breadcrumbs / dare: trimming, masking and dropping make tau full-rank in
+      general, so it is stored as the rank-R LoRA closest to it in Frobenius norm
+      (truncated SVD per layer, ``lora_factors``), R = ``merge.svd_rank`` (0: ``N r``,
+      the concatenation's rank), at most min(in, out) where it is exact; the worst
+      relative residual ``||tau - tau_R||_F / ||tau||_F`` is printed and recorded in
+      ``merge.json``. ``--fold`` gives the exact merge.
 * FlyLoRA (never folded: its top-k gate depends on x), ``--out`` an adapters workdir:
   adapters with independent A's (different seeds) become one ``FlyLoRASum`` per layer,
-  whose branch outputs add with weights ``w_i`` (default 1); adapters sharing A
-  (bit-identical, trained from one seed) become one FlyLoRA whose B is the weighted
-  sum of their B's (default weights 1/N, the average) and d the mean of their d's.
+  whose branches hold the per-task step of the method on their own B_i (Breadcrumbs'
+  mask, DARE's drop) and add with weights c w_i; TIES (and DARE combined by TIES) is
+  refused, as the B_i of independent A's share no parameters to elect a sign over.
+  Adapters sharing A (bit-identical, trained from one seed) become one FlyLoRA whose B
+  is the method's merge of their B's (B starts at zero, so B_i is the task vector) and
+  d the mean of their d's.
 
-``--weights`` default to 1 (the plain sum of task vectors / adapter outputs) except for
-the shared-A FlyLoRA average. The merged config takes its data and trainer keys from
-the first workdir and ``task_weights`` = the sum of every adapter's normalised task
-weights; ``DIR/merge.json`` records the inputs. The merged checkpoint's step is the
+The merged config takes its data and trainer keys from the first workdir and
+``task_weights`` = the sum of every adapter's normalised task weights; ``DIR/merge.json``
+records the inputs, the method and its options. The merged checkpoint's step is the
 largest input step. Adapters of different bases (base workdir, step or fingerprint),
-of different kinds or shapes, and ``--fold`` for FlyLoRA are one-line errors.
+of different kinds or shapes, ``--fold`` for FlyLoRA, a method that does not apply
+and a bad option are one-line errors, before anything is written.
 """
 
 from __future__ import annotations
@@ -37,10 +56,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mmgen.adapters.flylora import FlyLoRA, RoutingCount
+from mmgen.adapters.flylora import FlyLoRASum, RoutingCount
 from mmgen.adapters.lora import LoRA
-from mmgen.adapters.merge import merge_flylora_adapters, merge_lora_adapters
+from mmgen.adapters.merge import (
+    additive_scale,
+    check_merge_options,
+    lora_factors,
+    lora_task_vectors,
+    merge_flylora_adapters,
+    merge_lora_adapters,
+    merge_task_vectors,
+)
 from mmgen.adapters.surgery import adapter_state_filter
+from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.families import adapters as adapters_family
 from mmgen.families import generative
@@ -180,7 +208,7 @@ def write_workdir(family, cfg, out: str, step: int, values: dict, mesh, prefixes
 
 def generative_config(cfg, task_weights, step) -> ml_collections.ConfigDict:
     """The adapter config as a generative run (what the folded model is)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in adapters_family.ADAPTER_KEYS}
+    d = {k: v for k, v in cfg.to_dict().items() if k not in adapters_family.ADAPTER_KEYS + ("merge",)}
     d.update(family="generative", task_weights=task_weights, total_steps=step)
     return ml_collections.ConfigDict(d)
 
@@ -204,19 +232,53 @@ def lora_concat_values(model, flats, weights) -> dict:
     return values
 
 
-def projections_shared(model, flats) -> bool:
-    """Whether every adapter holds the very same FlyLoRA A in every layer."""
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, FlyLoRA):
-            key = tuple(str(p) for p in path) + ("A",)
-            a0 = np.asarray(flats[0][key])
-            if not all(np.array_equal(a0, np.asarray(f[key])) for f in flats[1:]):
-                return False
-    return True
+# ------------------------------------------------------------------------ method options
+def merge_options(cfg, overrides=()) -> ml_collections.ConfigDict:
+    """The ``merge`` block (every method's options) of ``cfg``, or of the shipped config of its
+    adapter kind when ``cfg`` predates it, with ``merge.*`` overrides applied."""
+    if "merge" in cfg:
+        block = cfg.merge.to_dict()
+    else:
+        block = config_lib.load_config(f"configs/adapters/{cfg.adapter.kind}.py:tiny").merge.to_dict()
+    bad = [o for o in overrides if not o.split("=", 1)[0].startswith("merge.")]
+    if bad:
+        raise UserError(f"adapters merge takes only --config.merge.* overrides (the merge options), got "
+                        f"--config.{bad[0]}: the merged config comes from the workdirs")
+    holder = ml_collections.ConfigDict({"merge": block})
+    config_lib.apply_overrides(holder, overrides)
+    return holder.merge
+
+
+def resolve_method(method, options, kind: str, shared_a: bool, n: int, weights) -> tuple[str, dict]:
+    """The method actually run (the default when ``method`` is None) and its checked options."""
+    if method is None:
+        method = "average" if (kind == "flylora" and shared_a and weights is None) else "sum"
+    try:
+        opts = check_merge_options(method, options.get(method, {}))
+        if kind == "flylora" and not shared_a and additive_scale(method, opts, weights, n) is None:
+            raise ValueError(f"--method {method}{' (combine=ties)' if method == 'dare' else ''} elects one sign "
+                             "per parameter across tasks, but FlyLoRA adapters with independent A's (different "
+                             "adapter.seed) share no parameters: use sum, average, breadcrumbs or dare with "
+                             "combine=sum, or train the adapters with one adapter.seed")
+        if method == "average":
+            additive_scale(method, opts, weights, n)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return method, opts
+
+
+def svd_rank(options, n: int, rank: int, model) -> int:
+    """R for the SVD re-factorisation: ``merge.svd_rank`` (0: N r), capped at min(in, out) of every layer."""
+    wanted = int(options.get("svd_rank", 0)) or n * rank
+    if wanted < 0:
+        raise UserError(f"merge.svd_rank={wanted} must be >= 0 (0: N x rank)")
+    full = min(min(m.A[...].shape[-1], m.B[...].shape[-2]) for _, m in nnx.iter_modules(model) if isinstance(m, LoRA))
+    return min(wanted, full)
 
 
 # ------------------------------------------------------------------------ command
-def merge(workdirs, out: str, weights=None, fold: bool = False) -> dict:
+def merge(workdirs, out: str, weights=None, fold: bool = False, method: str | None = None,
+          overrides=()) -> dict:
     """Merge ``workdirs`` into ``out``; returns what ``merge.json`` records."""
     workdirs = [os.path.abspath(w) for w in workdirs]
     out = os.path.abspath(out)
@@ -227,6 +289,12 @@ def merge(workdirs, out: str, weights=None, fold: bool = False) -> dict:
     check_mergeable(workdirs, cfgs, weights, fold)
     if os.path.isdir(out) and os.listdir(out):
         raise UserError(f"--out {out} exists and is not empty: give a new folder")
+    options = merge_options(cfgs[0], overrides)
+    if method is not None:  # bad option values stop here, before anything is restored or compiled
+        try:
+            check_merge_options(method, options.to_dict().get(method, {}))
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     first = cfgs[0]
     mesh = mesh_lib.make_mesh(first.mesh)
@@ -236,39 +304,62 @@ def merge(workdirs, out: str, weights=None, fold: bool = False) -> dict:
     flats = [_flat(s) for s in states]
     step = max(s for _, s in restored)
     tasks = merged_task_weights(cfgs)
-    # The first run's model with the base loaded and checked against its fingerprint.
-    model = loop.load_state(FAMILY, first, workdirs[0], mesh=mesh).model
     n = len(workdirs)
     kind = first.adapter.kind
+    shared_a = kind == "flylora" and all(np.array_equal(np.asarray(flats[0][k]), np.asarray(f[k]))
+                                         for f in flats[1:] for k in flats[0] if k[-1] == "A")
+    method, opts = resolve_method(method, options.to_dict(), kind, shared_a, n, weights)
+    # The first run's model with the base loaded and checked against its fingerprint.
+    model = loop.load_state(FAMILY, first, workdirs[0], mesh=mesh).model
+    extra = {}
 
     if kind == "lora" and fold:
         mode = "lora_fold"
-        model = merge_lora_adapters(model, states, weights)
+        model = merge_lora_adapters(model, states, weights, method=method, options=opts)
         cfg = generative_config(first, tasks, step)
         write_workdir(generative.FAMILY, cfg, out, step, _flat(nnx.state(model, nnx.Param)), mesh,
                       prefixes=("model",) + (("ema",) if float(cfg.get("ema_decay", 0.0)) > 0 else ()))
-    elif kind == "lora":
+    elif kind == "lora" and method in ("sum", "average"):
         mode = "lora_concat"
-        w = [1.0] * n if weights is None else list(weights)
+        c = additive_scale(method, opts, weights, n)
+        w = [c * x for x in ([1.0] * n if weights is None else list(weights))]
         values = lora_concat_values(model, flats, w)
         cfg = adapter_run_config(first, tasks, step, rank=n * int(first.adapter.rank),
                                  alpha=n * float(first.adapter.alpha))
         write_workdir(FAMILY, cfg, out, step, values, mesh)
-    elif projections_shared(model, flats):
+    elif kind == "lora":
+        mode = "lora_svd"
+        layers, vectors = lora_task_vectors(model, states)
+        merged = merge_task_vectors(vectors, method, opts, weights)
+        rank = svd_rank(options, n, int(first.adapter.rank), model)
+        scale = float(first.adapter.alpha) / int(first.adapter.rank)
+        values, residuals = {}, {}
+        for path, _ in layers:
+            key = tuple(str(p) for p in path)
+            a, b, residuals[".".join(key)] = lora_factors(merged[".".join(key)], rank, scale)
+            values[key + ("A",)], values[key + ("B",)] = a, b
+        cfg = adapter_run_config(first, tasks, step, rank=rank, alpha=scale * rank)
+        write_workdir(FAMILY, cfg, out, step, values, mesh)
+        extra = {"svd_rank": rank, "svd_relative_residual": residuals}
+    elif shared_a:
         mode = "flylora_shared_a"
-        model = merge_flylora_adapters(model, states, weights, shared_a=True)
+        try:
+            model = merge_flylora_adapters(model, states, weights, shared_a=True, method=method, options=opts)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         cfg = adapter_run_config(first, tasks, step)
         write_workdir(FAMILY, cfg, out, step, _flat(nnx.state(model, adapter_state_filter)), mesh)
     else:
         mode = "flylora_sum"
-        w = [1.0] * n if weights is None else [float(x) for x in weights]
-        model = merge_flylora_adapters(model, states, w)
-        cfg = adapter_run_config(first, tasks, step, branches=n, branch_weights=w)
+        model = merge_flylora_adapters(model, states, weights, method=method, options=opts)
+        branch_weights = next(list(m.weights) for _, m in nnx.iter_modules(model) if isinstance(m, FlyLoRASum))
+        cfg = adapter_run_config(first, tasks, step, branches=n, branch_weights=branch_weights)
         write_workdir(FAMILY, cfg, out, step, _flat(nnx.state(model, adapter_state_filter)), mesh)
 
-    record = {"mode": mode, "workdirs": workdirs, "weights": None if weights is None else list(weights),
+    record = {"mode": mode, "method": method, "options": opts, "workdirs": workdirs,
+              "weights": None if weights is None else list(weights),
               "fold": bool(fold), "base_workdir": first.base_workdir, "base_step": int(first.base_step),
-              "base_fingerprint": first.base_fingerprint, "step": step, "family": cfg.family}
+              "base_fingerprint": first.base_fingerprint, "step": step, "family": cfg.family, **extra}
     if jax.process_index() == 0:
         with open(os.path.join(out, "merge.json"), "w") as f:
             json.dump(record, f, indent=2)
@@ -276,10 +367,11 @@ def merge(workdirs, out: str, weights=None, fold: bool = False) -> dict:
 
 
 def main(args, overrides) -> int:
-    if overrides:
-        raise UserError("adapters merge takes no --config overrides: the merged config comes from the workdirs")
-    record = merge(args.workdirs, args.out, args.weights, args.fold)
+    record = merge(args.workdirs, args.out, args.weights, args.fold, getattr(args, "method", None), overrides)
     if jax.process_index() == 0:
-        print(f"merged {len(record['workdirs'])} adapters ({record['mode']}) into {args.out}: a {record['family']} "
-              f"workdir at step {record['step']}")
+        worst = max(record.get("svd_relative_residual", {}).values(), default=None)
+        note = "" if worst is None else (f"; stored as rank-{record['svd_rank']} LoRA, worst relative SVD "
+                                         f"residual {worst:.3g} (--fold is exact)")
+        print(f"merged {len(record['workdirs'])} adapters ({record['method']}, {record['mode']}) into {args.out}: "
+              f"a {record['family']} workdir at step {record['step']}{note}")
     return 0

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 import mmgen
+from mmgen.parallel import runtime
 from mmgen.generative import masking, sampling, tasks
 from mmgen.generative import transformer as tr
 from mmgen.train import optim
@@ -277,6 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--skip-tokenizers", action="store_true")
     args = p.parse_args(argv)
+    runtime.set_flags()
     iters = 2 if args.quick else 5
     gpu = jax.default_backend() == "gpu"
     peak_dtype = jnp.bfloat16 if gpu else jnp.float32

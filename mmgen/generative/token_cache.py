@@ -32,7 +32,7 @@ import json
 import os
 
 import numpy as np
-from tqdm.auto import tqdm
+from mmgen.progress import progress
 
 from mmgen.data import pipeline
 from mmgen.errors import UserError
@@ -120,7 +120,7 @@ def build(cfg, split: str, load_tokenizers) -> str:
         parts.append({**toks, "label": batch["label"].astype(np.int32), "has_audio": batch["has_audio"].astype(bool)})
         pending.clear()
 
-    for clip in tqdm(clips, total=len(source), desc=f"token cache ({split})", unit="clip"):
+    for clip in progress(clips, total=len(source), desc=f"token cache ({split})", unit="clip"):
         pending.append(clip)
         if len(pending) == CHUNK:
             flush()

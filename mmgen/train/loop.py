@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from tqdm.auto import tqdm
+from mmgen.progress import progress
 
 from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import runtime
 from mmgen.parallel import sharding as sharding_lib
 from mmgen.train import optim
 from mmgen.train import workdir as workdir_lib
@@ -277,6 +278,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     as a preemption would. ``devices``: a subset of devices to use (default all).
     """
     # --- config and mesh: every user mistake is caught here, before compiling.
+    runtime.set_flags()
     validate(family, cfg)
     workdir_lib.check_workdir(workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -361,7 +363,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
     last_metrics: dict = {}
     pending = None  # (step, device metrics) fetched one step later: no host sync per step
     t_last, steps_since = time.perf_counter(), 0
-    bar = tqdm(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
+    bar = progress(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
                disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
 
     def flush(pending, force_sync=True):
@@ -567,6 +569,44 @@ def load_warm_start(cfg, other, step, mesh, rules):
     return restored["model"]
 
 
+# The state entries that hold the model to sample or evaluate with, in order of preference.
+INFERENCE_PARTS = ("ema", "model")
+
+
+def load_inference_model(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
+    """``(model, step)``: the run's inference model, its state's ``ema`` entry where the run keeps
+    one (else ``model``), reading only that entry's arrays from checkpoint ``step`` or the newest
+    one that restores and verifies (``Checkpointer.restore_newest_weights``).
+
+    Memory is the model's alone: no optimizer moments, discriminator or other copy is read
+    (BENCHMARKS.md, "Inference loads"). An entry holding frozen variables that are never
+    checkpointed (a base model under adapters), and weights-only workdirs, load through
+    ``load_state_and_step`` instead.
+    """
+    runtime.set_flags()
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    whole = nnx.eval_shape(lambda: family.create_state(cfg, nnx.Rngs(cfg.seed)))
+    part = next(p for p in INFERENCE_PARTS if getattr(whole, p, None) is not None)
+    graphdef, abstract = nnx.split(getattr(whole, part))
+    frozen = family.frozen is not None and jax.tree.leaves(nnx.split_state(abstract, family.frozen, ...)[0])
+    if frozen or cfg.get("weights_only"):
+        module, step = load_state_and_step(family, cfg, workdir, mesh, step)
+        return getattr(module, part), step
+    target = nnx.State({part: with_shardings(abstract, sharding_lib.state_shardings(abstract, mesh, rules))})
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        found = ckpt.restore_newest_weights(target, (part,), step)
+    except (CheckpointDamaged, NoUsableCheckpoint) as e:
+        raise UserError(str(e)) from None
+    finally:
+        ckpt.close()
+    if found is None:
+        raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
+    step, weights = found
+    return nnx.merge(graphdef, weights[part]), step
+
+
 def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """Restore a trained state for sampling/eval on any mesh. Returns the NNX module."""
     return load_state_and_step(family, cfg, workdir, mesh, step)[0]
@@ -575,6 +615,7 @@ def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = 
 def load_state_and_step(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """``(module, step)``: checkpoint ``step``, or else the newest one that restores and verifies
     (a damaged newer one is named in a warning and left where it is: readers take no lock)."""
+    runtime.set_flags()
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, abstract = abstract_state(family, cfg)

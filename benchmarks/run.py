@@ -1,6 +1,6 @@
 """One benchmark run: matmul peak, train steps (transformer, tokenizers), sampling, compile.
 
-    python -m benchmarks.run [--quick] [--out BENCHMARKS.md] [--json benchmarks/results.json]
+    python -m benchmarks.run [--quick] [--out BENCHMARKS.md] [--json benchmarks/results.json] [--profile DIR]
 
 Everything is measured in this one process, so ratios (MFU = achieved model FLOP/s
 over the same run's matmul peak; sampling overhead; compile scaling) compare like
@@ -8,6 +8,9 @@ with like. MFU counts model FLOPs only (6 * matmul params + attention per token 
 the transformer, docs/ALGORITHMS.md "Scale"; XLA's cost model of the forward x 3 for
 the tokenizers), so rematerialised recomputation lowers it, as it should.
 Timings come from wall clock after a warm-up step, with ``block_until_ready``.
+``--profile DIR`` also traces each timed train-step section with ``jax.profiler``
+(``DIR/<section>/``, one ``StepTraceAnnotation`` per call; ``tools/profile_summary.py DIR/<section>``
+lists its top ops); those timings then include the profiler's overhead.
 """
 
 from __future__ import annotations
@@ -36,16 +39,34 @@ def _block(tree):
     return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def time_calls(fn, *args, warmup=1, iters=5):
-    """Best and median wall seconds per call of ``fn(*args)`` after ``warmup`` calls."""
+PROFILE_DIR = None  # --profile: the timed calls of a section with a label are traced into PROFILE_DIR/<label>
+
+
+def time_calls(fn, *args, warmup=1, iters=5, label=None):
+    """Best and median wall seconds per call of ``fn(*args)`` after ``warmup`` calls.
+
+    With ``--profile`` and a ``label``, the timed calls are traced (one step annotation each).
+    """
     for _ in range(warmup):
         _block(fn(*args))
+    trace = os.path.join(PROFILE_DIR, label) if PROFILE_DIR and label else None
+    if trace:
+        jax.profiler.start_trace(trace, create_perfetto_trace=True)
     times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        _block(fn(*args))
-        times.append(time.perf_counter() - t)
+    try:
+        for i in range(iters):
+            t = time.perf_counter()
+            with jax.profiler.StepTraceAnnotation(label or "call", step_num=i):
+                _block(fn(*args))
+            times.append(time.perf_counter() - t)
+    finally:
+        if trace:
+            jax.profiler.stop_trace()
     return float(np.min(times)), float(np.median(times))
+
+
+def _label(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 def peak_bytes(compiled) -> int | None:
@@ -97,7 +118,7 @@ def masked_token_step(cfg, graphdef, task_ids):
     return step
 
 
-def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
+def transformer_step_bench(cfg, batch: int, iters: int, label: str | None = None) -> dict:
     """Masked-token training step (masking + fwd + bwd + AdamW) on video tokens only."""
     seq = 2 + int(np.prod(cfg.video_grid))  # task + condition + video; no audio in this benchmark
     t0 = time.perf_counter()
@@ -115,7 +136,7 @@ def transformer_step_bench(cfg, batch: int, iters: int) -> dict:
         holder["st"], loss = compiled(holder["st"], tokens, jax.random.key(2))
         return loss
 
-    best, median = time_calls(run_once, warmup=1, iters=iters)
+    best, median = time_calls(run_once, warmup=1, iters=iters, label=label)
     flops = tr.flops_per_token(cfg, seq) * batch * seq
     return {"seq_len": seq, "batch": batch, "params": tr.param_count(cfg), "step_s": best, "step_s_median": median,
             "tokens_per_s": batch * seq / best, "flops_per_s": flops / best, "first_compile_s": compile_s,
@@ -160,7 +181,7 @@ def sampling_bench(cfg, batch: int, steps: int, iters: int) -> dict:
 
 
 # ------------------------------------------------------------------ tokenizers
-def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
+def tokenizer_step_bench(spec: str, batch: int, iters: int, label: str | None = None) -> dict:
     from mmgen import config as config_lib
     from mmgen.families import tokenizer as tok
     from mmgen.train import loop
@@ -188,7 +209,7 @@ def tokenizer_step_bench(spec: str, batch: int, iters: int) -> dict:
         holder["st"], loss = compiled(holder["st"], batch_np, jax.random.key(1))
         return loss
 
-    best, median = time_calls(run_once, warmup=1, iters=iters)
+    best, median = time_calls(run_once, warmup=1, iters=iters, label=label)
     flops = tok.flops_per_example(cfg) * batch
     return {"config": spec, "batch": batch, "step_s": best, "step_s_median": median, "clips_per_s": batch / best,
             "model_flops_per_s": flops / best, "first_compile_s": compile_s, "peak_bytes": peak_bytes(compiled)}
@@ -277,7 +298,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--json", default="benchmarks/results.json")
     p.add_argument("--skip-tokenizers", action="store_true")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="trace each train-step section's timed calls with jax.profiler into DIR/<section>")
     args = p.parse_args(argv)
+    global PROFILE_DIR
+    PROFILE_DIR = args.profile
     runtime.set_flags()
     iters = 2 if args.quick else 5
     gpu = jax.default_backend() == "gpu"
@@ -320,7 +345,8 @@ def main(argv=None) -> int:
     results["transformer"] = {}
     for name, (cfg, batch) in configs.items():
         print(f"transformer {name} ...", flush=True)
-        results["transformer"][name] = t = measured(transformer_step_bench, cfg, batch, iters)
+        results["transformer"][name] = t = measured(transformer_step_bench, cfg, batch, iters,
+                                                     "transformer_" + _label(name))
         if "error" not in t:
             print(f"  {t['step_s']:.4f} s/step, {t['tokens_per_s']:.0f} tokens/s, "
                   f"MFU {t['flops_per_s'] / results['matmul_peak_flops']:.1%}, compile {t['first_compile_s']:.1f} s",
@@ -344,7 +370,8 @@ def main(argv=None) -> int:
     if not args.skip_tokenizers:
         for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
             print(f"tokenizer {spec} ...", flush=True)
-            results["tokenizers"][spec] = measured(tokenizer_step_bench, spec, 8, max(2, iters // 2))
+            results["tokenizers"][spec] = measured(tokenizer_step_bench, spec, 8, max(2, iters // 2),
+                                                   "tokenizer_" + _label(os.path.basename(spec)))
     # The peak again at the end: the machine's speed drifts (load, clocks), and MFU divides
     # by the larger of the two readings, so it never flatters.
     results["matmul_peak_flops_start"] = results["matmul_peak_flops"]

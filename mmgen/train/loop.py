@@ -118,10 +118,71 @@ def validate(family: Family, cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"config.{key}={value!r} must be an integer of at least {least}"
                             + (" (0 = never)" if least == 0 else ""))
+    profile_window(cfg)  # a bad profile block is one line too
     if cfg.batch_size % jax.process_count():
         raise UserError(f"config.batch_size={cfg.batch_size} does not divide over {jax.process_count()} processes")
     if family.validate is not None:
         family.validate(cfg)
+
+
+def profile_window(cfg) -> tuple[int, int] | None:
+    """``(first, last)`` step numbers (as logged, 1 = the first update) that ``cfg.profile`` traces, or None.
+
+    ``profile.num_steps`` > 0 turns the profiler on for the updates ``start_step`` ..
+    ``start_step + num_steps - 1``; start after the first step (compilation) to see the
+    steady state. A config without a ``profile`` block never profiles.
+    """
+    profile = cfg.get("profile", None)
+    if profile is None or not int(profile.get("num_steps", 0) or 0):
+        return None
+    start, num = profile.get("start_step", 1), profile.get("num_steps", 0)
+    for key, value, least in (("start_step", start, 1), ("num_steps", num, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"config.profile.{key}={value!r} must be an integer of at least {least}")
+    return start, start + num - 1
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of the window ``profile_window`` gives, into ``workdir/profile``.
+
+    ``run(n, step_fn, state, ...)`` runs update ``n``; inside the window it waits for the
+    previous update before the trace starts, and for each update inside a
+    ``StepTraceAnnotation`` (so a step's span in the viewer is its whole execution, not just
+    its dispatch), and stops the trace after the last one. Every process writes its own trace file
+    (``profile/plugins/profile/<run>/<host>.xplane.pb``, TensorBoard's profile plugin or XProf),
+    and a Perfetto trace (``perfetto_trace.json.gz``, ui.perfetto.dev) unless ``profile.perfetto`` is off.
+    """
+
+    def __init__(self, cfg, workdir: str, start: int):
+        self.window = profile_window(cfg)
+        self.directory = os.path.join(workdir, "profile")
+        self.perfetto = bool(cfg.get("profile", {}).get("perfetto", True)) if self.window else False
+        self.active = False
+        if self.window and self.window[1] <= start:
+            log.info("profile window (steps %d-%d) is before this run's start (step %d): not profiling",
+                     *self.window, start)
+            self.window = None
+
+    def run(self, n: int, step_fn, *args):
+        if self.window is None or not self.window[0] <= n <= self.window[1]:
+            return step_fn(*args)
+        if not self.active:
+            jax.block_until_ready(args[0])  # the updates before the window stay out of it
+            os.makedirs(self.directory, exist_ok=True)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=self.perfetto)
+            self.active = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=n):
+            out = jax.block_until_ready(step_fn(*args))
+        if n == self.window[1]:
+            self.stop()
+            if jax.process_index() == 0:
+                log.info("profile of steps %d-%d written to %s", *self.window, self.directory)
+        return out
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 def check_batch_divides(cfg, mesh) -> None:
@@ -390,11 +451,12 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
 
     step, batch = start, first
     stopped_early = False
+    profiler = _Profiler(cfg, workdir, start)
     try:
         with _Preemption() as preempt:
             while step < cfg.total_steps:
                 rng = jax.random.fold_in(base_rng, step)
-                state, metrics = train_step(state, global_batch(batch, mesh), rng, *extra)
+                state, metrics = profiler.run(step + 1, train_step, state, global_batch(batch, mesh), rng, *extra)
                 step += 1
                 steps_since += 1
                 bar.update(1)
@@ -437,6 +499,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
             if pending is not None:
                 flush(pending)
     finally:
+        profiler.stop()
         bar.close()
         ckpt.close()
         writer.close()

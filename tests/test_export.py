@@ -18,9 +18,11 @@ from flax import nnx
 from safetensors import safe_open
 
 import mmgen
+import mmgen.errors
 from mmgen import commands
 from mmgen.families import get_family
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.train import export as export_lib
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 
@@ -124,3 +126,25 @@ def test_generative_export_carries_its_tokenizers_and_samples_the_same(tokenizer
     for m in ra.tokens:
         np.testing.assert_array_equal(ra.tokens[m], rb.tokens[m])
     np.testing.assert_array_equal(ra.video, rb.video)
+
+
+@pytest.mark.slow
+def test_inference_loads_fall_back_past_a_damaged_step_and_move_nothing(tokenizers, write_numpy_initialised,
+                                                                        tmp_path, caplog):
+    import logging
+    import shutil
+
+    cfg = workdir_lib.read_config(tokenizers["video"])
+    work = str(tmp_path / "vtok")
+    write_numpy_initialised(get_family("tokenizer"), cfg, work, seed=0, step=1)
+    write_numpy_initialised(get_family("tokenizer"), cfg, work, seed=1, step=2)
+    shutil.rmtree(os.path.join(work, "checkpoints", "2", "state"))
+    device = jax.devices()[0]
+    with caplog.at_level(logging.WARNING):
+        tok = mmgen.load_tokenizer(work, devices=device)  # reads the EMA entry alone
+    assert tok.step == 1 and "checkpoint step 2" in caplog.text and "using step 1" in caplog.text
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1", "2"]  # readers move nothing
+    with pytest.raises(mmgen.errors.UserError, match="checkpoint step 2 is damaged"):
+        mmgen.load_tokenizer(work, step=2, devices=device)
+    assert commands.main(["export", "--workdir", work, "--out", str(tmp_path / "e")]) == 0
+    assert export_lib.read_metadata(str(tmp_path / "e"))["step"] == "1"

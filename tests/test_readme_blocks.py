@@ -3,7 +3,7 @@
 Each block is marked ``<!-- readme-test: python|bash -->`` on the line before its fence. They
 run in a scratch directory where ``runs/vtok`` is the tiny video tokenizer, ``runs/gen`` a
 1-layer transformer over it and the tiny audio tokenizer (numpy weights, 2 MaskGIT steps)
-and ``clip.mp4`` a 9-frame clip with sound, in a fresh interpreter (``python`` is this one).
+and ``clip.mp4`` a 9-frame clip with sound, in a fresh interpreter (``python`` is this one's).
 """
 
 import os
@@ -43,10 +43,8 @@ def test_the_readme_blocks_run(tokenizers, data_dir, generative_config, write_nu
     rng = np.random.default_rng(0)
     media.write_video(str(tmp_path / "clip.mp4"), rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8), fps=8.0,
                       audio=rng.uniform(-0.3, 0.3, 18000).astype(np.float32), sample_rate=16000)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    os.symlink(sys.executable, bin_dir / "python")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    bin_dir = os.path.dirname(sys.executable)  # `python` is this interpreter (its virtual environment's)
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     for kind, body in readme_blocks():
         cmd = [sys.executable, "-c", body] if kind == "python" else ["bash", "-e", "-c", body]

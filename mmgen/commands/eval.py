@@ -31,7 +31,6 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from mmgen.progress import progress
 
 from mmgen.errors import UserError
 from mmgen.eval import generative_eval, reference, tokenizer_eval
@@ -40,6 +39,7 @@ from mmgen.families import get_family
 from mmgen.families import tokenizer as tokenizer_family
 from mmgen.parallel import distributed
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.progress import progress
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 

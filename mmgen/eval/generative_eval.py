@@ -67,7 +67,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from mmgen.progress import progress
 
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
@@ -84,6 +83,7 @@ from mmgen.generative.tokens import (
 )
 from mmgen.generative.transformer import combine_digits, token_log_prob
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import signal
-from mmgen.progress import progress
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
@@ -57,6 +56,7 @@ from mmgen.eval import metrics, reference
 from mmgen.nn import lpips as lpips_lib
 from mmgen.nn.spectral import multiscale_mel_distance
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 MULAW_BITS = 8  # G.711

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from mmgen.progress import progress as progress_bar
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
@@ -36,6 +35,7 @@ from mmgen.generative import sampling
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.tokens import clip_dataset_config, specs_of, tokenize_clips
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress as progress_bar
 from mmgen.tokenizers.audio import audio_samples_for_video
 
 GIVEN = ("condition", "partial")

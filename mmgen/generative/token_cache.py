@@ -32,12 +32,12 @@ import json
 import os
 
 import numpy as np
-from mmgen.progress import progress
 
 from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative import tokens as gen
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 CHUNK = 64  # clips tokenized at once while building

@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from mmgen.progress import progress
 
 from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import runtime
 from mmgen.parallel import sharding as sharding_lib
+from mmgen.progress import progress
 from mmgen.train import optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import (Checkpointer, CheckpointDamaged, NonFiniteState, NoUsableCheckpoint,
@@ -425,7 +425,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
     pending = None  # (step, device metrics) fetched one step later: no host sync per step
     t_last, steps_since = time.perf_counter(), 0
     bar = progress(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
-               disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
+                   disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
 
     def flush(pending, force_sync=True):
         nonlocal t_last, steps_since, last_metrics

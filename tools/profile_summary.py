@@ -5,8 +5,8 @@
 Reads the newest ``perfetto_trace.json.gz`` under the directory (``config.profile`` writes
 one into ``workdir/profile``, ``benchmarks.run --profile DIR`` one per benchmark) and
 prints, for the annotated steps it holds (``StepTraceAnnotation``), the mean step time
-and the ops that took the most time: each op's total over the steps, its share of the
-summed op time, and how often it ran. Op events are the executable's instructions
+and the ops that took the most time: each op's time per step (summed over the process's
+devices), its share of the summed op time, and how often it ran. Op events are the executable's instructions
 (``dot.3``, ``convolution.1``, ``multiply_add_fusion.12``, ...); Python and runtime
 events are left out. No TensorBoard plugin needed.
 

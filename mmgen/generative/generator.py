@@ -1,9 +1,9 @@
 """Sampling from a generative model: condition clips -> tokens -> MaskGIT -> media files.
 
 ``Generator`` holds a generative model and its frozen tokenizers on one device (both
-given by the caller; ``mmgen.families.generative.load_generator`` builds one from a
-workdir) and is shared by ``mmgen sample``, the trainer's evaluation hook,
-``mmgen eval`` and ``mmgen demo``.
+given by the caller; ``mmgen.families.generative.load_generator``, also ``mmgen.load_generator``,
+builds one from a workdir or an export) and is shared by ``mmgen sample``, the trainer's
+evaluation hook, ``mmgen eval``, ``mmgen demo`` and the Python API (``sample(task=..., inputs=...)``).
 
 ``sample_task`` draws ``num`` samples of one task: conditional tasks take their
 condition from given clips (``read_input`` fits any video or sound file to the

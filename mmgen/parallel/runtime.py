@@ -23,8 +23,3 @@ def set_flags() -> None:
     """Set both flags for this process (idempotent; cheap)."""
     flax.config.update("flax_always_shard_variable", False)
     jax.config.update("jax_threefry_partitionable", True)
-
-
-def flags_set() -> bool:
-    """Whether this process runs with mmgen's settings."""
-    return (not flax.config.flax_always_shard_variable) and bool(jax.config.jax_threefry_partitionable)

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 
 from benchmarks.conv_cpu import best_seconds
 from mmgen.nn.attention import attention
+from mmgen.parallel import runtime
 
 BATCH, SEQ, WIDTH = 4, 1026, 512
 
 
 def main() -> None:
+    runtime.set_flags()
     a = jnp.ones((2048, 2048), jnp.float32)
     peak = 2 * 2048**3 / best_seconds(jax.jit(lambda a: a @ a), a)
     print(f"matmul peak (float32, 2048^3): {peak / 1e9:.1f} GFLOP/s")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmgen.nn.conv import GroupNorm, conv3d
+from mmgen.parallel import runtime
 
 
 def best_seconds(fn, *args, iters: int = 5) -> float:
@@ -39,6 +40,7 @@ def direct_group_norm(x, groups: int = 8, eps: float = 1e-6):
 
 
 def main() -> None:
+    runtime.set_flags()
     rng = np.random.default_rng(0)
     b, t, h, w, c = 8, 9, 32, 32, 16
     x = jnp.asarray(rng.normal(size=(b, t + 2, h, w, c)), jnp.float32)  # 2 causal front frames

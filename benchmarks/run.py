@@ -28,6 +28,7 @@ from flax import nnx
 import mmgen
 from mmgen.generative import masking, sampling, tasks
 from mmgen.generative import transformer as tr
+from mmgen.parallel import runtime
 from mmgen.train import optim
 
 from benchmarks import harness
@@ -169,8 +170,26 @@ def tokenizer_step_bench(spec: str, batch: int) -> dict:
             "peak_bytes": peak_bytes(compiled), "call": call}
 
 
-def timed_row(prepared: dict, peak: tuple, reps: int, tolerance: float) -> dict:
-    """A prepared row timed between peak readings (``benchmarks.harness.bracketed``)."""
+def _label(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def trace_calls(call, trace_dir: str, calls: int = 3) -> None:
+    """``calls`` calls of ``call`` traced with ``jax.profiler`` into ``trace_dir`` (one step
+    annotation each; viewable in TensorBoard's profile plugin or Perfetto). Run apart from
+    the timed repetitions, so tracing never slows a measured call."""
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+        for i in range(calls):
+            with jax.profiler.StepTraceAnnotation(os.path.basename(trace_dir), step_num=i):
+                jax.block_until_ready(call())
+    finally:
+        jax.profiler.stop_trace()
+
+
+def timed_row(prepared: dict, peak: tuple, reps: int, tolerance: float, profile: str | None = None) -> dict:
+    """A prepared row timed between peak readings (``benchmarks.harness.bracketed``), then
+    traced into ``profile`` when given."""
     call, peak_count = peak
     row = {k: v for k, v in prepared.items() if k != "call"}
     row.update(harness.bracketed(prepared["call"], prepared["flops"], call, peak_count, reps=reps,
@@ -178,6 +197,8 @@ def timed_row(prepared: dict, peak: tuple, reps: int, tolerance: float) -> dict:
     row["step_s_median"] = row["step_s"]["median"]
     row["units_per_s"] = prepared["units"] / row["step_s"]["median"]
     row["flops_per_s"] = prepared["flops"] / row["step_s"]["median"]
+    if profile:
+        trace_calls(prepared["call"], profile)
     return row
 
 
@@ -293,7 +314,11 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tokenizers", action="store_true")
     p.add_argument("--tolerance", type=float, default=harness.DEFAULT_TOLERANCE,
                    help="largest spread of a row's peak readings before it is marked unreliable")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="after timing, trace 3 calls of each train-step row with jax.profiler into DIR/<row>")
     args = p.parse_args(argv)
+    runtime.set_flags()
+    profile = (lambda name: os.path.join(args.profile, _label(name))) if args.profile else (lambda name: None)
     reps = 3 if args.quick else 7
     gpu = jax.default_backend() == "gpu"
     peak_dtype = jnp.bfloat16 if gpu else jnp.float32
@@ -342,7 +367,8 @@ def main(argv=None) -> int:
     for name, (cfg, batch) in configs.items():
         print(f"transformer {name} ...", flush=True)
         results["transformer"][name] = t = measured(
-            lambda: timed_row(transformer_step_bench(cfg, batch), peak, reps, args.tolerance))
+            lambda: timed_row(transformer_step_bench(cfg, batch), peak, reps, args.tolerance,
+                              profile("transformer_" + name)))
         if "error" not in t:
             print(f"  {t['step_s']['median']:.4f} s/step, {t['units_per_s']:.0f} tokens/s, MFU "
                   f"{t['fraction_of_peak']['median']:.1%} (peak spread {t['peak_spread']:.0%}"
@@ -379,7 +405,8 @@ def main(argv=None) -> int:
         for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
             print(f"tokenizer {spec} ...", flush=True)
             results["tokenizers"][spec] = measured(
-                lambda: timed_row(tokenizer_step_bench(spec, 8), peak, max(3, reps // 2), args.tolerance))
+                lambda: timed_row(tokenizer_step_bench(spec, 8), peak, max(3, reps // 2), args.tolerance,
+                                  profile("tokenizer_" + os.path.basename(spec))))
             save_partial()
     write_markdown(results, args.out)
     print(json.dumps(results, indent=2))

@@ -55,6 +55,9 @@ def base_config(**overrides) -> ml_collections.ConfigDict:
     cfg.progress = True
     cfg.tensorboard = True
     cfg.peak_flops = 0.0  # FLOP/s per device for MFU; 0 = look the device up
+    # jax.profiler trace of updates start_step .. start_step + num_steps - 1 into workdir/profile
+    # (num_steps=0: off; start after step 1, which compiles). perfetto: also perfetto_trace.json.gz.
+    cfg.profile = ml_collections.ConfigDict(dict(start_step=3, num_steps=0, perfetto=True))
     cfg.mesh = ml_collections.ConfigDict(dict(
         data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
     cfg.sharding_rules = [list(r) if isinstance(r[1], str) or r[1] is None else [r[0], list(r[1])]

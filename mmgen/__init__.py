@@ -1,17 +1,32 @@
 """mmgen: multi-modal, multi-task masked generation of video and audio in JAX.
 
-Importing the package fixes two process-wide settings every module relies on:
-parameters are created unsharded (their logical axis names are only recorded as
-metadata; ``mmgen.parallel.sharding`` turns them into ``NamedSharding``s and the
-trainer initialises them directly on devices), and PRNG keys split identically
-however the computation is partitioned (``jax_threefry_partitionable``), so a run
-gives the same numbers on 1 device and on a mesh of 8.
+The Python API (``mmgen.api``, imported on first use so ``import mmgen`` stays cheap and
+changes no JAX/Flax setting)::
+
+    import mmgen
+    tok = mmgen.load_tokenizer("runs/vtok")      # a workdir or an export directory
+    tokens = tok.encode(video)                   # uint8 [T, H, W, 3] or [B, T, H, W, 3]
+    video = tok.decode(tokens)
+    gen = mmgen.load_generator("runs/gen")
+    result = gen.sample(task="frame_prediction", inputs="clip.mp4", num=2)
+    mmgen.export("runs/vtok", "exports/vtok")    # safetensors + config.json + README.md
+
+The process-wide settings runs rely on are set where runs start
+(``mmgen.parallel.runtime.set_flags``), not here.
 """
 
-import flax
-import jax
-
-flax.config.update("flax_always_shard_variable", False)
-jax.config.update("jax_threefry_partitionable", True)
-
 __version__ = "0.1.0"
+
+_API = ("load_tokenizer", "load_generator", "export", "Tokenizer")
+
+
+def __getattr__(name):
+    if name in _API:
+        from mmgen import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'mmgen' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_API])

@@ -17,6 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402  (after the environment above: it must be set before jax loads)
 
+from mmgen.parallel import runtime  # noqa: E402
+
+runtime.set_flags()  # what every run sets where it starts (the CLI, the loop, the API loaders)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATIVE = os.path.join(ROOT, "configs", "generative", "multitask.py")
 ADAPTERS = os.path.join(ROOT, "configs", "adapters")

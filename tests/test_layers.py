@@ -19,7 +19,7 @@ TESTS = os.path.join(ROOT, "tests")
 
 # Top to bottom. A module may import from its own layer and the layers below it.
 LAYERS = (
-    ("mmgen", "mmgen.__main__", "mmgen.commands"),  # the command line (and the package's front door)
+    ("mmgen", "mmgen.__main__", "mmgen.api", "mmgen.commands"),  # the command line, the Python API (the front door)
     ("mmgen.families",),  # what the loop runs: state, step, data, evaluation hook, load
     ("mmgen.eval",),  # metrics and evaluators over loaded models
     ("mmgen.generative", "mmgen.tokenizers", "mmgen.adapters"),  # models and their host-side inputs
@@ -27,7 +27,7 @@ LAYERS = (
     ("mmgen.data",),  # datasets, media, the input pipeline
     ("mmgen.nn",),  # shared layers
     ("mmgen.parallel",),  # meshes, sharding rules, multi-host start-up
-    ("mmgen.config", "mmgen.errors"),  # config files and overrides; the user-error type
+    ("mmgen.config", "mmgen.errors", "mmgen.progress"),  # config files and overrides; the user-error type; progress
 )
 
 # (importer, imported) pairs allowed to point up, each with its reason. Keep it at most one.

@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks import run
+    from mmgen.parallel import runtime
 
+    runtime.set_flags()
     cfg = run.transformer_config(args.width, args.depth, args.heads, tuple(args.grid), vocab=args.vocab)
     ours = run.transformer_step_bench(cfg, args.batch)
     seq = ours["seq_len"]

@@ -61,6 +61,7 @@ from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative import tokens as tokens_lib
 from mmgen.train import loop
+from mmgen.parallel import runtime
 
 THIS = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(THIS)))
@@ -342,4 +343,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.set_flags()  # what every mmgen run sets where it starts
     sys.exit(main())

@@ -23,6 +23,7 @@ from mmgen.families import tokenizer as tokenizers
 from mmgen.generative import tokens
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import Checkpointer
+from mmgen.parallel import runtime
 
 
 def code_vectors(cfg, modality: str) -> list[np.ndarray]:
@@ -56,4 +57,5 @@ def main(out: str, config_json: str) -> None:
 
 
 if __name__ == "__main__":
+    runtime.set_flags()  # what every mmgen run sets where it starts
     main(*sys.argv[1:3])

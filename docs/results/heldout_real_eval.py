@@ -33,6 +33,7 @@ from mmgen.data.builders import sources
 from mmgen.eval import reference, tokenizer_eval
 from mmgen.families import tokenizer as tokenizer_family
 from mmgen.tokenizers import LoadedTokenizer
+from mmgen.parallel import runtime
 
 
 def main() -> None:
@@ -89,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    runtime.set_flags()  # what every mmgen run sets where it starts
     main()

@@ -23,6 +23,7 @@ from flax import nnx  # noqa: E402
 
 from mmgen.families import tokenizer as family  # noqa: E402
 from mmgen.tokenizers.video import VideoTokenizer  # noqa: E402
+from mmgen.parallel import runtime
 
 STEPS, LR = 150, 1e-3
 
@@ -66,4 +67,5 @@ def main(kind: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    runtime.set_flags()  # what every mmgen run sets where it starts
     main(sys.argv[1] if len(sys.argv) > 1 else "none", sys.argv[2:])

@@ -25,6 +25,7 @@ from mmgen.eval.generative_eval import (
     video_heights,
 )
 from mmgen.families import tokenizer as tokenizers
+from mmgen.parallel import runtime
 
 CHUNK = 50
 
@@ -65,4 +66,5 @@ def main(workdir: str, data_dir: str, overrides: str = "{}") -> None:
 
 
 if __name__ == "__main__":
+    runtime.set_flags()  # what every mmgen run sets where it starts
     main(*sys.argv[1:])

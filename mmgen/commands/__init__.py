@@ -1,4 +1,4 @@
-"""Command line: ``mmgen {train,sample,tokenize,eval,prepare,plan,adapters,demo,sweep}``.
+"""Command line: ``mmgen {train,sample,tokenize,eval,export,prepare,plan,adapters,demo,sweep}``.
 
 The top layer of the package: this module parses the flags and hands over to one
 module per subcommand (``mmgen.commands.<name>.main(args, overrides)``), which checks
@@ -17,6 +17,7 @@ import logging
 import sys
 
 from mmgen.errors import UserError
+from mmgen.parallel import runtime
 
 
 def _overrides(extra: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip FVD (I3D on 224x224 clips: seconds per clip on a CPU); LPIPS, PSNR, ... still run")
     s.set_defaults(fn=_run("eval"))
 
+    s = sub.add_parser("export", help="write a run's inference weights (safetensors), config and model card")
+    s.add_argument("--workdir", required=True, help="a tokenizer or generative workdir")
+    s.add_argument("--out", required=True, help="a new directory")
+    s.add_argument("--step", type=int, default=None, help="checkpoint to export (default: the newest)")
+    s.set_defaults(fn=_run("export"))
+
     s = sub.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) into --data-dir")
     s.add_argument("--dataset", required=True)
     s.add_argument("--path", help="input folder (video_folder)")
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     name = args.command if args.command != "adapters" else f"adapters {args.adapters_command}"
+    runtime.set_flags()  # the process-wide settings every run relies on (mmgen.parallel.runtime)
     try:
         overrides = extra if args.command == "sweep" else _overrides(extra, parser)
         return int(args.fn(args, overrides) or 0)

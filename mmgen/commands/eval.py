@@ -31,7 +31,6 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from mmgen.errors import UserError
 from mmgen.eval import generative_eval, reference, tokenizer_eval
@@ -40,6 +39,7 @@ from mmgen.families import get_family
 from mmgen.families import tokenizer as tokenizer_family
 from mmgen.parallel import distributed
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.progress import progress
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
 
@@ -59,7 +59,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
     it = family.make_data(cfg, split=split, train=False, seed=cfg.seed, batch_size=cfg.batch_size,
                           process_index=jax.process_index(), process_count=jax.process_count())
     sums, n, step_fn = {}, 0, None
-    for i in tqdm(range(batches), desc=f"eval {family.name} ({split})", unit="batch"):
+    for i in progress(range(batches), desc=f"eval {family.name} ({split})", unit="batch"):
         batch = next(it, None)
         if batch is None:
             break

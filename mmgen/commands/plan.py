@@ -270,9 +270,11 @@ def make_plan(cfg, num_devices: int, accelerator: str = "h100", *, config_name: 
 
     from mmgen.families import get_family
     from mmgen.nn import backend
+    from mmgen.parallel import runtime
     from mmgen.parallel import sharding as sharding_lib
     from mmgen.train import loop, optim
 
+    runtime.set_flags()
     acc, hbm, peak = accelerator_spec(accelerator)
     devices = list(devices if devices is not None else jax.devices())
     if len(devices) < num_devices:

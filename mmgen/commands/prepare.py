@@ -5,7 +5,8 @@ audio-visual dataset; ``prepare("video_folder", data_dir, path=DIR, config="smal
 turns a folder of videos into clips; any other registered TFDS name is downloaded
 and prepared by TFDS in ArrayRecord format (needs the network, and TensorFlow for
 most video datasets). Progress is shown by tqdm bars (TFDS's example counter, and
-per-video bars for folders); at the end one line says where the dataset went and
+per-video bars for folders) on a terminal, and by periodic log lines otherwise
+(``mmgen.progress``); at the end one line says where the dataset went and
 how many examples each split holds, then (folders) how the test split was made and the
 files that were skipped and why.
 Errors end in one line on stderr and exit status 2, never a traceback.
@@ -19,6 +20,7 @@ import tensorflow_datasets as tfds
 
 from mmgen.data import media
 from mmgen.data.builders import sources, video_folder
+from mmgen.progress import is_terminal
 
 
 def _fail(message: str) -> int:
@@ -41,6 +43,8 @@ def prepare(dataset: str, data_dir: str, path: str | None = None, config: str | 
     if path and base != "video_folder":
         return _fail(f"--path is only used by video_folder, not {base}")
     name = f"{base}/{config}" if config else base
+    if not is_terminal():  # TFDS's own bars would flood a log file; the per-video ones log lines (mmgen.progress)
+        tfds.disable_progress_bar()
     if base in sources.OUR_BUILDERS and not config:
         name = f"{base}/{sources.OUR_BUILDERS[base].DEFAULT_BUILDER_CONFIG_NAME}"
     existing = sources.find_prepared(name, data_dir)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import inspect
 import itertools
 import json
@@ -291,9 +292,15 @@ def _curve_keys(rows_by_point: dict[str, list[dict]]) -> list[str]:
     return (["loss"] if "loss" in keys else []) + sorted(k for k in keys if k.startswith("eval/"))
 
 
+PLOTS_MISSING = "the curves plot needs matplotlib, which is not installed: pip install 'mmgen[plots]'"
+
+
 def plot_curves(rows_by_point: dict[str, list[dict]], path: str, max_panels: int = 6) -> None:
-    """One panel per metric (``loss`` and ``eval/*``), one line per point."""
-    import matplotlib
+    """One panel per metric (``loss`` and ``eval/*``), one line per point (needs the ``plots`` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError(PLOTS_MISSING) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -350,8 +357,12 @@ def summarize(root: str, points: Sequence[dict], names: Sequence[str]) -> list[d
         f.write("|" + "---|" * len(columns) + "\n")
         for row in rows:
             f.write("| " + " | ".join(_cell(row.get(c)).replace("|", "\\|") for c in columns) + " |\n")
-        f.write("\n![curves](curves.png)\n")
-    plot_curves(curves, os.path.join(root, "curves.png"))
+        if importlib.util.find_spec("matplotlib") is not None:
+            f.write("\n![curves](curves.png)\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"[sweep] summary.csv and summary.md written; no curves.png: {PLOTS_MISSING}", file=sys.stderr)
+    else:
+        plot_curves(curves, os.path.join(root, "curves.png"))
     return rows
 
 

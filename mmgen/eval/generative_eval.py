@@ -67,7 +67,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
@@ -84,6 +83,7 @@ from mmgen.generative.tokens import (
 )
 from mmgen.generative.transformer import combine_digits, token_log_prob
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this
@@ -259,7 +259,7 @@ def token_accuracy(generator, clips: dict, train_tokens: dict, task_names, ratio
     num = len(clips["label"])
     chunk = max(1, min(num, int(cfg.sampling.batch_size)))
     rows_out = []
-    for task in tqdm(task_names, desc="token accuracy", unit="task"):
+    for task in progress(task_names, desc="token accuracy", unit="task"):
         hits = {m: [0, 0, 0, 0.0] for m in generator.tokenizers}  # model hits, unigram hits, scored, -log p sum
         clip_sums = {}  # modality -> [nll sum, hits, scored] per clip and level
         for c, lo in enumerate(range(0, num, chunk)):
@@ -409,7 +409,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     train = read_split(cfg, "train", max(unigram_clips, probe_clips), extra_features="main_y" if probe_clips else "")
     chunk = max(1, int(cfg.sampling.batch_size))
     train_tokens = {m: [] for m in generator.tokenizers}
-    for lo in tqdm(range(0, len(train["label"]), chunk), desc="tokenize train clips", unit="batch"):
+    for lo in progress(range(0, len(train["label"]), chunk), desc="tokenize train clips", unit="batch"):
         ids = np.zeros((len(train["label"][lo:lo + chunk]),), np.int32)
         toks = tokenize_clips(cfg, generator.tokenizers, train["video"][lo:lo + chunk],
                               train["audio"][lo:lo + chunk], ids, jax.random.key(0), with_condition=False)
@@ -444,7 +444,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     if scorer is not None:
         scorer.add_real(clips["video"][:num])
     fvd_rows = []
-    for task in tqdm(sampled, desc="sample tasks", unit="task"):
+    for task in progress(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
         if is_writer():
             generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import signal
-from tqdm.auto import tqdm
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
@@ -57,6 +56,7 @@ from mmgen.eval import metrics, reference
 from mmgen.nn import lpips as lpips_lib
 from mmgen.nn.spectral import multiscale_mel_distance
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 MULAW_BITS = 8  # G.711
@@ -133,7 +133,7 @@ def _batches(cfg, split: str, num: int, modality: str):
     batch = _batch_size(num, int(cfg.batch_size))
     it = pipeline.make_iterator(cfg.dataset, split=split, global_batch_size=batch, seed=0, train=False,
                                 process_index=0, process_count=1)
-    for _ in tqdm(range(num // batch), desc=f"eval {modality} tokenizer ({split}, {num} clips)", unit="batch"):
+    for _ in progress(range(num // batch), desc=f"eval {modality} tokenizer ({split}, {num} clips)", unit="batch"):
         yield next(it)[modality]
 
 

@@ -66,6 +66,8 @@ from mmgen.generative.transformer import (
     sequence_length,
 )
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import sharding as sharding_lib
+from mmgen.train import export as export_lib
 from mmgen.train import loop, optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.loop import Family
@@ -283,8 +285,11 @@ def load_generator(workdir: str, overrides=(), step: int | None = None) -> Gener
     One process: the model on the first local device. Several (``mmgen eval``/``sample``
     launched like the training run): the model laid out on the run's own mesh over every
     process, which all run the same sampling (the tokenizers sit on each process's first
-    device).
+    device). Only the inference weights are read (``loop.load_inference_model``);
+    ``workdir`` may also be an export directory (``load_generator_export``).
     """
+    if export_lib.is_export(workdir):
+        return load_generator_export(workdir, overrides, step)
     cfg = read_config(workdir)
     config_lib.apply_overrides(cfg, overrides)
     device = jax.local_devices()[0]
@@ -293,9 +298,38 @@ def load_generator(workdir: str, overrides=(), step: int | None = None) -> Gener
     else:
         mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
     tokenizers = load_tokenizers(cfg, device)
-    state, step = loop.load_state_and_step(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)
-    generator = Generator(cfg, inference_model(state), tokenizers=tokenizers, device=device)
+    model, step = loop.load_inference_model(get_family(cfg.family), cfg, workdir, mesh=mesh, step=step)
+    generator = Generator(cfg, model, tokenizers=tokenizers, device=device)
     generator.step = step  # the checkpoint loaded (an older one when the newest is damaged)
+    return generator
+
+
+def load_generator_export(path: str, overrides=(), step: int | None = None) -> Generator:
+    """The ``Generator`` of an export directory (``mmgen export`` of a generative run), on one device.
+
+    Its tokenizers are the exports beside it (``tokenizers/video``, ``tokenizers/audio``:
+    the config names them relative to the export directory) or, when the config holds
+    absolute workdirs, those.
+    """
+    cfg = workdir_lib.read_config(path, ("generative",), "a generative one (adapters: merge with --fold, then "
+                                                         "train or export the folded run)")
+    config_lib.apply_overrides(cfg, overrides)
+    meta = export_lib.read_metadata(path)
+    if step is not None and str(step) != meta.get("step"):
+        raise UserError(f"{path} is an export of step {meta.get('step')}; it holds no step {step}")
+    for m in ("video", "audio"):
+        where = tokenizer_workdir(cfg, m)
+        if where and not os.path.isabs(where):
+            cfg.tokenizers[f"{m}_workdir"] = os.path.join(os.path.abspath(path), where)
+    device = jax.local_devices()[0]
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
+    tokenizers = load_tokenizers(cfg, device)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MaskedTransformer(cfg.model, rngs=nnx.Rngs(int(cfg.seed)))))
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    target = loop.with_shardings(abstract, sharding_lib.state_shardings(abstract, mesh, rules))
+    generator = Generator(cfg, nnx.merge(graphdef, export_lib.load_weights(path, target)), tokenizers=tokenizers,
+                          device=device)
+    generator.step = int(meta.get("step", 0))
     return generator
 
 

@@ -37,10 +37,12 @@ from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import sharding as sharding_lib
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.tokenizers import LoadedTokenizer, build, input_shape, kinds, losses
 from mmgen.tokenizers import audio as audio_lib
 from mmgen.tokenizers.quantizers import QuantizerState
+from mmgen.train import export as export_lib
 from mmgen.train import loop, optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.loop import Family
@@ -318,18 +320,44 @@ def load(workdir: str, step: int | None = None, devices=None) -> LoadedTokenizer
     sharding rules split weights over ``data``), e.g. a frozen tokenizer on one device
     beside the training step; a ``jax.sharding.Mesh`` lays them out on that mesh by the
     run's sharding rules. Encoding and decoding then run where the weights are.
+
+    Only the inference weights are read (``loop.load_inference_model``); ``workdir`` may
+    also be an export directory (``mmgen export``; ``load_export``).
     """
+    if export_lib.is_export(workdir):
+        return load_export(workdir, step=step, devices=devices)
     cfg = workdir_lib.read_config(workdir, ("tokenizer",), "a tokenizer")
-    if devices is None or isinstance(devices, Mesh):
-        mesh = devices
-    else:
-        mesh = mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
+    mesh = _load_mesh(devices)
     state_cfg = cfg
     if perceptual_enabled(cfg):  # encoding and decoding do not need the perceptual network
         state_cfg = cfg.copy_and_resolve_references()
         state_cfg.loss.perceptual.weights_path = ""
-    state, step = loop.load_state_and_step(FAMILY, state_cfg, workdir, mesh=mesh, step=step)
-    return LoadedTokenizer(cfg.modality, inference_model(state), cfg, workdir, int(step))
+    model, step = loop.load_inference_model(FAMILY, state_cfg, workdir, mesh=mesh, step=step)
+    return LoadedTokenizer(cfg.modality, model, cfg, workdir, int(step))
+
+
+def _load_mesh(devices):
+    if devices is None or isinstance(devices, Mesh):
+        return devices
+    return mesh_lib.make_mesh({"data": -1}, [devices] if isinstance(devices, jax.Device) else devices)
+
+
+def load_export(path: str, step: int | None = None, devices=None) -> LoadedTokenizer:
+    """The tokenizer of an export directory (``mmgen.train.export``), laid out as ``load`` says.
+
+    The weights go straight from ``model.safetensors`` onto the abstract model's shardings;
+    encoding and decoding are those of the run's EMA model, bit for bit.
+    """
+    cfg = workdir_lib.read_config(path, ("tokenizer",), "a tokenizer")
+    meta = export_lib.read_metadata(path)
+    if step is not None and str(step) != meta.get("step"):
+        raise UserError(f"{path} is an export of step {meta.get('step')}; it holds no step {step}")
+    mesh = _load_mesh(devices) or mesh_lib.make_mesh(cfg.mesh)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(cfg, nnx.Rngs(int(cfg.seed)))))
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    target = loop.with_shardings(abstract, sharding_lib.state_shardings(abstract, mesh, rules))
+    weights = export_lib.load_weights(path, target)
+    return LoadedTokenizer(cfg.modality, nnx.merge(graphdef, weights), cfg, path, int(meta.get("step", 0)))
 
 
 FAMILY = Family(

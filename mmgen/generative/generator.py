@@ -1,9 +1,9 @@
 """Sampling from a generative model: condition clips -> tokens -> MaskGIT -> media files.
 
 ``Generator`` holds a generative model and its frozen tokenizers on one device (both
-given by the caller; ``mmgen.families.generative.load_generator`` builds one from a
-workdir) and is shared by ``mmgen sample``, the trainer's evaluation hook,
-``mmgen eval`` and ``mmgen demo``.
+given by the caller; ``mmgen.families.generative.load_generator``, also ``mmgen.load_generator``,
+builds one from a workdir or an export) and is shared by ``mmgen sample``, the trainer's
+evaluation hook, ``mmgen eval``, ``mmgen demo`` and the Python API (``sample(task=..., inputs=...)``).
 
 ``sample_task`` draws ``num`` samples of one task: conditional tasks take their
 condition from given clips (``read_input`` fits any video or sound file to the
@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
@@ -36,6 +35,7 @@ from mmgen.generative import sampling
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.tokens import clip_dataset_config, specs_of, tokenize_clips
 from mmgen.parallel.distributed import host_value, is_writer
+from mmgen.progress import progress as progress_bar
 from mmgen.tokenizers.audio import audio_samples_for_video
 
 GIVEN = ("condition", "partial")
@@ -152,6 +152,36 @@ class Generator:
         self.fps, self.sample_rate = float(d.fps), int(d.sample_rate)
 
     # ------------------------------------------------------------------ sampling
+    def sample(self, task: str, inputs=None, num: int | None = None, *, seed: int = 0, split: str = "test",
+               steps: int | None = None, guidance: float | None = None, temperature: float | None = None,
+               progress: bool = False) -> SampleResult:
+        """``num`` samples of ``task`` (the Python API's entry point; ``mmgen.load_generator``).
+
+        ``inputs``, the condition of a conditional task: a video or sound file (every sample
+        shares it, fitted to the config's clip as ``mmgen sample --input`` does), a dict of
+        arrays already of the config's clip shape (``video`` uint8 ``[n, T, H, W, 3]``,
+        ``audio`` float32 ``[n, S]``), or None for the first clips of ``split``. ``num``
+        defaults to the dict's clip count, else 1. Unconditional tasks ignore ``inputs``.
+        """
+        check_task(self.cfg, task)
+        clips = None
+        if conditioned_modalities(task) and isinstance(inputs, (str, os.PathLike)):
+            num = int(num or 1)
+            clips = read_input(os.fspath(inputs), self.cfg, task, num)
+        elif conditioned_modalities(task) and inputs is not None:
+            clips = {k: np.asarray(v) for k, v in dict(inputs).items()}
+            have = min(len(v) for v in clips.values())
+            num = int(num or have)
+            missing = [m for m in conditioned_modalities(task) if m not in clips]
+            if missing or have < num:
+                raise UserError(f"inputs for {task!r} need {conditioned_modalities(task)} with at least {num} clips; "
+                                f"got {({k: list(v.shape) for k, v in clips.items()})}")
+            clips.setdefault("label", np.zeros((have,), np.int32))
+        if num is not None and int(num) < 1:
+            raise UserError(f"num={num} must be at least 1")
+        return self.sample_task(task, int(num or 1), seed=seed, clips=clips, split=split, steps=steps,
+                                guidance=guidance, temperature=temperature, progress=progress)
+
     def sample_task(self, task: str, num: int, *, seed: int = 0, clips: dict | None = None, split: str = "test",
                     steps: int | None = None, guidance: float | None = None, temperature: float | None = None,
                     progress: bool = False) -> SampleResult:
@@ -169,7 +199,7 @@ class Generator:
         labels = np.arange(num, dtype=np.int32) % int(self.cfg.model.num_classes)
         commit = self.cfg.conditioning == "commit"
         pieces = []
-        for c, lo in enumerate(tqdm(range(0, num, chunk), desc=f"sample {task}", disable=not progress)):
+        for c, lo in enumerate(progress_bar(range(0, num, chunk), desc=f"sample {task}", disable=not progress)):
             rows = np.minimum(np.arange(lo, lo + chunk), num - 1)  # the last chunk repeats its last row
             key = jax.random.fold_in(jax.random.key(seed), c)
             k_sample, k_region = jax.random.split(key)

@@ -32,12 +32,12 @@ import json
 import os
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative import tokens as gen
+from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
 
 CHUNK = 64  # clips tokenized at once while building
@@ -120,7 +120,7 @@ def build(cfg, split: str, load_tokenizers) -> str:
         parts.append({**toks, "label": batch["label"].astype(np.int32), "has_audio": batch["has_audio"].astype(bool)})
         pending.clear()
 
-    for clip in tqdm(clips, total=len(source), desc=f"token cache ({split})", unit="clip"):
+    for clip in progress(clips, total=len(source), desc=f"token cache ({split})", unit="clip"):
         pending.append(clip)
         if len(pending) == CHUNK:
             flush()

@@ -3,8 +3,8 @@
 ``build(cfg, rngs)`` makes the tokenizer a config describes (``kinds``: one object per
 kind of tokenizer, picked by ``cfg.modality``); ``LoadedTokenizer`` is a
 trained one's API for everything downstream (``encode``/``decode``/``latent_shape``/
-``vocab_size``). ``mmgen.families.tokenizer.load(workdir)`` (also ``mmgen.load_tokenizer``)
-gives one from a workdir alone.
+``vocab_size``). ``mmgen.families.tokenizer.load(workdir)`` gives one from a workdir or an
+export directory alone; ``mmgen.load_tokenizer`` wraps it for uint8 clips (``mmgen.api.Tokenizer``).
 """
 
 from __future__ import annotations

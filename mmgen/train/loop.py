@@ -34,12 +34,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from tqdm.auto import tqdm
 
 from mmgen import config as config_lib
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import runtime
 from mmgen.parallel import sharding as sharding_lib
+from mmgen.progress import progress
 from mmgen.train import optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import (Checkpointer, CheckpointDamaged, NonFiniteState, NoUsableCheckpoint,
@@ -117,10 +118,71 @@ def validate(family: Family, cfg) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"config.{key}={value!r} must be an integer of at least {least}"
                             + (" (0 = never)" if least == 0 else ""))
+    profile_window(cfg)  # a bad profile block is one line too
     if cfg.batch_size % jax.process_count():
         raise UserError(f"config.batch_size={cfg.batch_size} does not divide over {jax.process_count()} processes")
     if family.validate is not None:
         family.validate(cfg)
+
+
+def profile_window(cfg) -> tuple[int, int] | None:
+    """``(first, last)`` step numbers (as logged, 1 = the first update) that ``cfg.profile`` traces, or None.
+
+    ``profile.num_steps`` > 0 turns the profiler on for the updates ``start_step`` ..
+    ``start_step + num_steps - 1``; start after the first step (compilation) to see the
+    steady state. A config without a ``profile`` block never profiles.
+    """
+    profile = cfg.get("profile", None)
+    if profile is None or not int(profile.get("num_steps", 0) or 0):
+        return None
+    start, num = profile.get("start_step", 1), profile.get("num_steps", 0)
+    for key, value, least in (("start_step", start, 1), ("num_steps", num, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"config.profile.{key}={value!r} must be an integer of at least {least}")
+    return start, start + num - 1
+
+
+class _Profiler:
+    """A ``jax.profiler`` trace of the window ``profile_window`` gives, into ``workdir/profile``.
+
+    ``run(n, step_fn, state, ...)`` runs update ``n``; inside the window it waits for the
+    previous update before the trace starts, and for each update inside a
+    ``StepTraceAnnotation`` (so a step's span in the viewer is its whole execution, not just
+    its dispatch), and stops the trace after the last one. Every process writes its own trace file
+    (``profile/plugins/profile/<run>/<host>.xplane.pb``, TensorBoard's profile plugin or XProf),
+    and a Perfetto trace (``perfetto_trace.json.gz``, ui.perfetto.dev) unless ``profile.perfetto`` is off.
+    """
+
+    def __init__(self, cfg, workdir: str, start: int):
+        self.window = profile_window(cfg)
+        self.directory = os.path.join(workdir, "profile")
+        self.perfetto = bool(cfg.get("profile", {}).get("perfetto", True)) if self.window else False
+        self.active = False
+        if self.window and self.window[1] <= start:
+            log.info("profile window (steps %d-%d) is before this run's start (step %d): not profiling",
+                     *self.window, start)
+            self.window = None
+
+    def run(self, n: int, step_fn, *args):
+        if self.window is None or not self.window[0] <= n <= self.window[1]:
+            return step_fn(*args)
+        if not self.active:
+            jax.block_until_ready(args[0])  # the updates before the window stay out of it
+            os.makedirs(self.directory, exist_ok=True)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=self.perfetto)
+            self.active = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=n):
+            out = jax.block_until_ready(step_fn(*args))
+        if n == self.window[1]:
+            self.stop()
+            if jax.process_index() == 0:
+                log.info("profile of steps %d-%d written to %s", *self.window, self.directory)
+        return out
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
 def check_batch_divides(cfg, mesh) -> None:
@@ -277,6 +339,7 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     as a preemption would. ``devices``: a subset of devices to use (default all).
     """
     # --- config and mesh: every user mistake is caught here, before compiling.
+    runtime.set_flags()
     validate(family, cfg)
     workdir_lib.check_workdir(workdir)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -361,8 +424,8 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
     last_metrics: dict = {}
     pending = None  # (step, device metrics) fetched one step later: no host sync per step
     t_last, steps_since = time.perf_counter(), 0
-    bar = tqdm(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
-               disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
+    bar = progress(total=cfg.total_steps, initial=start, desc=f"train {family.name}",
+                   disable=pi != 0 or not cfg.get("progress", True), dynamic_ncols=True)
 
     def flush(pending, force_sync=True):
         nonlocal t_last, steps_since, last_metrics
@@ -388,11 +451,12 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
 
     step, batch = start, first
     stopped_early = False
+    profiler = _Profiler(cfg, workdir, start)
     try:
         with _Preemption() as preempt:
             while step < cfg.total_steps:
                 rng = jax.random.fold_in(base_rng, step)
-                state, metrics = train_step(state, global_batch(batch, mesh), rng, *extra)
+                state, metrics = profiler.run(step + 1, train_step, state, global_batch(batch, mesh), rng, *extra)
                 step += 1
                 steps_since += 1
                 bar.update(1)
@@ -435,6 +499,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
             if pending is not None:
                 flush(pending)
     finally:
+        profiler.stop()
         bar.close()
         ckpt.close()
         writer.close()
@@ -567,6 +632,44 @@ def load_warm_start(cfg, other, step, mesh, rules):
     return restored["model"]
 
 
+# The state entries that hold the model to sample or evaluate with, in order of preference.
+INFERENCE_PARTS = ("ema", "model")
+
+
+def load_inference_model(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
+    """``(model, step)``: the run's inference model, its state's ``ema`` entry where the run keeps
+    one (else ``model``), reading only that entry's arrays from checkpoint ``step`` or the newest
+    one that restores and verifies (``Checkpointer.restore_newest_weights``).
+
+    Memory is the model's alone: no optimizer moments, discriminator or other copy is read
+    (BENCHMARKS.md, "Inference loads"). An entry holding frozen variables that are never
+    checkpointed (a base model under adapters), and weights-only workdirs, load through
+    ``load_state_and_step`` instead.
+    """
+    runtime.set_flags()
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
+    rules = tuple(tuple(r) for r in cfg.sharding_rules)
+    whole = nnx.eval_shape(lambda: family.create_state(cfg, nnx.Rngs(cfg.seed)))
+    part = next(p for p in INFERENCE_PARTS if getattr(whole, p, None) is not None)
+    graphdef, abstract = nnx.split(getattr(whole, part))
+    frozen = family.frozen is not None and jax.tree.leaves(nnx.split_state(abstract, family.frozen, ...)[0])
+    if frozen or cfg.get("weights_only"):
+        module, step = load_state_and_step(family, cfg, workdir, mesh, step)
+        return getattr(module, part), step
+    target = nnx.State({part: with_shardings(abstract, sharding_lib.state_shardings(abstract, mesh, rules))})
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+        found = ckpt.restore_newest_weights(target, (part,), step)
+    except (CheckpointDamaged, NoUsableCheckpoint) as e:
+        raise UserError(str(e)) from None
+    finally:
+        ckpt.close()
+    if found is None:
+        raise UserError(f"no checkpoint in {workdir}/checkpoints: train first")
+    step, weights = found
+    return nnx.merge(graphdef, weights[part]), step
+
+
 def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """Restore a trained state for sampling/eval on any mesh. Returns the NNX module."""
     return load_state_and_step(family, cfg, workdir, mesh, step)[0]
@@ -575,6 +678,7 @@ def load_state(family: Family, cfg, workdir: str, mesh=None, step: int | None = 
 def load_state_and_step(family: Family, cfg, workdir: str, mesh=None, step: int | None = None):
     """``(module, step)``: checkpoint ``step``, or else the newest one that restores and verifies
     (a damaged newer one is named in a warning and left where it is: readers take no lock)."""
+    runtime.set_flags()
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh if "mesh" in cfg else ml_collections.ConfigDict({"data": -1}))
     rules = tuple(tuple(r) for r in cfg.sharding_rules)
     graphdef, abstract = abstract_state(family, cfg)

@@ -39,9 +39,9 @@ import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
 from mmgen.data import media
+from mmgen.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         groups = {}
         for group, files in self._videos().items():
             groups[group] = []
-            for relpath, label in tqdm.tqdm(files, desc=f"Checking {group} videos", unit="video", leave=False):
+            for relpath, label in progress(files, desc=f"Checking {group} videos", unit="video", leave=False):
                 try:
                     info = media.probe_video(os.path.join(self._path, relpath))
                 except media.MediaError as e:
@@ -258,7 +258,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, files: list[tuple[str, str]]):
         cfg = self.builder_config
         count = 0
-        for relpath, label in tqdm.tqdm(files, desc=f"Decoding {split} videos", unit="video", leave=False):
+        for relpath, label in progress(files, desc=f"Decoding {split} videos", unit="video", leave=False):
             try:
                 clip = media.read_video(
                     os.path.join(self._path, relpath), fps=cfg.fps, sample_rate=cfg.sample_rate,

@@ -1,0 +1,25 @@
+"""The two process-wide JAX/Flax settings mmgen's numbers rely on, set where a run starts.
+
+- ``flax_always_shard_variable=False``: parameters are created unsharded; their logical
+  axis names are only recorded as metadata (``mmgen.parallel.sharding`` turns them into
+  ``NamedSharding``s and the trainer initialises the state directly on devices).
+- ``jax_threefry_partitionable=True``: PRNG keys split identically however the
+  computation is partitioned, so a run gives the same numbers on 1 device and on a mesh
+  of 8 (JAX's default since 0.5; set anyway, so an older default or a user's change
+  cannot alter a run).
+
+``import mmgen`` changes nothing; the command line (``mmgen.commands.main``), the Python
+API's loaders (``mmgen.load_tokenizer`` / ``load_generator``), the training loop
+(``mmgen.train.loop.run``, ``load_state_and_step``), ``plan`` and the benchmarks call
+``set_flags()`` before they build a model.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+
+def set_flags() -> None:
+    """Set both flags for this process (idempotent; cheap)."""
+    flax.config.update("flax_always_shard_variable", False)
+    jax.config.update("jax_threefry_partitionable", True)

@@ -59,16 +59,8 @@ class Tokenizer:
 
     def _model_input(self, x) -> tuple[np.ndarray, bool]:
         x = np.asarray(x)
-        one = x.ndim == (4 if self.modality == "video" else 1)
-        if one:
-            x = x[None]
-        if self.modality == "video":
-            if x.ndim != 5 or x.shape[-1] != 3:
-                raise UserError(f"video must be [T, H, W, 3] or [B, T, H, W, 3], got {list(x.shape)}")
-            x = media.to_model(x) if x.dtype == np.uint8 else x.astype(np.float32)
-        elif x.ndim != 2:
-            raise UserError(f"audio must be [S] or [B, S], got {list(x.shape)}")
-        return np.asarray(x, np.float32), one
+        one = x.ndim == self.loaded.kind.signal_ndim
+        return np.asarray(self.loaded.kind.from_user(x[None] if one else x), np.float32), one
 
     def encode(self, x) -> np.ndarray:
         """Clips (or sounds) -> int32 tokens (see the class docstring for shapes)."""
@@ -80,10 +72,8 @@ class Tokenizer:
     def decode(self, tokens) -> np.ndarray:
         """Tokens -> uint8 clips ``[B, T, H, W, 3]`` (video) or float32 sounds ``[B, S]`` (audio)."""
         tokens = np.asarray(tokens)
-        one = tokens.ndim == (3 if self.modality == "video" else 2)
-        out = np.asarray(self.loaded.decode(tokens[None] if one else tokens))
-        if self.modality == "video":
-            out = media.from_model(out)
+        one = tokens.ndim == self.loaded.kind.token_ndim(self.loaded.model)
+        out = self.loaded.kind.to_user(np.asarray(self.loaded.decode(tokens[None] if one else tokens)))
         return out[0] if one else out
 
 

@@ -97,8 +97,12 @@ def test_export_loads_back_bit_for_bit_without_optimizer_state(tokenizers, tmp_p
     recon = np.asarray(decode(exported.loaded.model, tokens))
     np.testing.assert_array_equal(recon, np.asarray(decode(from_workdir.loaded.model, tokens)))
     np.testing.assert_array_equal(recon, np.asarray(decode(ema, tokens)))
-    if modality == "video":  # the API on one uint8 clip without the batch axis, as a notebook has it
-        np.testing.assert_array_equal(exported.encode(x[0]), tokens[0])
+    # the API on a batch and on one example without the batch axis (as a notebook has it)
+    np.testing.assert_array_equal(exported.encode(x), tokens)
+    np.testing.assert_array_equal(exported.encode(x[0]), tokens[0])
+    batch_out, one_out = exported.decode(tokens), exported.decode(tokens[0])
+    assert batch_out.shape == x.shape and batch_out.dtype == x.dtype
+    np.testing.assert_array_equal(one_out, batch_out[0])
 
 
 def test_export_command_user_errors_exit_2(tokenizers, tmp_path, capsys):

@@ -169,14 +169,15 @@ def model_card(cfg, workdir: str, info: dict, model, name: str) -> str:
     if metrics is None:
         lines.append("No `mmgen eval` result in the workdir at export time.")
     else:
-        name, scalars = metrics
-        lines += [f"From `{name}`:", "", "| metric | value |", "| --- | --- |"]
+        source, scalars = metrics
+        lines += [f"From `{source}`:", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.6g} |" for k, v in sorted(scalars.items())]
-    load = ("tok = mmgen.load_tokenizer({where})\ntokens = tok.encode(video)   # uint8 [T, H, W, 3] or [B, T, H, W, 3]\n"
-            "video = tok.decode(tokens)" if cfg.family == "tokenizer" and cfg.modality == "video" else
-            "tok = mmgen.load_tokenizer({where})\ntokens = tok.encode(audio)   # float32 [S] or [B, S] in [-1, 1]\n"
-            "audio = tok.decode(tokens)" if cfg.family == "tokenizer" else
-            "gen = mmgen.load_generator({where})\nresult = gen.sample(task=\"frame_prediction\", inputs=\"clip.mp4\", num=2)")
+    if cfg.family == "tokenizer":
+        signal = tokenizer_family.tokenizer_kind(cfg)
+        load = (f"tok = mmgen.load_tokenizer({{where}})\ntokens = tok.encode({signal.name})   # {signal.signal_doc}\n"
+                f"{signal.name} = tok.decode(tokens)")
+    else:
+        load = "gen = mmgen.load_generator({where})\nresult = gen.sample(task=\"frame_prediction\", inputs=\"clip.mp4\", num=2)"
     load = load.format(where=repr(name))
     lines += ["", "## Use", "", "```python", "import mmgen", "", load, "```", "",
               "`config.json` is the run's resolved config; `model.safetensors` holds the inference weights only "

@@ -44,11 +44,27 @@ class TokenizerKind:
     """The interface; ``name`` is the config's ``modality`` and the batch key of the signal.
 
     ``signal_dtype``: the dtype of that batch entry (as ``make_data`` yields it);
-    ``perceptual``: whether a perceptual (LPIPS) loss is defined on the signal.
+    ``perceptual``: whether a perceptual (LPIPS) loss is defined on the signal;
+    ``signal_doc``: what ``encode`` takes, in words (model cards, the Python API's help).
     """
 
     name: str
     signal_dtype: jnp.dtype
+    signal_doc: str
+    signal_ndim: int  # axes of one example's signal, without the batch axis
+
+    def token_ndim(self, model) -> int:
+        """Axes of one example's tokens, without the batch axis."""
+        raise NotImplementedError
+
+    def from_user(self, x: np.ndarray) -> np.ndarray:
+        """A batch of signals as a user has them (``signal_doc``, batch axis present) ->
+        float32 model range; ``UserError`` naming the expected shape otherwise."""
+        raise NotImplementedError
+
+    def to_user(self, x: np.ndarray) -> np.ndarray:
+        """Decoded signals (model range) -> as a user has them."""
+        return x
     perceptual: bool = False
 
     def build(self, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
@@ -114,6 +130,19 @@ class VideoKind(TokenizerKind):
 
     name = "video"
     signal_dtype = jnp.uint8
+    signal_doc = "uint8 [T, H, W, 3] or [B, T, H, W, 3]"
+    signal_ndim = 4
+
+    def token_ndim(self, model):
+        return 3
+
+    def from_user(self, x):
+        if x.ndim != 5 or x.shape[-1] != 3:
+            raise UserError(f"video must be [T, H, W, 3] or [B, T, H, W, 3], got {list(x.shape)}")
+        return media.to_model(x) if x.dtype == np.uint8 else x.astype(np.float32)
+
+    def to_user(self, x):
+        return media.from_model(x)
     perceptual = True
 
     def build(self, model_cfg, rngs):
@@ -182,6 +211,16 @@ class AudioKind(TokenizerKind):
 
     name = "audio"
     signal_dtype = jnp.float32
+    signal_doc = "float32 [S] or [B, S] in [-1, 1]"
+    signal_ndim = 1
+
+    def token_ndim(self, model):
+        return 2 if model.has_levels else 1  # [T_a, levels] (RVQ) or [T_a]
+
+    def from_user(self, x):
+        if x.ndim != 2:
+            raise UserError(f"audio must be [S] or [B, S], got {list(x.shape)}")
+        return x.astype(np.float32)
 
     def build(self, model_cfg, rngs):
         return audio_lib.AudioTokenizer(model_cfg, rngs=rngs)

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from mmgen import fs
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.nn import lpips, pretrained
@@ -311,17 +312,17 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fs.join(workdir, "samples")
+    fs.makedirs(out_dir)
     if cfg.modality == "video":
         pairs = np.concatenate([x, media.from_model(recon)], axis=0)  # rows: originals, then reconstructions
-        media.save_png_grid(os.path.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
+        media.save_png_grid(fs.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
         side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
-        media.write_video(os.path.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
+        media.write_video(fs.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
     else:
         rate = int(cfg.dataset.sample_rate)
-        media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
-        media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
+        media.write_wav(fs.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
+        media.write_wav(fs.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
     return {}
 
 

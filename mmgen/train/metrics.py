@@ -47,16 +47,16 @@ class _StoreWriterFactory:
 def tensorboard_writer(logdir: str):
     """A tensorboardX ``SummaryWriter`` for ``logdir``, local or a URL (``gs://``).
 
-    tensorboardX writes URLs through its own writer factories (``gs://`` only with
-    ``google-cloud-storage`` installed); for a scheme it has none for, the event file goes
-    through ``mmgen.fs`` (the same filesystem as the rest of the workdir).
+    For a URL the event file goes through ``mmgen.fs``, the same filesystem as the rest of
+    the workdir (registered as tensorboardX's writer for the scheme: its own ``gs://``
+    writer needs ``google-cloud-storage``, and also uploads the whole file on every flush).
     """
     from tensorboardX import SummaryWriter
     from tensorboardX import record_writer
 
     if fs.is_url(logdir):
         scheme = logdir.split("://", 1)[0]
-        if scheme not in record_writer.REGISTERED_FACTORIES:
+        if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _StoreWriterFactory):
             record_writer.register_writer_factory(scheme, _StoreWriterFactory())
     return SummaryWriter(logdir if fs.is_url(logdir) else fs.normalize(logdir))
 
@@ -71,8 +71,7 @@ class MetricsWriter:
 
     Any workdir ``mmgen.fs`` knows: on a bucket (``gs://``) each row rewrites the
     metrics object (``fs.append_text``), and TensorBoard's event file goes through
-    ``tensorboard_writer`` (``mmgen.fs`` too) unless tensorboardX has its own writer
-    for the scheme.
+    ``tensorboard_writer`` (``mmgen.fs`` too).
     """
 
     def __init__(self, workdir: str, tensorboard: bool = True):

@@ -9,9 +9,15 @@ restore, moved aside by ``mmgen.train.checkpoint``) and ``train.lock`` while a
 ``train`` runs. Everything downstream asks this module for them, so a layout change
 touches one file. Restoring a whole training state is ``mmgen.train.loop.load_state``.
 
+A workdir is any path ``mmgen.fs`` knows (local, a network mount, ``gs://bucket/x``);
+``path(p)`` is it as an ``epath.Path`` and every file here goes through ``mmgen.fs``, so a
+URL is never turned into a local path.
+
 Before a run writes anything, ``check_workdir`` makes sure the workdir is (or can be
 made) a writable directory, by writing and removing a probe file, and
-``check_free_space`` warns when the disk cannot hold the checkpoints the run keeps.
+``check_free_space`` warns when the disk cannot hold the checkpoints the run keeps
+(a bucket has no disk to measure). With several processes ``check_shared`` makes sure
+every process sees what process 0 writes there (one line naming the hosts that do not).
 ``WorkdirLock`` makes one ``train`` the only writer of a workdir; readers (``eval``,
 ``sample``, ``tokenize``) take no lock.
 """

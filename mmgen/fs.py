@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from typing import Iterator
 
 from etils import epath
@@ -98,7 +99,8 @@ def write_bytes(p, data: bytes) -> None:
     if is_url(target):
         target.write_bytes(data)
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=os.fspath(target.parent))
+    tmp = os.path.join(os.fspath(target.parent), f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open() gives
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -219,8 +219,10 @@ def check_shared(workdir: str) -> None:
     token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint8))
     token = bytes(np.asarray(token, np.uint8)).hex()
     probe = fs.join(workdir, SHARED_PROBE)
+    created = False
     if jax.process_index() == 0:
         try:
+            created = not fs.exists(workdir)
             fs.makedirs(workdir)
             fs.write_text(probe, token)
         except Exception as e:  # process 0 then does not see it either, and every process says so
@@ -236,6 +238,8 @@ def check_shared(workdir: str) -> None:
     if jax.process_index() == 0:
         try:
             fs.remove(probe)
+            if message and created:  # leave no empty workdir behind a run that does not start
+                path(workdir).rmdir()
         except Exception:
             pass
     if message:

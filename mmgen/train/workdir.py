@@ -182,7 +182,8 @@ def _check_url_workdir(workdir: str) -> None:
         raise UserError(f"--workdir {workdir} is not writable ({_one_line(e)})") from None
 
 
-SHARED_PROBE = ".mmgen-shared-probe"
+SHARED_PROBE = ".mmgen-shared-probe-"  # + a random token per check
+SHARED_WAIT_S = 10.0  # how long a process looks for the probe (a network mount may show a new file late)
 
 
 def unseen_message(workdir: str, seen: list[bool], hosts: list[str]) -> str | None:
@@ -210,15 +211,17 @@ def check_shared(workdir: str) -> None:
     """Multi-process: one line (``UserError``, on every process) unless every process sees the
     file process 0 writes into ``workdir``; nothing to check with one process.
 
-    Process 0 creates the workdir and writes a random token into ``workdir/.mmgen-shared-probe``;
-    after a barrier every process reads it back; the answers are all-gathered, so every
-    process raises the same error, naming the processes (and hosts) that do not see it.
+    Process 0 creates the workdir and writes a random token into ``workdir/.mmgen-shared-probe-<token>``
+    (a new name each time, so no cached lookup of an earlier one answers); after a barrier every
+    process reads it back, looking again for up to ``SHARED_WAIT_S`` (NFS caches a missing name for
+    a while); the answers are all-gathered, so every process raises the same error, naming the
+    processes (and hosts) that do not see it.
     """
     if jax.process_count() == 1:
         return
     token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint8))
     token = bytes(np.asarray(token, np.uint8)).hex()
-    probe = fs.join(workdir, SHARED_PROBE)
+    probe = fs.join(workdir, SHARED_PROBE + token)
     created = False
     if jax.process_index() == 0:
         try:
@@ -228,10 +231,15 @@ def check_shared(workdir: str) -> None:
         except Exception as e:  # process 0 then does not see it either, and every process says so
             log.debug("writing %s failed: %s", probe, e)
     multihost_utils.sync_global_devices("mmgen_shared_probe_written")
-    try:
-        seen = fs.read_text(probe) == token
-    except Exception:  # absent (not shared), unreadable
-        seen = False
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            seen = fs.read_text(probe) == token
+        except Exception:  # absent (not shared), unreadable
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     seen_all = [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)]
     message = unseen_message(workdir, seen_all, _host_names()) if not all(seen_all) else None
     multihost_utils.sync_global_devices("mmgen_shared_probe_read")

@@ -17,7 +17,8 @@
 # mesh.dcn_data to NUM_SLICES (data parallel across slices, FSDP inside each).
 #
 # The --workdir must be a directory every worker sees (a Filestore/NFS or gcsfuse
-# mount): all workers write checkpoint shards, worker 0 writes config and metrics.
+# mount, or a bucket: --workdir gs://bucket/runs/x, with gcsfs installed): all workers
+# write checkpoint shards, worker 0 writes config and metrics.
 #
 # Env: TPU_NAME, ZONE (required); PROJECT; ACCELERATOR_TYPE (default v5p-32);
 # RUNTIME_VERSION (default from the TPU generation); NUM_SLICES (default 1); SPOT=1

@@ -20,6 +20,7 @@ from typing import Any
 
 import ml_collections
 
+from mmgen import fs
 from mmgen.errors import UserError
 
 # Keys every trainer honours; ``mmgen.configs.common.base_config`` gives them their defaults.
@@ -149,8 +150,7 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
     """A config saved by ``to_json``; ``ValueError`` when the file is not a JSON object."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = json.loads(fs.read_bytes(path).decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
     return ml_collections.ConfigDict(data)

@@ -4,9 +4,13 @@ The accumulated step must give the parameters one pass over the whole batch give
 (to float32 rounding), for the toy and the generative families on a sharded 2 x 4
 mesh of fake CPU devices; a micro-batch must stay spread over the data-parallel
 devices; a batch that does not split is a one-line error before anything compiles.
+The host batch's layout, its divisibility and the eval step's active rules all come from
+the config's ``"batch"`` sharding rule.
 Optimizers here are plain SGD at a constant rate: Adam's first step is ``lr * sign(g)``
 and the default schedules start at 0, either of which would hide a wrong gradient.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +196,53 @@ def test_batch_that_does_not_split_into_micro_batches_is_one_line(capsys, argv, 
                                                           "grad_accum_steps=2"])
     with pytest.raises(UserError, match="multiple of 16; try 32"):
         loop.check_batch_divides(cfg, mesh_lib.make_mesh(cfg.mesh))
+
+
+# ------------------------------------------------------------------ the batch axes come from the config's rules
+def _with_batch_rule(axes, more=()):
+    cfg = config_lib.load_config("configs/toy.py:small", ["mesh.data=2", "mesh.fsdp=4", *more])
+    cfg.sharding_rules = [[name, list(axes) if name == "batch" else rule] for name, rule in cfg.sharding_rules]
+    return cfg, mesh_lib.make_mesh(cfg.mesh)
+
+
+@pytest.mark.parametrize("axes, spec, per_device", [(("data",), P("data", None), 4),
+                                                    (("data", "fsdp"), P(("data", "fsdp"), None), 1)])
+def test_host_batch_and_eval_step_follow_the_configs_batch_rule(axes, spec, per_device):
+    cfg, mesh = _with_batch_rule(axes, ["batch_size=8"])
+    loop.check_batch_divides(cfg, mesh)
+    batch = {"x": np.arange(16, dtype=np.float32).reshape(8, 2), "name": np.array([b"a"] * 8)}
+    arrays = loop.global_batch(batch, mesh, cfg.sharding_rules)
+    assert set(arrays) == {"x"} and arrays["x"].sharding.spec == spec
+    assert {s.data.shape for s in arrays["x"].addressable_shards} == {(per_device, 2)}
+    np.testing.assert_array_equal(np.asarray(arrays["x"]), batch["x"])
+    assert loop.batch_shardings_for(batch, mesh, cfg.sharding_rules) == {"x": arrays["x"].sharding}
+
+    # The eval step runs inside the config's rules, like the train step: the model sees its batch axes.
+    seen = []
+    toy = get_family("toy")
+
+    def eval_step(cfg, state, batch, rng):
+        seen.append(sharding_lib.batch_axes())
+        return toy.eval_step(cfg, state, batch, rng)
+
+    family = dataclasses.replace(toy, eval_step=eval_step)
+    graphdef, abstract = loop.abstract_state(family, cfg)
+    shardings = sharding_lib.state_shardings(abstract, mesh, cfg.sharding_rules)
+    state = loop.init_state(family, cfg, mesh, shardings)
+    it = family.make_data(cfg, split="test", train=False, seed=0, batch_size=8, process_index=0, process_count=1)
+    first = next(it)
+    step = loop.make_eval_step(family, cfg, graphdef, shardings, loop.batch_shardings_for(first, mesh,
+                                                                                          cfg.sharding_rules), mesh)
+    metrics = step(state, loop.global_batch(first, mesh, cfg.sharding_rules), jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and seen == [axes]
+
+
+def test_batch_divisibility_counts_the_rules_axes():
+    cfg, mesh = _with_batch_rule(("data",), ["batch_size=2"])
+    loop.check_batch_divides(cfg, mesh)  # 2 examples over data = 2 shards
+    cfg, mesh = _with_batch_rule(("data",), ["batch_size=3"])
+    with pytest.raises(UserError, match=r"batch_size=3 does not divide over data = 2 shards .*; try 4"):
+        loop.check_batch_divides(cfg, mesh)
+    cfg, mesh = _with_batch_rule(("data", "fsdp"), ["batch_size=2"])
+    with pytest.raises(UserError, match=r"batch_size=2 does not divide over data x fsdp = 8 shards"):
+        loop.check_batch_divides(cfg, mesh)

@@ -27,7 +27,7 @@ LAYERS = (
     ("mmgen.data",),  # datasets, media, the input pipeline
     ("mmgen.nn",),  # shared layers
     ("mmgen.parallel",),  # meshes, sharding rules, multi-host start-up
-    ("mmgen.config", "mmgen.errors", "mmgen.progress"),  # config files and overrides; the user-error type; progress
+    ("mmgen.config", "mmgen.errors", "mmgen.fs", "mmgen.progress"),  # config files and overrides; user errors; paths on any filesystem; progress
 )
 
 # (importer, imported) pairs allowed to point up, each with its reason. Keep it at most one.

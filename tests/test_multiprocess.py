@@ -37,3 +37,34 @@ def test_two_processes_train_save_restore_and_resume_on_one(tmp_path, losses, la
     a = losses(multi)
     assert sorted(a) == list(range(1, 15))
     np.testing.assert_allclose([a[s] for s in range(11, 15)], [b[s] for s in range(11, 15)], rtol=1e-5, atol=1e-6)
+
+
+def test_workdir_only_some_processes_see_is_one_line_on_every_process(tmp_path):
+    """A relative --workdir from two different working directories: two folders, as a node-local path
+    on two hosts. Both processes stop before anything compiles, with the same line naming process 1."""
+    import socket
+
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    procs = []
+    for i in range(2):
+        cwd = tmp_path / f"host{i}"
+        cwd.mkdir()
+        env = dict(os.environ, MMGEN_COORDINATOR=address, MMGEN_NUM_PROCESSES="2", MMGEN_PROCESS_ID=str(i),
+                   JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen([sys.executable, "-m", "mmgen", "train", "--config", TOY, "--workdir", "run",
+                                       "--config.total_steps=2", *COMMON], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    host = socket.gethostname()
+    for p, (_, err) in zip(procs, outs):
+        lines = [line for line in err.splitlines() if line.startswith("mmgen train: error:")]
+        assert p.returncode == 2 and lines == [
+            f"mmgen train: error: --workdir run is not shared by every host: process 1 ({host}) of 2 cannot see "
+            f"what process 0 ({host}) writes there; give every host the same filesystem (a network mount at the "
+            f"same path, or a bucket: gs://...)"], err[-2000:]
+    assert not (tmp_path / "host0" / "run").exists()  # process 0 removed its probe and the folder it made
+    assert not (tmp_path / "host1" / "run").exists()

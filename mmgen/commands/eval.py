@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mmgen import fs
 from mmgen.errors import UserError
 from mmgen.eval import generative_eval, reference, tokenizer_eval
 from mmgen.families import generative as generative_family
@@ -64,8 +65,10 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
         if batch is None:
             break
         if step_fn is None:
-            step_fn = loop.make_eval_step(family, cfg, graphdef, shardings, loop.batch_shardings_for(batch, mesh), mesh)
-        metrics = jax.device_get(step_fn(state, loop.global_batch(batch, mesh), jax.random.key(i)))
+            batch_sh = loop.batch_shardings_for(batch, mesh, cfg.sharding_rules)
+            step_fn = loop.make_eval_step(family, cfg, graphdef, shardings, batch_sh, mesh)
+        metrics = jax.device_get(step_fn(state, loop.global_batch(batch, mesh, cfg.sharding_rules),
+                                         jax.random.key(i)))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(np.asarray(v))
         n += 1
@@ -74,8 +77,7 @@ def evaluate_loss(workdir: str, cfg, split: str, num: int | None, step: int | No
     result = {"family": family.name, "step": scored_step, "split": split, "batches": n, "examples": n * int(cfg.batch_size),
               **{k: v / n for k, v in sums.items()}}
     if distributed.is_writer():
-        with open(workdir_lib.output_paths(workdir, step)[0], "w") as f:
-            json.dump(result, f, indent=2)
+        fs.write_text(workdir_lib.output_paths(workdir, step)[0], json.dumps(result, indent=2))
     return result
 
 

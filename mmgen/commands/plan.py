@@ -420,8 +420,8 @@ def _check_before_compiling(cfg, num_devices: int) -> None:
 
     ici, dcn = mesh_lib.mesh_shapes(cfg.mesh, num_devices, num_slices(cfg.mesh))
     sizes = dict(zip(mesh_lib.AXES, (i * d for i, d in zip(ici, dcn))))
-    shards = math.prod(sizes[a] for a in batch_axes(cfg.sharding_rules) if a in sizes)
-    loop.batch_divides(cfg, shards, f"{num_devices} devices")
+    axes = tuple(a for a in batch_axes(cfg.sharding_rules) if a in sizes)
+    loop.batch_divides(cfg, math.prod(sizes[a] for a in axes), f"{num_devices} devices", axes)
 
 
 def _rerun_with_fake_devices(args, overrides, num_devices: int) -> int:

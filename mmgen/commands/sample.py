@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from mmgen import config as config_lib
+from mmgen import fs
 from mmgen.errors import UserError
 from mmgen.parallel import distributed
 from mmgen.families.generative import load_generator, read_config
@@ -43,7 +44,7 @@ def main(args, overrides) -> int:
     paths = generator.save(result, args.out)
     kind = "videos" if result.video is not None else "sounds"
     if distributed.is_writer():
-        print(f"wrote {len(paths['media'])} {kind} of {args.task} to {os.path.abspath(args.out)}"
+        print(f"wrote {len(paths['media'])} {kind} of {args.task} to {fs.normalize(args.out)}"
               + (f" (grid {os.path.basename(paths['grid'])}" if paths["grid"] else " (")
               + f", tokens {os.path.basename(paths['tokens'])})")
     return 0

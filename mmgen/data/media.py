@@ -14,7 +14,8 @@ through this module, so that one set of conventions holds everywhere:
   ``ValueError``) whose one-line message names the file and the problem.
 
 Writing: mp4 with H.264 (libx264, yuv420p) video and an AAC mono track; wav as 16-bit
-PCM.
+PCM; to any path ``mmgen.fs`` knows (for a URL, ``gs://...``, the file is written locally
+and then copied: ``fs.local_file``). Reading takes local (or mounted) files.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from fractions import Fraction
 import av
 import numpy as np
 from PIL import Image
+
+from mmgen import fs
 
 # A file whose decoded stream covers less than this fraction of the duration its
 # container declares is treated as truncated (a cut-off download, a killed writer).
@@ -359,11 +362,9 @@ def write_video(
       audio: float32 [S] mono in [-1, 1], or None for a silent file without a track.
       sample_rate: rate of ``audio``.
     """
-    path = os.fspath(path)
     video = _pad_even(_as_uint8_video(video))
     _, h, w, _ = video.shape
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w") as container:
+    with fs.local_file(path) as local, av.open(local, mode="w") as container:
         vstream = container.add_stream("libx264", rate=_fraction(fps))
         vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
         vstream.options = {"crf": str(crf)}
@@ -390,7 +391,6 @@ def _fraction(fps: float) -> Fraction:
 
 def write_wav(path: str, audio: np.ndarray, *, sample_rate: int) -> None:
     """Write 16-bit PCM wav; ``audio`` float [S] (mono) or [S, C] (C channels) in [-1, 1]."""
-    path = os.fspath(path)
     audio = np.asarray(audio, np.float32)
     if audio.ndim == 1:
         audio = audio[:, None]
@@ -398,8 +398,7 @@ def write_wav(path: str, audio: np.ndarray, *, sample_rate: int) -> None:
         raise ValueError(f"audio must be [S] or [S, C], got shape {audio.shape}")
     channels = audio.shape[1]
     layout = {1: "mono", 2: "stereo"}.get(channels, f"{channels}c")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w", format="wav") as container:
+    with fs.local_file(path) as local, av.open(local, mode="w", format="wav") as container:
         stream = container.add_stream("pcm_s16le", rate=sample_rate, layout=layout)
         for frame in _audio_frames(audio.T, sample_rate, 4096, layout, "s16"):
             container.mux(stream.encode(frame))
@@ -453,6 +452,6 @@ def save_png_grid(path: str, videos, *, pad: int = 2, upscale: int = 1) -> np.nd
     image = Image.fromarray(grid)
     if upscale > 1:
         image = image.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    image.save(os.fspath(path), format="PNG")
+    with fs.local_file(path) as local:
+        image.save(local, format="PNG")
     return grid

@@ -60,7 +60,6 @@ Writes ``workdir/eval.json`` (the returned dict).
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import jax
@@ -68,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen import fs
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
 from mmgen.eval import metrics, reference
@@ -421,7 +421,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 
     trained = list(task_weights(cfg))
-    result = {"family": "generative", "workdir": os.path.abspath(workdir), "step": int(step) if step is not None else getattr(generator, "step", None) or workdir_lib.latest_step(workdir),
+    result = {"family": "generative", "workdir": fs.normalize(workdir), "step": int(step) if step is not None else getattr(generator, "step", None) or workdir_lib.latest_step(workdir),
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
@@ -447,7 +447,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     for task in progress(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
         if is_writer():
-            generator.save_grid(res, os.path.join(out_dir, f"{task}.png"))
+            generator.save_grid(res, fs.join(out_dir, f"{task}.png"))
         if scorer is not None and task in video_tasks:
             fvd_rows.append({"task": task, **scorer.score(res.video, frames)})
         if task == "frame_prediction":
@@ -498,6 +498,5 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
         result["fvd"] = networks.reason("FVD")
     result["grids"] = out_dir
     if is_writer():
-        with open(result_path, "w") as f:
-            json.dump(result, f, indent=2)
+        fs.write_text(result_path, json.dumps(result, indent=2))
     return result

@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from fractions import Fraction
 
 import jax
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import signal
 
+from mmgen import fs
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.eval import i3d as i3d_lib
@@ -174,7 +174,7 @@ def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int,
     d = cfg.dataset
     per_clip = int(np.prod(tokens.shape[1:4]))
     bpt = bits_per_token(tok.vocab_size, levels)
-    grid = os.path.join(out_dir, "recon.png")
+    grid = fs.join(out_dir, "recon.png")
     if is_writer():
         media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
     psnrs = np.concatenate(psnrs)
@@ -244,7 +244,7 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
         baseline["mel"].append(mel_distance(x, coded, cfg))
         for i in range(min(len(x), num_show - len(files) // 2)):
             k = len(files) // 2
-            files += [os.path.join(out_dir, f"clip{k}_orig.wav"), os.path.join(out_dir, f"clip{k}_recon.wav")]
+            files += [fs.join(out_dir, f"clip{k}_orig.wav"), fs.join(out_dir, f"clip{k}_recon.wav")]
             if is_writer():
                 media.write_wav(files[-2], x[i], sample_rate=rate)
                 media.write_wav(files[-1], recon[i], sample_rate=rate)
@@ -295,7 +295,7 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
     tok = load_tokenizer(workdir, step=step)
     result_path, out_dir = workdir_lib.output_paths(workdir, step)
     if is_writer():
-        os.makedirs(out_dir, exist_ok=True)
+        fs.makedirs(out_dir)
     num_show = min(num, int(cfg.get("num_samples", 4)))
     if tok.modality == "video":
         run = lambda *args: evaluate_video(*args, networks=networks)
@@ -312,6 +312,5 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
         **run(tok, split, num, out_dir, num_show),
     }
     if is_writer():
-        with open(result_path, "w") as f:
-            json.dump(result, f, indent=2)
+        fs.write_text(result_path, json.dumps(result, indent=2))
     return result

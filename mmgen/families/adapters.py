@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import ml_collections
@@ -49,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mmgen import fs
 from mmgen.adapters import (
     adapter_filter,
     adapter_state,
@@ -84,7 +84,7 @@ def read_base_config(base_workdir: str):
     if not base_workdir:
         raise UserError("config.base_workdir is empty: give the trained generative workdir to adapt "
                         "(--config.base_workdir=DIR)")
-    if not os.path.isdir(base_workdir):
+    if not fs.isdir(base_workdir):
         raise UserError(f"config.base_workdir={base_workdir!r} does not exist")
     if not workdir_lib.has_config(base_workdir):
         raise UserError(f"config.base_workdir={base_workdir!r} is not a workdir (no config.json)")
@@ -140,7 +140,7 @@ def restore_base_params(cfg, targets: dict[tuple[str, ...], jax.ShapeDtypeStruct
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     else:
         restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
-    item_dir = os.path.join(cfg.base_workdir, "checkpoints", str(step), "state")
+    item_dir = fs.path(fs.join(cfg.base_workdir, "checkpoints", str(step), "state"))
     restored = ocp.PyTreeCheckpointer().restore(
         item_dir, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args, partial_restore=True))
     out = {}
@@ -228,7 +228,7 @@ def _check_adapter(cfg) -> None:
 
 def pin_base(cfg) -> None:
     """Resolve the base in place: absolute path, step, fingerprint and the keys it decides."""
-    cfg.base_workdir = os.path.abspath(str(cfg.base_workdir)) if cfg.base_workdir else ""
+    cfg.base_workdir = fs.normalize(str(cfg.base_workdir)) if cfg.base_workdir else ""
     base_cfg = read_base_config(cfg.base_workdir)
     for key in BASE_KEYS:
         if key not in base_cfg:

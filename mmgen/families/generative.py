@@ -31,7 +31,6 @@ evaluation.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ import ml_collections
 from flax import nnx
 
 from mmgen import config as config_lib
+from mmgen import fs
 from mmgen import tokenizers as tokenizers_lib
 from mmgen.data import pipeline
 from mmgen.errors import UserError
@@ -200,7 +200,7 @@ def load_tokenizers(cfg, device=None) -> dict:
         if not workdir:
             raise UserError(f"config.tokenizers.{m}_workdir is empty: this run has no {m} tokenizer")
         read_tokenizer_config(workdir, m)
-        key = (os.path.abspath(workdir), device)
+        key = (fs.normalize(workdir), device)
         if key not in _LOADED_TOKENIZERS:
             _LOADED_TOKENIZERS[key] = tokenizer_family.load(workdir, devices=device)
         out[m] = _LOADED_TOKENIZERS[key]
@@ -265,7 +265,7 @@ def on_eval(state: GenerativeState, cfg, workdir: str, step: int, mesh) -> dict:
     if cfg.data_source == "random_tokens" or not cfg.sampling.get("eval_tasks"):
         return {}
     generator = Generator(cfg, inference_model(state), tokenizers=load_tokenizers(cfg))
-    out_dir = os.path.join(workdir, "samples")
+    out_dir = fs.join(workdir, "samples")
     for task in [t for t in cfg.sampling.eval_tasks.split(",") if t]:
         if any(m not in specs_of(cfg) for m in tasks_lib.get_task(task).modalities()):
             continue  # e.g. an audio task in a video-only ablation

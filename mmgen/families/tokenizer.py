@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from mmgen import fs
 from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.nn import lpips, pretrained
@@ -288,8 +289,8 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = fs.join(workdir, "samples")
+    fs.makedirs(out_dir)
     kind.write_reconstructions(cfg, out_dir, step, x, recon)
     return {}
 

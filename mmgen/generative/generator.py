@@ -22,13 +22,13 @@ sample, for conditional tasks; samples alone otherwise) and ``<task>_tokens.npz`
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen import fs
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
 from mmgen.generative import sampling
@@ -255,27 +255,28 @@ class Generator:
     def save(self, result: SampleResult, out_dir: str, prefix: str | None = None) -> dict:
         """mp4 (or wav) per sample, a PNG grid and the tokens; returns {"media": [...], "grid": path, "tokens": path}."""
         prefix = prefix or result.task
-        paths = {"media": [], "grid": None, "tokens": os.path.join(out_dir, f"{prefix}_tokens.npz")}
+        paths = {"media": [], "grid": None, "tokens": fs.join(out_dir, f"{prefix}_tokens.npz")}
         n = len(result.labels)
         writer = is_writer()
         if writer:
-            os.makedirs(out_dir, exist_ok=True)
+            fs.makedirs(out_dir)
         for i in range(n):
             if result.video is not None:
-                path = os.path.join(out_dir, f"{prefix}_{i:03d}.mp4")
+                path = fs.join(out_dir, f"{prefix}_{i:03d}.mp4")
                 audio = result.audio[i] if result.audio is not None else None
                 if writer:
                     media.write_video(path, result.video[i], fps=self.fps, audio=audio, sample_rate=self.sample_rate)
             else:
-                path = os.path.join(out_dir, f"{prefix}_{i:03d}.wav")
+                path = fs.join(out_dir, f"{prefix}_{i:03d}.wav")
                 if writer:
                     media.write_wav(path, result.audio[i], sample_rate=self.sample_rate)
             paths["media"].append(path)
         if result.video is not None:
-            paths["grid"] = os.path.join(out_dir, f"{prefix}.png")
+            paths["grid"] = fs.join(out_dir, f"{prefix}.png")
             if writer:
                 self.save_grid(result, paths["grid"])
         if writer:
-            np.savez(paths["tokens"], task=result.task, labels=result.labels,
-                     **{f"{m}_tokens": t for m, t in result.tokens.items()})
+            with fs.local_file(paths["tokens"]) as local:
+                np.savez(local, task=result.task, labels=result.labels,
+                         **{f"{m}_tokens": t for m, t in result.tokens.items()})
         return paths

@@ -28,11 +28,12 @@ Written to a temporary name and renamed, so a half-written cache is never read.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import numpy as np
 
+from mmgen import fs
 from mmgen.data import pipeline
 from mmgen.errors import UserError
 from mmgen.generative import tasks as tasks_lib
@@ -65,7 +66,7 @@ def _origin(cfg, split: str) -> dict:
     """What a cache of ``split`` must have been made from to serve ``cfg``."""
     tokenizers = {}
     for m in gen.specs_of(cfg):
-        workdir = os.path.abspath(gen.tokenizer_workdir(cfg, m))
+        workdir = fs.normalize(gen.tokenizer_workdir(cfg, m))
         tokenizers[m] = {"workdir": workdir, "step": workdir_lib.latest_step(workdir)}
     dataset = {k: cfg.dataset.get(k) for k in DATASET_KEYS}
     dataset["builder_overrides"] = pipeline.builder_overrides(cfg.dataset)
@@ -76,18 +77,17 @@ def paths(cfg, split: str) -> tuple[str, str]:
     if not cfg.get("token_cache"):
         raise UserError("data_source=token_cache needs config.token_cache: a directory for the tokens "
                         "(built there on first use)")
-    root = os.path.abspath(cfg.token_cache)
-    return os.path.join(root, f"{split}.npz"), os.path.join(root, f"{split}.json")
+    root = fs.normalize(cfg.token_cache)
+    return fs.join(root, f"{split}.npz"), fs.join(root, f"{split}.json")
 
 
 def check(cfg, split: str) -> bool:
     """True when the cache of ``split`` exists and was made for ``cfg``; ``UserError`` when it is stale."""
     tokens_path, origin_path = paths(cfg, split)
-    if not os.path.exists(tokens_path):
+    if not fs.exists(tokens_path):
         return False
     want = _origin(cfg, split)
-    with open(origin_path) as f:
-        have = json.load(f)
+    have = json.loads(fs.read_text(origin_path))
     if have != want:
         diff = [k for k in want if have.get(k) != want[k]]
         raise UserError(f"the token cache {tokens_path} was made from other {' and '.join(diff)} "
@@ -104,7 +104,7 @@ def build(cfg, split: str, load_tokenizers) -> str:
     if check(cfg, split):
         return paths(cfg, split)[0]
     tokens_path, origin_path = paths(cfg, split)
-    os.makedirs(os.path.dirname(tokens_path), exist_ok=True)
+    fs.makedirs(fs.normalize(cfg.token_cache))
     tokenizers = load_tokenizers(cfg)
     dataset = gen.clip_dataset_config(cfg)
     source, _ = pipeline.open_dataset(dataset, split)
@@ -127,19 +127,17 @@ def build(cfg, split: str, load_tokenizers) -> str:
     if pending:
         flush()
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    tmp = tokens_path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    with open(origin_path + ".tmp", "w") as f:
-        json.dump(_origin(cfg, split), f, indent=1)
-    os.replace(origin_path + ".tmp", origin_path)
-    os.replace(tmp, tokens_path)  # last: the tokens exist only once complete
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    fs.write_text(origin_path, json.dumps(_origin(cfg, split), indent=1))
+    fs.write_bytes(tokens_path, buffer.getvalue())  # last, whole: the tokens exist only once complete
     return tokens_path
 
 
 def load(cfg, split: str, load_tokenizers) -> dict:
     """The cached arrays of ``split`` (built first when missing, see ``build``)."""
     path = build(cfg, split, load_tokenizers)
-    with np.load(path) as f:
+    with np.load(io.BytesIO(fs.read_bytes(path))) as f:
         return {k: f[k] for k in f.files}
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen import fs
 from mmgen.data import media
 from mmgen.errors import UserError
 from mmgen.tokenizers import audio as audio_lib
@@ -190,9 +191,9 @@ class VideoKind(TokenizerKind):
     def write_reconstructions(self, cfg, out_dir, step, x, recon):
         """``recon_{step}.png`` (rows: originals, then reconstructions) and ``recon_{step}.mp4`` (side by side)."""
         pairs = np.concatenate([x, media.from_model(recon)], axis=0)
-        media.save_png_grid(os.path.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
+        media.save_png_grid(fs.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
         side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
-        media.write_video(os.path.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
+        media.write_video(fs.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
 
     def check_layout(self, model, dataset, spec):
         d = dataset
@@ -252,8 +253,8 @@ class AudioKind(TokenizerKind):
     def write_reconstructions(self, cfg, out_dir, step, x, recon):
         """``recon_{step}.wav`` and ``orig_{step}.wav`` of the first clip."""
         rate = int(cfg.dataset.sample_rate)
-        media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
-        media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
+        media.write_wav(fs.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
+        media.write_wav(fs.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
 
     def check_layout(self, model, dataset, spec):
         d = dataset

@@ -50,6 +50,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from mmgen import fs
 from mmgen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -271,8 +272,8 @@ class Checkpointer:
                  best_metric: str | None = None, best_mode: str = "min", async_save: bool = True,
                  read_only: bool = False):
         _quiet_orbax_echoes()
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.damaged_directory = os.path.abspath(os.path.join(workdir, DAMAGED))
+        self.directory = fs.normalize(fs.join(workdir, "checkpoints"))  # a URL (gs://) stays one
+        self.damaged_directory = fs.normalize(fs.join(workdir, DAMAGED))
         self.best_metric = best_metric
         self.read_only = read_only
         keep = [policies.LatestN(n=max(int(keep_last), 1))]
@@ -288,7 +289,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options,
+            fs.path(self.directory), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataIteratorHandler(),
                            "integrity": ocp.JsonCheckpointHandler()})
 
@@ -330,7 +331,7 @@ class Checkpointer:
                 free = f"{shutil.disk_usage(self.directory).free / 1e6:.1f} MB free"
             except OSError:
                 free = "free space unknown"
-            kept = list(self.manager.all_steps()) if os.path.isdir(self.directory) else []
+            kept = list(self.manager.all_steps()) if fs.isdir(self.directory) else []
             raise DiskFull(
                 f"saving a checkpoint in {self.directory} failed: no space left on device ({free}); "
                 + (f"the newest complete checkpoint is step {max(kept)}" if kept else "no checkpoint was completed")
@@ -344,7 +345,7 @@ class Checkpointer:
         only touched once the state has verified). ``CheckpointDamaged`` when the step
         cannot be read or does not match its fingerprints (on every process alike).
         """
-        step_dir = epath.Path(self.directory) / str(step)
+        step_dir = fs.path(self.directory) / str(step)
         state, integrity, error = None, None, None
         try:
             if (step_dir / "integrity").exists():
@@ -416,12 +417,12 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Move step ``step`` out of the managed directory (process 0; every process waits for it)."""
-        target = os.path.join(self.damaged_directory, str(step))
+        target = fs.join(self.damaged_directory, str(step))
         if jax.process_index() == 0:
-            os.makedirs(self.damaged_directory, exist_ok=True)
-            if os.path.exists(target):
+            fs.makedirs(self.damaged_directory)
+            if fs.exists(target):
                 target = f"{target}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            os.rename(os.path.join(self.directory, str(step)), target)
+            fs.path(fs.join(self.directory, str(step))).rename(target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"mmgen_set_aside_{step}")
         return target
@@ -435,7 +436,7 @@ class Checkpointer:
         """
         item = nnx.State({p: abstract_state[p] for p in parts})
         restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-        item_dir = os.path.join(self.directory, str(step), "state")
+        item_dir = fs.path(fs.join(self.directory, str(step), "state"))
         restored = ocp.PyTreeCheckpointer().restore(
             item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
         missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(restored)

@@ -33,9 +33,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from mmgen import config as config_lib
+from mmgen import fs
 from mmgen.errors import UserError
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import runtime
@@ -155,7 +157,7 @@ class _Profiler:
 
     def __init__(self, cfg, workdir: str, start: int):
         self.window = profile_window(cfg)
-        self.directory = os.path.join(workdir, "profile")
+        self.directory = fs.join(workdir, "profile")
         self.perfetto = bool(cfg.get("profile", {}).get("perfetto", True)) if self.window else False
         self.active = False
         if self.window and self.window[1] <= start:
@@ -168,7 +170,7 @@ class _Profiler:
             return step_fn(*args)
         if not self.active:
             jax.block_until_ready(args[0])  # the updates before the window stay out of it
-            os.makedirs(self.directory, exist_ok=True)
+            fs.makedirs(self.directory)
             jax.profiler.start_trace(self.directory, create_perfetto_trace=self.perfetto)
             self.active = True
         with jax.profiler.StepTraceAnnotation("train", step_num=n):
@@ -185,26 +187,60 @@ class _Profiler:
             jax.profiler.stop_trace()
 
 
+def batch_mesh_axes(cfg, axis_sizes: dict) -> tuple[str, ...]:
+    """The mesh axes the config's ``"batch"`` rule splits examples over (those the mesh has)."""
+    return tuple(a for a in sharding_lib.batch_axes(cfg.sharding_rules) if a in axis_sizes)
+
+
 def check_batch_divides(cfg, mesh) -> None:
-    batch_divides(cfg, mesh.shape["data"] * mesh.shape["fsdp"], f"mesh {mesh_lib.describe(mesh)}")
+    """``batch_size`` splits over the mesh axes of the config's ``"batch"`` rule (and, with several
+    processes, gives each process a slice of its own); one line otherwise."""
+    axes = batch_mesh_axes(cfg, mesh.shape)
+    batch_divides(cfg, int(np.prod([mesh.shape[a] for a in axes])), f"mesh {mesh_lib.describe(mesh)}", axes)
+    if jax.process_count() > 1:
+        check_process_slices(cfg, mesh)
 
 
-def batch_divides(cfg, shards: int, where: str) -> None:
-    """``batch_size`` must split into ``grad_accum_steps`` micro-batches, each over ``shards`` devices."""
+def batch_divides(cfg, shards: int, where: str, axes: tuple[str, ...] | None = None) -> None:
+    """``batch_size`` must split into ``grad_accum_steps`` micro-batches, each over ``shards`` devices
+    (the mesh ``axes`` of the ``"batch"`` rule; default the config's)."""
     steps = optim.grad_accum_steps(cfg)
     if steps < 1:
         raise UserError(f"config.grad_accum_steps={steps} must be at least 1 (1 = no accumulation)")
     if cfg.batch_size % (shards * steps) == 0:
         return
+    axes = sharding_lib.batch_axes(cfg.sharding_rules) if axes is None else axes
+    over = f"{' x '.join(axes) or 'no mesh axis'} = {shards} shards"
     if steps == 1:
         raise UserError(
-            f"config.batch_size={cfg.batch_size} does not divide over data x fsdp = {shards} shards "
+            f"config.batch_size={cfg.batch_size} does not divide over {over} "
             f"({where}); try {shards * max(1, round(cfg.batch_size / shards))}")
     unit = shards * steps
     raise UserError(
         f"config.batch_size={cfg.batch_size} does not split into grad_accum_steps={steps} micro-batches over "
-        f"data x fsdp = {shards} shards ({where}): it must be a multiple of {unit}; try "
+        f"{over} ({where}): it must be a multiple of {unit}; try "
         f"{unit * max(1, round(cfg.batch_size / unit))}")
+
+
+def check_process_slices(cfg, mesh) -> None:
+    """Each process reads ``batch_size / process_count`` examples of its own; the batch sharding must
+    give every process exactly such a slice, not shared with another (else the global batch would
+    be assembled from rows the processes disagree on). One line otherwise."""
+    sharding = sharding_lib.batch_sharding(mesh, 1, cfg.sharding_rules)
+    rows: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map((int(cfg.batch_size),)).items():
+        rows.setdefault(device.process_index, set()).update(range(*index[0].indices(int(cfg.batch_size))))
+    want = int(cfg.batch_size) // jax.process_count()
+    seen: set = set()
+    for process, own in sorted(rows.items()):
+        if len(own) != want or own & seen:
+            axes = batch_mesh_axes(cfg, mesh.shape)
+            raise UserError(
+                f"sharding_rules batch={axes or None} on mesh {mesh_lib.describe(mesh)} does not give each of the "
+                f"{jax.process_count()} processes a batch slice of its own (process {process} holds {len(own)} of "
+                f"{cfg.batch_size} examples, shared with another); split the batch over the axes that span the "
+                f"processes (data, and fsdp when data is smaller than the process count)")
+        seen |= own
 
 
 # ---------------------------------------------------------------- state on devices
@@ -268,7 +304,10 @@ def make_train_step(family: Family, cfg, graphdef, shardings, batch_shardings, m
 def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, mesh, frozen_shardings=None):
     def eval_fn(state, batch, rng, frozen=None):
         model = nnx.merge(graphdef, state if frozen is None else nnx.merge_state(state, frozen))
-        return {k: jnp.asarray(v, jnp.float32) for k, v in family.eval_step(cfg, model, batch, rng).items()}
+        # The same mesh and rules as the train step: activations are laid out alike.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), sharding_lib.axis_rules(cfg.sharding_rules):
+            metrics = family.eval_step(cfg, model, batch, rng)
+        return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     in_sh = (shardings, batch_shardings, sharding_lib.replicated(mesh))
     if family.frozen is not None and frozen_shardings is not None:
@@ -276,11 +315,16 @@ def make_eval_step(family: Family, cfg, graphdef, shardings, batch_shardings, me
     return jax.jit(eval_fn, in_shardings=in_sh, out_shardings=sharding_lib.replicated(mesh))
 
 
-global_batch = sharding_lib.global_batch
+def global_batch(batch: dict, mesh, rules=None) -> dict:
+    """A host-local batch as global arrays split by the ``"batch"`` rule of ``rules`` (a config's
+    ``sharding_rules``; default the active ones, ``DEFAULT_RULES`` outside ``axis_rules``)."""
+    return sharding_lib.global_batch(batch, mesh, rules)
 
 
-def batch_shardings_for(batch: dict, mesh) -> dict:
-    return {k: v.sharding for k, v in global_batch(batch, mesh).items()}
+def batch_shardings_for(batch: dict, mesh, rules=None) -> dict:
+    """The shardings ``global_batch(batch, mesh, rules)`` gives each entry."""
+    return {k: sharding_lib.batch_sharding(mesh, np.ndim(v), rules) for k, v in batch.items()
+            if np.asarray(v).dtype.kind in "biuf"}
 
 
 # ---------------------------------------------------------------- preemption
@@ -353,6 +397,8 @@ def run(family: Family, cfg: ml_collections.ConfigDict, workdir: str, *, stop_af
     pc, pi = jax.process_count(), jax.process_index()
     train_iter = family.make_data(cfg, split="train", train=True, seed=cfg.seed, batch_size=cfg.batch_size,
                                   process_index=pi, process_count=pc)
+    # --- several hosts write one workdir: every process must see what process 0 writes there
+    workdir_lib.check_shared(workdir)
     # --- one writer per workdir: a second train stops here in one line (readers take no lock)
     with workdir_lib.WorkdirLock(workdir):
         return _train(family, cfg, workdir, stop_after, mesh, rules, warm_source, train_iter)
@@ -411,7 +457,7 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
 
     # --- the update step, compiled on the first batch
     first = next(train_iter)
-    batch_sh = batch_shardings_for(first, mesh)
+    batch_sh = batch_shardings_for(first, mesh, cfg.sharding_rules)
     train_step = make_train_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
     eval_step = (make_eval_step(family, cfg, graphdef, shardings, batch_sh, mesh, frozen_shardings)
                  if family.eval_step else None)
@@ -456,7 +502,8 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
         with _Preemption() as preempt:
             while step < cfg.total_steps:
                 rng = jax.random.fold_in(base_rng, step)
-                state, metrics = profiler.run(step + 1, train_step, state, global_batch(batch, mesh), rng, *extra)
+                state, metrics = profiler.run(step + 1, train_step, state, global_batch(batch, mesh, cfg.sharding_rules),
+                                              rng, *extra)
                 step += 1
                 steps_since += 1
                 bar.update(1)
@@ -539,7 +586,8 @@ def _evaluate(family, cfg, graphdef, state, extra, eval_step, mesh, workdir, ste
         for i, batch in enumerate(it):
             if i >= cfg.get("eval_batches", 4):
                 break
-            m = jax.device_get(eval_step(state, global_batch(batch, mesh), jax.random.key(i), *extra))
+            m = jax.device_get(eval_step(state, global_batch(batch, mesh, cfg.sharding_rules), jax.random.key(i),
+                                         *extra))
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1

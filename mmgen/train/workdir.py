@@ -9,9 +9,15 @@ restore, moved aside by ``mmgen.train.checkpoint``) and ``train.lock`` while a
 ``train`` runs. Everything downstream asks this module for them, so a layout change
 touches one file. Restoring a whole training state is ``mmgen.train.loop.load_state``.
 
+A workdir is any path ``mmgen.fs`` knows (local, a network mount, ``gs://bucket/x``);
+``path(p)`` is it as an ``epath.Path`` and every file here goes through ``mmgen.fs``, so a
+URL is never turned into a local path.
+
 Before a run writes anything, ``check_workdir`` makes sure the workdir is (or can be
 made) a writable directory, by writing and removing a probe file, and
-``check_free_space`` warns when the disk cannot hold the checkpoints the run keeps.
+``check_free_space`` warns when the disk cannot hold the checkpoints the run keeps
+(a bucket has no disk to measure). With several processes ``check_shared`` makes sure
+every process sees what process 0 writes there (one line naming the hosts that do not).
 ``WorkdirLock`` makes one ``train`` the only writer of a workdir; readers (``eval``,
 ``sample``, ``tokenize``) take no lock.
 """
@@ -32,9 +38,11 @@ import uuid
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from mmgen import config as config_lib
+from mmgen import fs
 from mmgen.errors import UserError
 from mmgen.train.checkpoint import Checkpointer
 
@@ -44,12 +52,17 @@ CONFIG = "config.json"
 LOCK = "train.lock"
 
 
+def path(p) -> epath.Path:
+    """A workdir (or a file in one) as an ``epath.Path``: local paths absolute, URLs (``gs://``) as given."""
+    return fs.path(p)
+
+
 def config_path(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG)
+    return fs.join(workdir, CONFIG)
 
 
 def has_config(workdir: str) -> bool:
-    return os.path.exists(config_path(workdir))
+    return fs.exists(config_path(workdir))
 
 
 def read_config(workdir: str, families: tuple[str, ...] = (), what: str = "") -> ml_collections.ConfigDict:
@@ -57,7 +70,7 @@ def read_config(workdir: str, families: tuple[str, ...] = (), what: str = "") ->
 
     ``what`` names the expected run in the error ("a tokenizer", ...); default: the families.
     """
-    if not os.path.isdir(workdir):
+    if not fs.isdir(workdir):
         raise UserError(f"{workdir}: no such workdir")
     if not has_config(workdir):
         raise UserError(f"{workdir} is not a workdir (no {CONFIG}): train into it first or check the path")
@@ -89,18 +102,15 @@ def _move_old_keys(cfg: ml_collections.ConfigDict) -> None:
 
 
 def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Write the resolved config to ``workdir/config.json`` (atomically: a temporary file, then a rename)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = config_path(workdir)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(config_lib.to_json(cfg))
-    os.replace(tmp, path)
-    return path
+    """Write the resolved config to ``workdir/config.json`` (whole or not at all: ``fs.write_text``)."""
+    fs.makedirs(workdir)
+    target = config_path(workdir)
+    fs.write_text(target, config_lib.to_json(cfg))
+    return target
 
 
 def has_checkpoints(workdir: str) -> bool:
-    return os.path.isdir(os.path.join(workdir, "checkpoints"))
+    return fs.isdir(fs.join(workdir, "checkpoints"))
 
 
 def all_steps(workdir: str) -> list[int]:
@@ -131,7 +141,7 @@ def check_step(workdir: str, step: int | None) -> None:
 def output_paths(workdir: str, step: int | None = None) -> tuple[str, str]:
     """(result json, folder for images and sounds) of an evaluation of ``step`` (None: the newest)."""
     name = "eval" if step is None else f"eval_step{int(step)}"
-    return os.path.join(workdir, f"{name}.json"), os.path.join(workdir, name)
+    return fs.join(workdir, f"{name}.json"), fs.join(workdir, name)
 
 
 # ---------------------------------------------------------------- before anything is written
@@ -139,9 +149,13 @@ def check_workdir(workdir: str) -> None:
     """One line unless ``workdir`` is a directory this process can write, or can be created as one.
 
     Writes a probe file into the workdir (or its nearest existing parent, when the workdir
-    does not exist yet) and removes it again: nothing is left behind either way.
+    does not exist yet) and removes it again: nothing is left behind either way. A URL
+    (``gs://bucket/run``) is probed in place: an object store has no folders to create.
     """
-    path = os.path.abspath(workdir)
+    if fs.is_url(workdir):
+        _check_url_workdir(workdir)
+        return
+    path = os.path.abspath(os.path.expanduser(workdir))
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--workdir {workdir} is a file, not a directory")
     parent = path
@@ -163,10 +177,104 @@ def check_workdir(workdir: str) -> None:
         raise UserError(f"--workdir {workdir} is not writable ({e.strerror or e})") from None
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}"[:200]
+
+
+def _check_url_workdir(workdir: str) -> None:
+    root = path(workdir)  # a UserError for a scheme epath does not know
+    try:
+        if root.exists() and not root.is_dir():
+            raise UserError(f"--workdir {workdir} is a file, not a directory")
+        probe = root / f".mmgen-probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except UserError:
+        raise
+    except Exception as e:  # no client library (gcsfs, s3fs), no credentials, no bucket, no permission
+        raise UserError(f"--workdir {workdir} is not writable ({_one_line(e)})") from None
+
+
+SHARED_PROBE = ".mmgen-shared-probe-"  # + a random token per check
+SHARED_WAIT_S = 10.0  # how long a process looks for the probe (a network mount may show a new file late)
+
+
+def unseen_message(workdir: str, seen: list[bool], hosts: list[str]) -> str | None:
+    """The one line for processes that do not see process 0's probe (None when all do).
+
+    ``seen[i]``/``hosts[i]``: whether process ``i`` read the probe, and its host name.
+    """
+    missing = [i for i, ok in enumerate(seen) if not ok]
+    if not missing:
+        return None
+    named = ", ".join(f"{i} ({hosts[i]})" for i in missing[:8]) + (", ..." if len(missing) > 8 else "")
+    return (f"--workdir {workdir} is not shared by every host: process{'es' if len(missing) > 1 else ''} {named} "
+            f"of {len(seen)} cannot see what process 0 ({hosts[0]}) writes there; give every host the same "
+            f"filesystem (a network mount at the same path, or a bucket: gs://...)")
+
+
+def _host_names() -> list[str]:
+    """Every process's host name (an all-gather of fixed-width bytes)."""
+    name = np.frombuffer(socket.gethostname().encode()[:64].ljust(64, b"\0"), np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(name)).reshape(jax.process_count(), 64)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]
+
+
+def check_shared(workdir: str) -> None:
+    """Multi-process: one line (``UserError``, on every process) unless every process sees the
+    file process 0 writes into ``workdir``; nothing to check with one process.
+
+    Process 0 creates the workdir and writes a random token into ``workdir/.mmgen-shared-probe-<token>``
+    (a new name each time, so no cached lookup of an earlier one answers); after a barrier every
+    process reads it back, looking again for up to ``SHARED_WAIT_S`` (NFS caches a missing name for
+    a while); the answers are all-gathered, so every process raises the same error, naming the
+    processes (and hosts) that do not see it.
+    """
+    if jax.process_count() == 1:
+        return
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(uuid.uuid4().bytes, np.uint8))
+    token = bytes(np.asarray(token, np.uint8)).hex()
+    probe = fs.join(workdir, SHARED_PROBE + token)
+    created = False
+    if jax.process_index() == 0:
+        try:
+            created = not fs.exists(workdir)
+            fs.makedirs(workdir)
+            fs.write_text(probe, token)
+        except Exception as e:  # process 0 then does not see it either, and every process says so
+            log.debug("writing %s failed: %s", probe, e)
+    multihost_utils.sync_global_devices("mmgen_shared_probe_written")
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            seen = fs.read_text(probe) == token
+        except Exception:  # absent (not shared), unreadable
+            seen = False
+        if seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    seen_all = [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)]
+    message = unseen_message(workdir, seen_all, _host_names()) if not all(seen_all) else None
+    multihost_utils.sync_global_devices("mmgen_shared_probe_read")
+    if jax.process_index() == 0:
+        try:
+            fs.remove(probe)
+            if message and created:  # leave no empty workdir behind a run that does not start
+                path(workdir).rmdir()
+        except Exception:
+            pass
+    if message:
+        raise UserError(message)
+
+
 def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
     """Warn (one line) when the disk under ``workdir`` cannot hold ``keep + 1`` checkpoints of about
-    ``checkpoint_bytes`` each (the newest is written before the oldest is removed)."""
-    parent = os.path.abspath(workdir)
+    ``checkpoint_bytes`` each (the newest is written before the oldest is removed). A bucket
+    (a URL workdir) has no disk to measure: nothing to check."""
+    if fs.is_url(workdir):
+        return
+    parent = os.path.abspath(os.path.expanduser(workdir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     try:
@@ -219,6 +327,33 @@ def _alive(pid: int, start: str) -> bool:
     return True
 
 
+def _mtime(p: str) -> float:
+    return float(fs.path(p).stat().mtime)
+
+
+def _create_exclusive(p: str, data: bytes) -> bool:
+    """Create the file ``p`` holding ``data`` unless it exists; whether this call created it.
+
+    Atomic on a local or network disk (``O_EXCL``). An object store has no exclusive create:
+    there the file is written when absent and read back, so of two writers racing within
+    one upload the later one wins and the earlier one finds out."""
+    if fs.is_url(p):
+        if fs.exists(p):
+            return False
+        fs.write_bytes(p, data)
+        return fs.read_bytes(p) == data
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 class WorkdirLocked(UserError):
     """Another ``train`` holds the workdir."""
 
@@ -237,7 +372,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0):
         self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK)
+        self.path = fs.join(workdir, LOCK)
         self.heartbeat_s, self.stale_after_s = float(heartbeat_s), float(stale_after_s)
         self.token = uuid.uuid4().hex
         self.held = False
@@ -254,8 +389,7 @@ class WorkdirLock:
     def _read(self) -> dict | None:
         """The current holder's record; {} when the file is unreadable or half-written; None when absent."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = fs.read_bytes(self.path)
         except FileNotFoundError:
             return None
         except OSError:
@@ -269,7 +403,7 @@ class WorkdirLock:
     def _stale(self, record: dict) -> bool:
         if not record:  # unreadable: stale once nobody has touched the file for stale_after_s
             try:
-                return time.time() - os.path.getmtime(self.path) > self.stale_after_s
+                return time.time() - _mtime(self.path) > self.stale_after_s
             except OSError:
                 return True
         same_machine = record.get("host") == socket.gethostname() and record.get("boot_id", "") == _boot_id()
@@ -284,47 +418,30 @@ class WorkdirLock:
         return (f"pid {record.get('pid')} on {record.get('host')} (heartbeat {age:.0f}s ago; "
                 f"{record.get('command', '')!s:.80})")
 
-    def _write(self, fd: int) -> None:
-        os.write(fd, json.dumps(self._record()).encode())
-        os.fsync(fd)
-
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            self._write(fd)
-        finally:
-            os.close(fd)
-        return True
+        return _create_exclusive(self.path, json.dumps(self._record()).encode())
 
     def _take_over(self, stale: dict) -> bool:
         """Replace a stale lock, one contender at a time (``train.lock.takeover``, itself ``O_EXCL``)."""
         mutex = self.path + ".takeover"
         try:
-            if time.time() - os.path.getmtime(mutex) > max(self.stale_after_s, 60.0):
-                os.remove(mutex)  # left by a contender that died taking over
+            if time.time() - _mtime(mutex) > max(self.stale_after_s, 60.0):
+                fs.remove(mutex)  # left by a contender that died taking over
         except OSError:
             pass
-        try:
-            os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        except FileExistsError:
+        if not _create_exclusive(mutex, self.token.encode()):
             return False
         try:
             if self._read() != stale:  # it changed: someone is alive after all
                 return False
-            try:
-                os.remove(self.path)
-            except FileNotFoundError:
-                pass
+            fs.remove(self.path)
             return self._create()
         finally:
-            os.remove(mutex)
+            fs.remove(mutex)
 
     def _acquire_here(self) -> str | None:
         """Take the lock in this process; None when taken, else who holds it."""
-        os.makedirs(self.workdir, exist_ok=True)
+        fs.makedirs(self.workdir)
         self._started = time.time()
         for _ in range(3):
             if self._create():
@@ -365,13 +482,7 @@ class WorkdirLock:
                           self.path, self.describe(record))
                 return
             try:
-                tmp = f"{self.path}.{self.token}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    self._write(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
+                fs.write_text(self.path, json.dumps(self._record()))
             except OSError as e:  # a full or flaky disk: the next beat tries again
                 log.debug("lock heartbeat failed: %s", e)
 
@@ -386,7 +497,7 @@ class WorkdirLock:
         record = self._read()
         if record is not None and record.get("token") == self.token:
             try:
-                os.remove(self.path)
+                fs.remove(self.path)
             except OSError:
                 pass
 

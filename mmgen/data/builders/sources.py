@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import importlib.util
 import inspect
 import io
@@ -31,6 +30,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmgen import fs
 from mmgen.data import media
 from mmgen.data.builders import moving_shapes_av, video_folder
 from mmgen.errors import UserError
@@ -120,33 +120,32 @@ def find_prepared(name: str, data_dir: str) -> str | None:
     Complete = has ``dataset_info.json``; an interrupted TFDS build only leaves an
     ``incomplete.*`` folder, which never matches.
     """
-    data_dir = os.path.expanduser(data_dir)
     base, config = split_name(name)
-    root = os.path.join(data_dir, base)
-    if not os.path.isdir(root):
+    root = fs.path(data_dir) / base  # local (``~`` expanded) or a URL (gs://), through epath
+    if not root.is_dir():
         return None
-    candidates = [os.path.join(root, config)] if config else [root]
+    candidates = [root / config] if config else [root]
     if not config:
         # A dataset with configs keeps them one level down; accept it when only one is there.
-        configs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
-                   and not re.fullmatch(r"\d+\.\d+\.\d+", d) and not d.startswith("incomplete")]
+        configs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and not re.fullmatch(r"\d+\.\d+\.\d+", d.name) and not d.name.startswith("incomplete")]
         if len(configs) == 1:
-            candidates.append(os.path.join(root, configs[0]))
+            candidates.append(configs[0])
     for folder in candidates:
-        if not os.path.isdir(folder):
+        if not folder.is_dir():
             continue
-        versions = [v for v in os.listdir(folder) if re.fullmatch(r"\d+\.\d+\.\d+", v)
-                    and os.path.exists(os.path.join(folder, v, "dataset_info.json"))]
+        versions = [v.name for v in folder.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", v.name)
+                    and (v / "dataset_info.json").exists()]
         if versions:
-            return os.path.join(folder, max(versions, key=_version_key))
+            return str(folder / max(versions, key=_version_key))
     return None
 
 
 def available_configs(name: str, data_dir: str) -> list[str]:
-    root = os.path.join(os.path.expanduser(data_dir), split_name(name)[0])
-    if not os.path.isdir(root):
+    root = fs.path(data_dir) / split_name(name)[0]
+    if not root.is_dir():
         return []
-    return sorted(d for d in os.listdir(root) if find_prepared(f"{split_name(name)[0]}/{d}", data_dir))
+    return sorted(d.name for d in root.iterdir() if find_prepared(f"{split_name(name)[0]}/{d.name}", data_dir))
 
 
 def build(
@@ -164,7 +163,7 @@ def build(
     network and, for most video datasets, TensorFlow).
     """
     base, config = split_name(name, config)
-    data_dir = os.path.expanduser(data_dir)
+    data_dir = os.path.expanduser(data_dir)  # TFDS writes through epath itself: a URL stays one
     if base in OUR_BUILDERS:
         kwargs = {"config": make_config(base, config, overrides), "data_dir": data_dir}
         if base == "video_folder":
@@ -233,14 +232,13 @@ def not_prepared_message(name: str, data_dir: str) -> str:
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fs.read_text(path))
 
 
 def _feature_specs(directory: str) -> dict[str, dict]:
     """Top-level features of a prepared dataset from its features.json: name -> spec."""
-    path = os.path.join(directory, "features.json")
-    if not os.path.exists(path):
+    path = fs.join(directory, "features.json")
+    if not fs.exists(path):
         return {}
     content = _read_json(path)
     features = content.get("featuresDict", {}).get("features", {})
@@ -261,18 +259,17 @@ def _feature_specs(directory: str) -> dict[str, dict]:
 
 def _class_names(directory: str, specs: dict) -> list[str] | None:
     for key in ("label", *specs):
-        path = os.path.join(directory, f"{key}.labels.txt")
-        if os.path.exists(path):
-            with open(path) as f:
-                return [line.rstrip("\n") for line in f if line.strip()]
+        path = fs.join(directory, f"{key}.labels.txt")
+        if fs.exists(path):
+            return [line for line in fs.read_text(path).split("\n") if line.strip()]
     return None
 
 
 def _split_files(directory: str, info: dict, split: str) -> list[str]:
-    base = info.get("name", os.path.basename(os.path.dirname(os.path.dirname(directory))))
-    files = sorted(glob.glob(os.path.join(directory, f"{base}-{split}.array_record-*")))
+    base = info.get("name", fs.path(directory).parent.parent.name)
+    files = sorted(str(p) for p in fs.path(directory).glob(f"{base}-{split}.array_record-*"))
     if not files:
-        files = sorted(glob.glob(os.path.join(directory, f"*-{split}.array_record-*")))
+        files = sorted(str(p) for p in fs.path(directory).glob(f"*-{split}.array_record-*"))
     return files
 
 
@@ -289,7 +286,7 @@ class EncodedExampleSource:
     def __init__(self, directory: str, split: str):
         import grain.python as grain
 
-        info = _read_json(os.path.join(directory, "dataset_info.json"))
+        info = _read_json(fs.join(directory, "dataset_info.json"))
         self._files = _split_files(directory, info, split)
         if not self._files:
             raise DatasetNotPreparedError(f"{directory} has no array_record files for split {split!r}")
@@ -344,7 +341,7 @@ def prepared_splits(name: str, data_dir: str) -> dict[str, int] | None:
     directory = find_prepared(name, os.path.expanduser(data_dir))
     if directory is None:
         return None
-    info = _read_json(os.path.join(directory, "dataset_info.json"))
+    info = _read_json(fs.join(directory, "dataset_info.json"))
     return {s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in info.get("splits", [])}
 
 
@@ -359,7 +356,7 @@ def open_split(name: str, split: str, data_dir: str):
     directory = find_prepared(name, data_dir)
     if directory is None:
         raise DatasetNotPreparedError(not_prepared_message(name, data_dir))
-    info = _read_json(os.path.join(directory, "dataset_info.json"))
+    info = _read_json(fs.join(directory, "dataset_info.json"))
     file_format = info.get("fileFormat", "tfrecord")
     if file_format != "array_record":
         raise DatasetNotPreparedError(
@@ -370,8 +367,8 @@ def open_split(name: str, split: str, data_dir: str):
     if split not in num_examples:
         raise DatasetNotPreparedError(f"dataset {name} in {directory} has no split {split!r}; it has {sorted(num_examples)}")
     specs = _feature_specs(directory)
-    metadata_path = os.path.join(directory, "metadata.json")
-    metadata = _read_json(metadata_path) if os.path.exists(metadata_path) else {}
+    metadata_path = fs.join(directory, "metadata.json")
+    metadata = _read_json(metadata_path) if fs.exists(metadata_path) else {}
     try:
         # TFDS prints a TensorFlow install banner before failing on Video/Image features:
         # TensorFlow is not needed here, so keep that banner off the user's screen.

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from mmgen.data import media, pipeline
 from mmgen.errors import UserError
+from mmgen.eval import gallery
 from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel.distributed import host_value, is_writer
@@ -295,7 +296,9 @@ def flops_per_example(cfg) -> float:
 
 
 def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
-    """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio).
+    """Reconstructions of the first test clips: labelled PNG grid + mp4 (video) or wavs (audio)
+    in ``workdir/samples`` with its ``index.html`` (``mmgen.eval.gallery.write_reconstructions``),
+    and the same pictures/sounds for TensorBoard (``eval/reconstruction...``).
 
     Every process runs it (the model may be sharded over all of them) on the same clips;
     process 0 writes the files.
@@ -311,18 +314,11 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}
-    out_dir = os.path.join(workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    if cfg.modality == "video":
-        pairs = np.concatenate([x, media.from_model(recon)], axis=0)  # rows: originals, then reconstructions
-        media.save_png_grid(os.path.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
-        side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
-        media.write_video(os.path.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
-    else:
-        rate = int(cfg.dataset.sample_rate)
-        media.write_wav(os.path.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
-        media.write_wav(os.path.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
-    return {}
+    return gallery.write_reconstructions(os.path.join(workdir, "samples"), f"recon_{step:06d}", x, recon,
+                                         modality=cfg.modality, step=step, source="training eval",
+                                         split=cfg.eval_split, fps=float(cfg.dataset.get("fps", 0.0) or 0.0),
+                                         sample_rate=int(cfg.dataset.get("sample_rate", 16000)),
+                                         tag="eval/reconstruction")
 
 
 def load_frozen(cfg, abstract: nnx.State) -> nnx.State:

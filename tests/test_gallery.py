@@ -85,6 +85,7 @@ def video_tokenizer(tmp_path_factory, tokenizers):
     return workdir
 
 
+@pytest.mark.slow
 def test_tokenizer_eval_hook_gives_tensorboard_pictures_and_a_page(video_tokenizer, event_summaries, check_gallery):
     cfg = workdir_lib.read_config(video_tokenizer)
     cfg.num_samples = 2
@@ -110,6 +111,7 @@ def test_tokenizer_eval_hook_gives_tensorboard_pictures_and_a_page(video_tokeniz
     assert "reconstruction" in text and "step 7" in text and "psnr" in text
 
 
+@pytest.mark.slow
 def test_tokenizer_evaluate_adds_the_labelled_grid_to_tensorboard(video_tokenizer, event_summaries):
     result = tokenizer_eval.evaluate(video_tokenizer, tokenizer_family.load, "test", num=2)
     seen = event_summaries(os.path.join(video_tokenizer, "tensorboard"))

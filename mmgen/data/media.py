@@ -1,4 +1,4 @@
-"""Media I/O with PyAV: video files with a sound track, wav files, PNG grids.
+"""Media I/O with PyAV: video files with a sound track, wav files, PNG grids (labelled).
 
 Everything the rest of mmgen reads from or writes to disk as pictures or sound goes
 through this module, so that one set of conventions holds everywhere:
@@ -14,7 +14,9 @@ through this module, so that one set of conventions holds everywhere:
   ``ValueError``) whose one-line message names the file and the problem.
 
 Writing: mp4 with H.264 (libx264, yuv420p) video and an AAC mono track; wav as 16-bit
-PCM.
+PCM; PNG grids (rows = clips, columns = frames), optionally labelled (a title strip and
+a label per row drawn with PIL's default font in a grey margin). In memory (for
+TensorBoard summaries): PNG, animated GIF and wav bytes.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def _player(name: str | None) -> str:
         return ""
     ext = os.path.splitext(name)[1].lower()
     if ext in VIDEO_FILES:
-        return f'<video controls preload="metadata" src="{_src(name)}"></video>'
+        return f'<video controls preload="auto" src="{_src(name)}"></video>'
     if ext in AUDIO_FILES:
         return f'<audio controls preload="metadata" src="{_src(name)}"></audio>'
     if ext in IMAGE_FILES:
@@ -247,7 +247,7 @@ def _metrics_text(metrics: dict) -> str:
 STYLE = """body{font-family:sans-serif;margin:1.5em;color:#222}
 section{margin-bottom:2em;border-top:1px solid #ccc}
 table{border-collapse:collapse}td,th{padding:4px 8px;text-align:left;vertical-align:top}
-video{max-width:320px;image-rendering:pixelated}img{max-width:100%;image-rendering:pixelated}
+video{width:256px;max-width:100%;image-rendering:pixelated;background:#000}img{max-width:100%;image-rendering:pixelated}
 .meta{color:#555}"""
 
 

@@ -137,3 +137,44 @@ def test_gallery_page_escapes_names_and_lists_files_without_a_record(tmp_path, c
         text = f.read()
     assert "run &lt;1&gt;" in text and "nothing &lt;at all&gt;" in text and "psnr 12.35" in text
     assert "fvd n/a" in text and "a%20b%26c.wav" in text and "<script" not in text
+
+
+def test_records_say_what_each_sample_came_from_and_compare_only_with_real_recordings(tmp_path, check_gallery):
+    from mmgen.generative.generator import SampleResult
+
+    out = str(tmp_path)
+    real, sound = _clips(2, t=4, h=16, w=16), np.random.default_rng(1).uniform(-0.5, 0.5, (2, 800)).astype(np.float32)
+    generated = np.clip(real.astype(int) + 20, 0, 255).astype(np.uint8)
+
+    def save(task, video, audio, reference, labels=(0, 1)):
+        paths = {"media": [], "grid": None, "tokens": os.path.join(out, f"{task}_tokens.npz")}
+        for i in range(2):
+            paths["media"].append(os.path.join(out, f"{task}_{i:03d}.mp4"))
+            media.write_video(paths["media"][-1], video[i], fps=8.0, audio=None if audio is None else audio[i])
+        np.savez(paths["tokens"], task=task)
+        return SampleResult(task, {}, video, audio, np.asarray(labels), reference), paths
+
+    # Frame prediction from test clips: the real clips are written beside the samples and compared with.
+    result, paths = save("frame_prediction", generated, None, {"video": real, "audio": sound})
+    gallery.record_samples(out, result, paths, fps=8.0, sample_rate=16000, step=3, source="test", split="test")
+    # Sound for an input video: the input is named, not copied, and its filler sound is no yardstick.
+    result, paths = save("video_to_audio", real, sound[::-1].copy(), {"video": real, "audio": np.zeros_like(sound)})
+    gallery.record_samples(out, result, paths, fps=8.0, sample_rate=16000, input_path="/data/my clip.mp4")
+    # A class label.
+    result, paths = save("class_conditional", generated, None, None, labels=(4, 5))
+    gallery.record_samples(out, result, paths, fps=8.0, sample_rate=16000, step=3)
+    gallery.write_index(out)
+    check_gallery(out)
+    records = {r["task"]: r for r in gallery.read_records(out)}
+    fp = records["frame_prediction"]["samples"][1]
+    assert fp["condition"] == "part of its video from test clip 1" and fp["real"] == "frame_prediction_001_real.mp4"
+    expected = 10 * np.log10(255.0**2 / np.mean((real[1].astype(float) - generated[1]) ** 2))
+    assert fp["metrics"]["psnr_vs_real"] == pytest.approx(expected, rel=1e-6)
+    written = media.read_video(os.path.join(out, fp["real"]), sample_rate=16000)
+    assert written.video.shape == (4, 16, 16, 3) and written.audio is not None
+    v2a = records["video_to_audio"]["samples"][0]
+    assert v2a == {"file": "video_to_audio_000.mp4", "real": None, "condition": "its video from input file my clip.mp4",
+                   "metrics": {}}
+    labels = [s["condition"] for s in records["class_conditional"]["samples"]]
+    assert labels == ["class label 4", "class label 5"]
+    assert not any(n.startswith(("video_to_audio", "class_conditional")) and "_real" in n for n in os.listdir(out))

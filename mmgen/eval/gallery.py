@@ -88,18 +88,22 @@ def describe_condition(task: str, index: int, *, split: str | None = None, input
     return f"{' and '.join(parts)} from {source}"
 
 
-def sample_metrics(result, i: int) -> dict:
+def sample_metrics(result, i: int, real=("video", "audio")) -> dict:
     """Sample ``i``'s distance to the real clip its condition came from (empty when there is none).
 
     ``psnr_vs_real``: PSNR (dB, uint8 frames, all of them) of the generated video;
-    ``si_snr_vs_real``: SI-SNR (dB) of the generated sound; only for modalities the task generates.
+    ``si_snr_vs_real``: SI-SNR (dB) of the generated sound; only for modalities the task
+    generates and ``real`` names (the reference's modalities that are a real recording: an
+    input file gives only the task's condition, the rest of its reference is filler).
     """
     ref = result.reference or {}
     t = tasks_lib.get_task(result.task)
     out = {}
-    if result.video is not None and ref.get("video") is not None and t.video.kind in ("target", "partial"):
+    if (result.video is not None and ref.get("video") is not None and t.video.kind in ("target", "partial")
+            and "video" in real):
         out["psnr_vs_real"] = _number(metrics_lib.psnr(ref["video"][i], result.video[i], 255.0))
-    if result.audio is not None and ref.get("audio") is not None and t.audio.kind in ("target", "partial"):
+    if (result.audio is not None and ref.get("audio") is not None and t.audio.kind in ("target", "partial")
+            and "audio" in real):
         n = min(len(ref["audio"][i]), len(result.audio[i]))
         out["si_snr_vs_real"] = _number(metrics_lib.si_snr(ref["audio"][i][:n], result.audio[i][:n]))
     return out
@@ -130,6 +134,7 @@ def record_samples(out_dir: str, result, paths: dict, *, fps: float, sample_rate
     task = result.task
     t = tasks_lib.get_task(task)
     ref = result.reference or {}
+    given = [m for m in t.modalities() if t.role(m).kind in ("condition", "partial")]
     samples = []
     for i, path in enumerate(paths["media"]):
         real = None
@@ -147,7 +152,7 @@ def record_samples(out_dir: str, result, paths: dict, *, fps: float, sample_rate
         samples.append({"file": os.path.basename(path), "real": real and os.path.basename(real),
                         "condition": describe_condition(task, i, split=split, input_path=input_path,
                                                         label=int(result.labels[i])),
-                        "metrics": sample_metrics(result, i)})
+                        "metrics": sample_metrics(result, i, real=given if input_path else ("video", "audio"))})
     name = os.path.basename(paths["tokens"])[: -len("_tokens.npz")]
     return write_record(out_dir, name, task=task, samples=samples, step=step, source=source,
                         description=t.description, grid=paths["grid"] and os.path.basename(paths["grid"]),

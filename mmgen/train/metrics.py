@@ -41,7 +41,8 @@ class Picture:
 
 @dataclasses.dataclass(frozen=True)
 class Video:
-    """A clip for TensorBoard: uint8 ``[T, H, W, 3]`` at ``fps`` (shown as a looping GIF)."""
+    """A clip for TensorBoard: uint8 ``[T, H, W, 3]`` at ``fps`` (shown as a looping GIF, zoomed by
+    the whole factor ``VIDEO_MIN_SIDE // min(H, W)`` when that is above 1)."""
 
     frames: np.ndarray
     fps: float
@@ -56,6 +57,7 @@ class Sound:
 
 
 MEDIA = (Picture, Video, Sound)
+VIDEO_MIN_SIDE = 128  # a GIF's short side in TensorBoard, reached by whole-number nearest-neighbour zoom
 
 
 def is_media(value) -> bool:
@@ -79,6 +81,8 @@ def media_summary(tag: str, value):
         return Summary(value=[Summary.Value(tag=tag, audio=audio)])
     if isinstance(value, Video):
         frames = np.asarray(value.frames)
+        zoom = max(1, VIDEO_MIN_SIDE // min(frames.shape[1:3]))  # tiny clips: nearest-neighbour up to 128 px
+        frames = np.repeat(np.repeat(frames, zoom, axis=1), zoom, axis=2)
         encoded = media.gif_bytes(frames, fps=value.fps)
     else:
         frames = np.asarray(value.image)[None]

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmgen.data import media
-from mmgen.errors import UserError
 from mmgen.families import export as export_family
 from mmgen.families import generative as generative_family
 from mmgen.families import tokenizer as tokenizer_family

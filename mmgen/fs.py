@@ -76,6 +76,11 @@ def isdir(p) -> bool:
     return path(p).is_dir()
 
 
+def listdir(p) -> list[str]:
+    """The names in the folder ``p``, sorted."""
+    return sorted(child.name for child in path(p).iterdir())
+
+
 def makedirs(p) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
 

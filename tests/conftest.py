@@ -299,3 +299,70 @@ def _constrained_matches_one_device(loss, params, x):
 def constrained_matches_one_device():
     """``constrained_matches_one_device(loss, params, x) -> constraints``: see ``_constrained_matches_one_device``."""
     return _constrained_matches_one_device
+# ------------------------------------------------------------------ TensorBoard and the gallery (test_gallery.py, test_sample_cli.py, ...)
+def _event_summaries(logdir):
+    """Every summary value in the event files under ``logdir``: ``{tag: [(step, kind, value proto)]}``.
+
+    Reads the TFRecord framing itself (u64 length, u32 crc, data, u32 crc) and parses each
+    record with tensorboardX's ``Event`` proto; ``kind`` is the value's oneof field
+    (``simple_value``, ``image``, ``audio``, ...).
+    """
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for root, _, names in os.walk(logdir):
+        for name in sorted(n for n in names if "tfevents" in n):
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+            pos = 0
+            while pos + 12 <= len(data):
+                (length,) = struct.unpack("<Q", data[pos:pos + 8])
+                event = Event.FromString(data[pos + 12:pos + 12 + length])
+                pos += 12 + length + 4
+                for value in event.summary.value:
+                    kind = value.WhichOneof("value")
+                    out.setdefault(value.tag, []).append((event.step, kind, getattr(value, kind)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def event_summaries():
+    """``event_summaries(logdir)`` -> ``{tag: [(step, kind, value)]}`` of every TensorBoard
+    event file under ``logdir`` (kind: ``simple_value``, ``image``, ``audio``)."""
+    return _event_summaries
+
+
+def _check_gallery(out_dir):
+    """Parse ``out_dir/index.html``: every media/token file of the folder is named there and every
+    file it names exists. Returns ``{"videos": [...], "audios": [...], "images": [...], "links": [...]}``."""
+    from html.parser import HTMLParser
+    from urllib.parse import unquote
+
+    found = {"videos": [], "audios": [], "images": [], "links": []}
+
+    class Page(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            kind = {"video": "videos", "audio": "audios", "img": "images"}.get(tag)
+            if kind and attrs.get("src"):
+                found[kind].append(unquote(attrs["src"]))
+            elif tag == "a" and attrs.get("href"):
+                found["links"].append(unquote(attrs["href"]))
+
+    with open(os.path.join(out_dir, "index.html")) as f:
+        Page().feed(f.read())
+    named = {n for names in found.values() for n in names}
+    for name in named:
+        assert "/" not in name and os.path.isfile(os.path.join(out_dir, name)), name  # relative, beside the page
+    files = {n for n in os.listdir(out_dir) if n.endswith((".mp4", ".wav", ".png", ".npz"))}
+    assert files and files <= named, sorted(files - named)
+    return found
+
+
+@pytest.fixture(scope="session")
+def check_gallery():
+    """``check_gallery(out_dir)``: asserts ``index.html`` names every sample file there and only
+    files that exist; returns the page's ``{"videos", "audios", "images", "links"}`` sources."""
+    return _check_gallery

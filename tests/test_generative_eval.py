@@ -60,11 +60,12 @@ def test_blank_video_has_no_height_and_agreement_skips_it():
 
 @pytest.mark.slow
 def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i3d, data_dir, tokenizers,
-                                                             generative_config, write_numpy_initialised):
+                                                             generative_config, write_numpy_initialised,
+                                                             event_summaries, check_gallery):
     root = str(tmp_path)
     cfg = generative_config("tiny,modalities=video", data_dir=data_dir, extra=[
         f"tokenizers.video_workdir={tokenizers['video']!r}", "sampling.steps=2", "evaluation.unigram_clips=4",
-        "sampling.batch_size=4"])
+        "sampling.batch_size=4", "tensorboard=True"])
     workdir = write_numpy_initialised(gen.FAMILY, cfg, os.path.join(root, "generative"), seed=3)
     # FVD's plumbing with a random I3D on the clips' own 32x32 (the Kinetics one: test_pretrained.py).
     networks = reference.Networks(i3d=random_i3d, fvd_resolution=None)
@@ -86,13 +87,23 @@ def test_evaluate_writes_per_task_accuracy_psnr_fvd_and_grids(tmp_path, random_i
     assert {k: v for k, v in fvd.items() if k != "fvd"} == {
         "task": "frame_prediction", "clips_real": 4, "clips_generated": 4, "frames": 9, "resolution": "native"}
     assert np.isfinite(fvd["fvd"]) and fvd["fvd"] > 0
-    assert os.listdir(os.path.join(workdir, "eval")) == ["frame_prediction.png"]
+    samples = os.path.join(workdir, "eval")  # the samples with their real clips, on a page with the task's numbers
+    assert sorted(os.listdir(samples)) == sorted(
+        ["frame_prediction.gallery.json", "frame_prediction.png", "frame_prediction_tokens.npz", "index.html"]
+        + [f"frame_prediction_{i:03d}{real}.mp4" for i in range(4) for real in ("", "_real")])
+    assert len(check_gallery(samples)["videos"]) == 8
+    with open(os.path.join(samples, "frame_prediction.gallery.json")) as f:
+        record = json.load(f)
+    assert record["metrics"]["psnr"] == fp["psnr"] and record["metrics"]["fvd"] == fvd["fvd"]
+    seen = event_summaries(os.path.join(workdir, "tensorboard"))  # and in TensorBoard at the checkpoint's step
+    assert [(s, kind) for s, kind, _ in seen["test/frame_prediction"]] == [(result["step"], "image")]
+    assert [(s, kind) for s, kind, _ in seen["test/frame_prediction/video"]] == [(result["step"], "image")]
     at_step = ge.evaluate(workdir, gen.load_generator, "test", num=4, step=result["step"])  # the same checkpoint, by its step
     assert at_step["token_accuracy"] == result["token_accuracy"]
     assert at_step["fvd"] == "unavailable (FVD not computed here)"  # no networks given
     with open(os.path.join(workdir, f"eval_step{result['step']}.json")) as f:
         assert json.load(f)["step"] == result["step"]
-    assert os.listdir(os.path.join(workdir, f"eval_step{result['step']}")) == ["frame_prediction.png"]
+    assert "frame_prediction.png" in os.listdir(os.path.join(workdir, f"eval_step{result['step']}"))
     # Per-clip cross-entropy (the paired dependence test's input) averages back to the task's.
     from mmgen.generative.generator import read_split
 

@@ -206,13 +206,15 @@ def test_host_rows_of_condition_clips_match_the_global_batch():
 
 
 @pytest.mark.slow
-def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path, generative_config):
-    """loop.run, 2 steps: metrics, the wrapper's position in the checkpoint, an mp4 + PNG from on_eval."""
+def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, data_dir, tmp_path, generative_config,
+                                                                event_summaries, check_gallery):
+    """loop.run, 2 steps: metrics, the wrapper's position in the checkpoint, an mp4 + PNG from on_eval,
+    its page and its pictures in TensorBoard."""
     workdir = str(tmp_path / "gen")
     cfg = generative_config(data_dir=data_dir, tokenizers=tokenizers,
                             extra=["total_steps=2", "checkpoint_every=2", "eval_every=2", "eval_batches=1",
                                    "sampling.eval_tasks='frame_prediction'", "sampling.eval_num=1",
-                                   "sampling.steps=2"])
+                                   "sampling.steps=2", "tensorboard=True"])
     out = loop.run(gen.FAMILY, cfg, workdir, devices=jax.devices()[:1])  # sharding: the test above
     assert out["step"] == 2 and np.isfinite(out["loss"]) and out["tokens_per_s"] > 0
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -222,8 +224,14 @@ def test_loop_trains_saves_the_data_position_and_samples_at_eval(tokenizers, dat
         saved = json.load(f)
     assert saved["json"]["index"] == 2 and saved["json"]["clips"]  # resumes at batch 2 of the same stream
     names = sorted(os.listdir(os.path.join(workdir, "samples")))
-    assert names == ["step000002_frame_prediction.png", "step000002_frame_prediction_000.mp4",
+    assert names == ["index.html", "step000002_frame_prediction.gallery.json", "step000002_frame_prediction.png",
+                     "step000002_frame_prediction_000.mp4", "step000002_frame_prediction_000_real.mp4",
                      "step000002_frame_prediction_tokens.npz"]
+    check_gallery(os.path.join(workdir, "samples"))
+    seen = event_summaries(os.path.join(workdir, "tensorboard"))  # the eval's pictures beside the scalars
+    assert [(s, kind) for s, kind, _ in seen["samples/frame_prediction"]] == [(2, "image")]
+    assert [(s, kind) for s, kind, _ in seen["samples/frame_prediction/video"]] == [(2, "image")]
+    assert any(kind == "simple_value" for _, kind, _ in seen["loss"])
 
 
 def test_example_batch_matches_the_random_token_batches(generative_config):

@@ -71,14 +71,15 @@ def run_tokenizer_across_layouts(launch, losses, spec, data_dir, root):
 
 def test_video_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path, launch, losses):
     multi = run_tokenizer_across_layouts(launch, losses, VIDEO, tokenizer_data, str(tmp_path))
-    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
-        f"recon_00000{s}.{ext}" for s in (1, 2, 3) for ext in ("mp4", "png")]  # 3: the resumed run's eval
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == ["index.html"] + [
+        f"recon_00000{s}.{ext}" for s in (1, 2, 3) for ext in ("gallery.json", "mp4", "png")]  # 3: the resumed run's eval
 
 
 def test_audio_tokenizer_evaluates_on_every_process_and_resumes_on_another_layout(tokenizer_data, tmp_path, launch, losses):
     multi = run_tokenizer_across_layouts(launch, losses, AUDIO, tokenizer_data, str(tmp_path))
-    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
-        f"{kind}_00000{s}.wav" for kind in ("orig", "recon") for s in (1, 2, 3)]
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == sorted(["index.html"] + [
+        f"{kind}_00000{s}.{ext}" for s in (1, 2, 3) for kind, ext in (("orig", "wav"), ("recon", "wav"),
+                                                                      ("recon", "gallery.json"))])
 
 
 def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_and_evaluates(
@@ -95,8 +96,9 @@ def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_
     multi, straight = os.path.join(root, "multi"), os.path.join(root, "straight")
     launch(2, 2, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=2"]))
     assert sorted(r["step"] for r in read_metrics(multi) if "eval/accuracy" in r) == [1, 2]
-    assert sorted(os.listdir(os.path.join(multi, "samples"))) == [
-        f"step00000{s}_frame_prediction{suffix}" for s in (1, 2) for suffix in (".png", "_000.mp4", "_tokens.npz")]
+    assert sorted(os.listdir(os.path.join(multi, "samples"))) == ["index.html"] + [
+        f"step00000{s}_frame_prediction{suffix}" for s in (1, 2)
+        for suffix in (".gallery.json", ".png", "_000.mp4", "_000_real.mp4", "_tokens.npz")]
     launch(1, 4, "train", "--config", name, "--workdir", multi, *flags(overrides + ["total_steps=3"]))
     cfg = config_lib.load_config(name, overrides + ["total_steps=3", "eval_every=0"])
     loop.run(get_family("generative"), cfg, straight, devices=jax.devices()[:4])
@@ -107,8 +109,9 @@ def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_
     res = launch(2, 2, "sample", "--workdir", multi, "--task", "audio_to_video", "--num", "2", "--out", out,
                  "--steps", "2")
     assert res.stdout.count("wrote 2 videos of audio_to_video") == 1  # process 0 reports (and writes)
-    assert sorted(os.listdir(out)) == ["audio_to_video.png", "audio_to_video_000.mp4", "audio_to_video_001.mp4",
-                                       "audio_to_video_tokens.npz"]
+    assert sorted(os.listdir(out)) == ["audio_to_video.gallery.json", "audio_to_video.png", "audio_to_video_000.mp4",
+                                       "audio_to_video_000_real.mp4", "audio_to_video_001.mp4",
+                                       "audio_to_video_001_real.mp4", "audio_to_video_tokens.npz", "index.html"]
     # ... and evaluates.
     launch(1, 4, "eval", "--workdir", multi, "--num", "2")
     with open(os.path.join(multi, "eval.json")) as f:

@@ -6,7 +6,8 @@
 Conditional tasks take their condition from ``--input`` (any video or sound file
 FFmpeg reads; every sample shares it) or else from the first clips of the test split.
 Flags are checked and the input is read before anything compiles; what is written is
-described in ``mmgen.generative.generator``.
+described in ``mmgen.generative.generator``; with the files, ``<out>/index.html`` (every
+sample in the folder with its condition and metrics: ``mmgen.eval.gallery``) is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from mmgen import config as config_lib
 from mmgen import fs
 from mmgen.errors import UserError
+from mmgen.eval import gallery
 from mmgen.parallel import distributed
 from mmgen.families.generative import load_generator, read_config
 from mmgen.generative.generator import check_task, conditioned_modalities, read_input
@@ -42,6 +44,10 @@ def main(args, overrides) -> int:
                                    guidance=args.guidance, temperature=getattr(args, "temperature", None),
                                    progress=True)
     paths = generator.save(result, args.out)
+    gallery.record_samples(args.out, result, paths, fps=generator.fps, sample_rate=generator.sample_rate,
+                           step=getattr(generator, "step", None), source="mmgen sample",
+                           input_path=args.input if clips is not None else None)
+    gallery.write_index(args.out, title=f"samples of {os.path.abspath(args.workdir)}")
     kind = "videos" if result.video is not None else "sounds"
     if distributed.is_writer():
         print(f"wrote {len(paths['media'])} {kind} of {args.task} to {fs.normalize(args.out)}"

@@ -1,4 +1,4 @@
-"""Media I/O with PyAV: video files with a sound track, wav files, PNG grids.
+"""Media I/O with PyAV: video files with a sound track, wav files, PNG grids (labelled).
 
 Everything the rest of mmgen reads from or writes to disk as pictures or sound goes
 through this module, so that one set of conventions holds everywhere:
@@ -15,7 +15,10 @@ through this module, so that one set of conventions holds everywhere:
 
 Writing: mp4 with H.264 (libx264, yuv420p) video and an AAC mono track; wav as 16-bit
 PCM; to any path ``mmgen.fs`` knows (for a URL, ``gs://...``, the file is written locally
-and then copied: ``fs.local_file``). Reading takes local (or mounted) files.
+and then copied: ``fs.local_file``). PNG grids (rows = clips, columns = frames), optionally
+labelled (a title strip and a label per row drawn with PIL's default font in a grey
+margin). In memory (for TensorBoard summaries): PNG, animated GIF and wav bytes. Reading
+takes local (or mounted) files.
 """
 
 from __future__ import annotations
@@ -446,12 +449,105 @@ def frame_grid(videos, *, pad: int = 2, pad_value: int = 255) -> np.ndarray:
     return grid
 
 
-def save_png_grid(path: str, videos, *, pad: int = 2, upscale: int = 1) -> np.ndarray:
-    """Save ``frame_grid(videos)`` as a PNG (nearest-neighbour ``upscale``); returns the grid."""
+LABEL_MARGIN_COLOR = (240, 240, 240)
+
+
+def label_picture(picture: np.ndarray, *, row_labels=(), row_height: int = 0, title: str = "") -> np.ndarray:
+    """Draw text labels into a margin around ``picture`` (PIL's default bitmap font).
+
+    A title strip of ``title_height = 4 + line height`` rows goes on top when ``title`` is
+    given; a left margin as wide as the longest row label (+8 px) holds ``row_labels[i]``
+    at the top of row ``i`` (rows of ``row_height`` pixels). The margins are light grey
+    (``LABEL_MARGIN_COLOR``), the text black.
+
+    Returns:
+      uint8 [title_height + H, left + W, 3]: ``picture`` placed at (title_height, left).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text):
+        x0, y0, x1, y1 = measure.textbbox((0, 0), text, font=font)
+        return x1 - x0, y1 - y0
+
+    line = max([size(t)[1] for t in (title, *row_labels) if t] or [0])
+    top = line + 4 if title else 0
+    left = max([size(t)[0] for t in row_labels] or [-8]) + 8
+    h, w = picture.shape[:2]
+    canvas = Image.new("RGB", (left + w, top + h), LABEL_MARGIN_COLOR)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(picture)), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    for i, text in enumerate(row_labels):
+        draw.text((4, top + i * row_height + 2), text, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def labelled_grid(videos, *, pad: int = 2, upscale: int = 1, row_labels=(), title: str = "") -> np.ndarray:
+    """``frame_grid(videos)`` upscaled (nearest neighbour) with a title on top and a label per row.
+
+    Returns:
+      uint8 RGB; without labels and title exactly the upscaled grid.
+    """
     grid = frame_grid(videos, pad=pad)
-    image = Image.fromarray(grid)
     if upscale > 1:
-        image = image.resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
+        grid = np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1)
+    if not row_labels and not title:
+        return grid
+    videos = np.asarray(videos)
+    row_height = (videos.shape[-3] + pad) * upscale
+    return label_picture(grid, row_labels=list(row_labels), row_height=row_height, title=title)
+
+
+def save_png_grid(path: str, videos, *, pad: int = 2, upscale: int = 1, row_labels=(), title: str = "") -> np.ndarray:
+    """Save ``labelled_grid(videos, ...)`` as a PNG; returns the unlabelled ``frame_grid``.
+
+    ``row_labels`` (one per clip, e.g. ``"clip 0 real"``) go in a left margin and ``title``
+    (e.g. the task) on top, so a grid read alone says what it shows.
+    """
+    picture = labelled_grid(videos, pad=pad, upscale=upscale, row_labels=row_labels, title=title)
     with fs.local_file(path) as local:
-        image.save(local, format="PNG")
-    return grid
+        Image.fromarray(picture).save(local, format="PNG")
+    return frame_grid(videos, pad=pad)
+
+
+# --------------------------------------------------------------------------------
+# In-memory encodings (TensorBoard summaries, web pages)
+# --------------------------------------------------------------------------------
+
+
+def png_bytes(picture: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG file bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes(video, *, fps: float) -> bytes:
+    """uint8 [T, H, W, 3] (or float [-1, 1]) -> animated GIF bytes, looping, ``1000 / fps`` ms a frame.
+
+    GIF has a 256-colour palette per frame (PIL's adaptive quantizer): fine to look at,
+    not for measuring.
+    """
+    frames = [Image.fromarray(f) for f in _as_uint8_video(video)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:],
+                   duration=max(1, round(1000.0 / fps)), loop=0)
+    return buffer.getvalue()
+
+
+def wav_bytes(audio: np.ndarray, *, sample_rate: int) -> bytes:
+    """float [S] mono in [-1, 1] -> 16-bit PCM wav file bytes (clipped to [-1, 1])."""
+    import wave
+
+    pcm = np.round(np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(int(sample_rate))
+        f.writeframes(pcm.tobytes())
+    return buffer.getvalue()

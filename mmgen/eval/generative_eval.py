@@ -52,7 +52,12 @@ checkpoint's inference model and its frozen tokenizers:
   against the ``num`` real clips of the split, each row with its clip counts (FVD
   depends on them). Without the ``metrics`` extra it is an ``"unavailable (...)"``
   string saying what to install.
-* PNG grids (reference row, sample row per clip) under ``workdir/eval/<task>.png``.
+* Under ``workdir/eval/``: per sampled task a labelled PNG grid (reference row, sample
+  row per clip) ``<task>.png``, the samples ``<task>_<i>.mp4`` (with sound; ``.wav`` for
+  audio-only) beside the real clips ``<task>_<i>_real.mp4``, the tokens, and
+  ``index.html``, a page of them all with the task's metrics (``mmgen.eval.gallery``); in
+  the workdir's TensorBoard at the checkpoint's step, ``<split>/<task>`` (the grid),
+  ``.../video`` and ``.../audio`` (the first sample), unless ``tensorboard=False``.
 
 Writes ``workdir/eval.json`` (the returned dict).
 """
@@ -70,7 +75,7 @@ from flax import nnx
 from mmgen import fs
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
-from mmgen.eval import metrics, reference
+from mmgen.eval import gallery, metrics, reference
 from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.generator import read_split
@@ -85,6 +90,7 @@ from mmgen.generative.transformer import combine_digits, token_log_prob
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.progress import progress
 from mmgen.train import workdir as workdir_lib
+from mmgen.train.metrics import write_media
 
 SATURATION = 0.5  # a pixel is "saturated" when max - min channel (in [0, 1]) exceeds this
 PITCH_BAND_HZ = (150.0, 1100.0)
@@ -444,10 +450,12 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     if scorer is not None:
         scorer.add_real(clips["video"][:num])
     fvd_rows = []
+    saved, summaries = {}, {}
     for task in progress(sampled, desc="sample tasks", unit="task"):
         res = generator.sample_task(task, num, seed=1, clips=clips)
-        if is_writer():
-            generator.save_grid(res, fs.join(out_dir, f"{task}.png"))
+        saved[task] = (res, generator.save(res, out_dir, prefix=task))
+        summaries.update(gallery.sample_summaries(res, f"{split}/{task}", generator.grid_rows(res),
+                                                  fps=fps, sample_rate=rate))
         if scorer is not None and task in video_tasks:
             fvd_rows.append({"task": task, **scorer.score(res.video, frames)})
         if task == "frame_prediction":
@@ -497,6 +505,27 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     elif video_tasks:
         result["fvd"] = networks.reason("FVD")
     result["grids"] = out_dir
+    for task, (res, paths) in saved.items():
+        gallery.record_samples(out_dir, res, paths, fps=fps, sample_rate=rate, step=result["step"],
+                               source=f"mmgen eval ({split})", split=split, metrics=task_metrics(result, task))
+    if saved:
+        gallery.write_index(out_dir, title=f"evaluation samples of {fs.normalize(workdir)}")
     if is_writer():
         fs.write_text(result_path, json.dumps(result, indent=2))
+    if cfg.get("tensorboard", True):
+        write_media(workdir, result["step"] or 0, summaries)
     return result
+
+
+def task_metrics(result: dict, task: str) -> dict:
+    """The numbers of ``result`` (``evaluate``'s) about one sampled task, flat (for its gallery section)."""
+    out = {}
+    rows = [r for key in ("token_accuracy", "audio_visual", "audio_visual_tokens", "fvd")
+            if isinstance(result.get(key), list) for r in result[key] if r.get("task") == task]
+    if task == "frame_prediction" and isinstance(result.get("frame_prediction"), dict):
+        rows.append(result["frame_prediction"])
+    for row in rows:
+        prefix = f"{row['compared']}: " if "compared" in row else ""
+        out.update({prefix + k: v for k, v in row.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out

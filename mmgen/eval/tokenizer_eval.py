@@ -21,7 +21,8 @@ Video (frames compared as uint8, what a viewer sees):
   FVD depends on them, so compare numbers only at equal counts. Without the
   ``metrics`` extra these three are ``"unavailable (...)"`` strings that say what to
   install;
-* ``eval/recon.png``: rows alternate reference and reconstruction, columns are frames.
+* ``eval/recon.png``: rows alternate reference and reconstruction (labelled in a left
+  margin), columns are frames.
 
 Audio:
 
@@ -34,6 +35,11 @@ Audio:
   mu-law (G.711, mu = 255) PCM at ``bitrate / 8`` samples per second, band-limited
   down and back up with a polyphase filter -- scored the same way;
 * ``eval/clip{i}_orig.wav`` / ``eval/clip{i}_recon.wav`` for the first clips.
+
+Both also go to the workdir's TensorBoard at the checkpoint's step (unless the run's
+config says ``tensorboard=False``): ``<split>/reconstruction`` (video: the labelled grid,
+and ``.../video`` clip 0 real | reconstructed; audio: clip 0's reconstruction, and
+``.../real`` the clip).
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from mmgen.nn import lpips as lpips_lib
 from mmgen.nn.spectral import multiscale_mel_distance
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.progress import progress
+from mmgen.train import metrics as train_metrics
 from mmgen.train import workdir as workdir_lib
 
 MULAW_BITS = 8  # G.711
@@ -148,7 +155,7 @@ def _code_statistics(tokens: np.ndarray, vocab_size: int) -> dict:
 
 
 def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int,
-                   networks: reference.Networks | None = None) -> dict:
+                   networks: reference.Networks | None = None, summaries: dict | None = None) -> dict:
     cfg = tok.cfg
     networks = networks or reference.Networks()
     resolution = int(cfg.dataset.resolution)
@@ -175,8 +182,16 @@ def evaluate_video(tok, split: str, num: int, out_dir: str, num_show: int,
     per_clip = int(np.prod(tokens.shape[1:4]))
     bpt = bits_per_token(tok.vocab_size, levels)
     grid = fs.join(out_dir, "recon.png")
+    rows = np.concatenate(shown)[: 2 * num_show]
+    labels = [f"clip {i // 2} {'reconstructed' if i % 2 else 'real'}" for i in range(len(rows))]
+    title = f"{split} reconstruction, step {tok.step}"
     if is_writer():
-        media.save_png_grid(grid, np.concatenate(shown)[: 2 * num_show], upscale=2)
+        media.save_png_grid(grid, rows, upscale=2, row_labels=labels, title=title)
+    if summaries is not None:  # TensorBoard: the grid and clip 0 real | reconstructed
+        summaries[f"{split}/reconstruction"] = train_metrics.Picture(
+            media.labelled_grid(rows, upscale=2, row_labels=labels, title=title))
+        summaries[f"{split}/reconstruction/video"] = train_metrics.Video(
+            np.concatenate([rows[0], rows[1]], axis=2), float(cfg.dataset.fps))
     psnrs = np.concatenate(psnrs)
     perceptual = {}
     for name in reference.LPIPS_NETS:
@@ -220,7 +235,7 @@ def _decode_depths(model, tokens, depths: int):
     return audio.reshape(depths, tokens.shape[0], -1)
 
 
-def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> dict:
+def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int, summaries: dict | None = None) -> dict:
     cfg = tok.cfg
     rate = int(cfg.model.sample_rate)
     frame_rate = rate / tok.model.hop_length
@@ -248,6 +263,9 @@ def evaluate_audio(tok, split: str, num: int, out_dir: str, num_show: int) -> di
             if is_writer():
                 media.write_wav(files[-2], x[i], sample_rate=rate)
                 media.write_wav(files[-1], recon[i], sample_rate=rate)
+            if summaries is not None and k == 0:  # TensorBoard: clip 0 reconstructed, and real
+                summaries[f"{split}/reconstruction"] = train_metrics.Sound(np.asarray(recon[i], np.float32), rate)
+                summaries[f"{split}/reconstruction/real"] = train_metrics.Sound(np.asarray(x[i], np.float32), rate)
     tokens = np.concatenate(tokens)
     w = np.asarray(weights, np.float64)
 
@@ -297,10 +315,11 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
     if is_writer():
         fs.makedirs(out_dir)
     num_show = min(num, int(cfg.get("num_samples", 4)))
+    summaries = {}
     if tok.modality == "video":
-        run = lambda *args: evaluate_video(*args, networks=networks)
+        run = lambda *args: evaluate_video(*args, networks=networks, summaries=summaries)
     else:
-        run = evaluate_audio
+        run = lambda *args: evaluate_audio(*args, summaries=summaries)
     result = {
         "family": "tokenizer",
         "modality": tok.modality,
@@ -313,4 +332,6 @@ def evaluate(workdir: str, load_tokenizer, split: str = "test", num: int | None 
     }
     if is_writer():
         fs.write_text(result_path, json.dumps(result, indent=2))
+    if cfg.get("tensorboard", True):
+        train_metrics.write_media(workdir, tok.step or 0, summaries)
     return result

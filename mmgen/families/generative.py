@@ -31,6 +31,7 @@ evaluation.
 
 from __future__ import annotations
 
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ from mmgen import fs
 from mmgen import tokenizers as tokenizers_lib
 from mmgen.data import pipeline
 from mmgen.errors import UserError
+from mmgen.eval import gallery
 from mmgen.families import get_family
 from mmgen.families import tokenizer as tokenizer_family
 from mmgen.generative import masking, token_cache
@@ -257,7 +259,9 @@ def make_data(cfg, *, split, train, seed, batch_size, process_index, process_cou
 
 # ------------------------------------------------------------------------ evals
 def on_eval(state: GenerativeState, cfg, workdir: str, step: int, mesh) -> dict:
-    """A few samples of ``cfg.sampling.eval_tasks`` into ``workdir/samples`` (mp4 with sound + PNG).
+    """A few samples of ``cfg.sampling.eval_tasks`` into ``workdir/samples`` (mp4 with sound + PNG,
+    the real clips, ``index.html``: ``mmgen.eval.gallery``); returns each task's labelled grid,
+    first video and first sound for TensorBoard (tags ``samples/<task>``, ``.../video``, ``.../audio``).
 
     Every process samples (SPMD on the training mesh: the model may be sharded over all of
     them, with the same conditions everywhere); process 0 writes the files.
@@ -266,12 +270,19 @@ def on_eval(state: GenerativeState, cfg, workdir: str, step: int, mesh) -> dict:
         return {}
     generator = Generator(cfg, inference_model(state), tokenizers=load_tokenizers(cfg))
     out_dir = fs.join(workdir, "samples")
+    pictures = {}
     for task in [t for t in cfg.sampling.eval_tasks.split(",") if t]:
         if any(m not in specs_of(cfg) for m in tasks_lib.get_task(task).modalities()):
             continue  # e.g. an audio task in a video-only ablation
         result = generator.sample_task(task, int(cfg.sampling.eval_num), seed=step, split=cfg.eval_split)
-        generator.save(result, out_dir, prefix=f"step{step:06d}_{task}")
-    return {}
+        paths = generator.save(result, out_dir, prefix=f"step{step:06d}_{task}")
+        gallery.record_samples(out_dir, result, paths, fps=generator.fps, sample_rate=generator.sample_rate,
+                               step=step, source="training eval", split=cfg.eval_split)
+        pictures.update(gallery.sample_summaries(result, f"samples/{task}", generator.grid_rows(result),
+                                                 fps=generator.fps, sample_rate=generator.sample_rate))
+    if pictures:
+        gallery.write_index(out_dir, title=f"samples of {fs.normalize(workdir)}")
+    return pictures
 
 
 def read_config(workdir: str):
@@ -319,8 +330,8 @@ def load_generator_export(path: str, overrides=(), step: int | None = None) -> G
         raise UserError(f"{path} is an export of step {meta.get('step')}; it holds no step {step}")
     for m in ("video", "audio"):
         where = tokenizer_workdir(cfg, m)
-        if where and not os.path.isabs(where):
-            cfg.tokenizers[f"{m}_workdir"] = os.path.join(os.path.abspath(path), where)
+        if where and not fs.is_url(where) and not os.path.isabs(where):  # relative to the export
+            cfg.tokenizers[f"{m}_workdir"] = fs.join(fs.normalize(path), where)
     device = jax.local_devices()[0]
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}), devices=[device])
     tokenizers = load_tokenizers(cfg, device)

@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from mmgen import fs
 from mmgen.data import pipeline
 from mmgen.errors import UserError
+from mmgen.eval import gallery
 from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
 from mmgen.parallel import sharding as sharding_lib
@@ -272,7 +273,9 @@ def flops_per_example(cfg) -> float:
 
 
 def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
-    """Reconstructions of the first test clips: PNG grid + mp4 (video) or wav (audio).
+    """Reconstructions of the first test clips: labelled PNG grid + mp4 (video) or wavs (audio)
+    in ``workdir/samples`` with its ``index.html`` (``mmgen.eval.gallery.write_reconstructions``),
+    and the same pictures/sounds for TensorBoard (``eval/reconstruction...``).
 
     Every process runs it (the model may be sharded over all of them) on the same clips;
     process 0 writes the files.
@@ -289,10 +292,11 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}
-    out_dir = fs.join(workdir, "samples")
-    fs.makedirs(out_dir)
-    kind.write_reconstructions(cfg, out_dir, step, x, recon)
-    return {}
+    return gallery.write_reconstructions(fs.join(workdir, "samples"), f"recon_{step:06d}", x, recon,
+                                         modality=kind.name, step=step, source="training eval",
+                                         split=cfg.eval_split, fps=float(cfg.dataset.get("fps", 0.0) or 0.0),
+                                         sample_rate=int(cfg.dataset.get("sample_rate", 16000)),
+                                         tag="eval/reconstruction")
 
 
 def load_frozen(cfg, abstract: nnx.State) -> nnx.State:

@@ -15,13 +15,15 @@ once per (task, batch shape) and runs ``cfg.sampling.batch_size`` clips at a tim
 ``save`` writes one ``<task>_<i>.mp4`` per sample (H.264 + AAC; the sound is the
 generated one, or the given one for ``audio_to_video``; a video-only task gives a
 silent mp4; an audio-only task a ``.wav``), ``<task>.png`` (rows: reference clip then
-sample, for conditional tasks; samples alone otherwise) and ``<task>_tokens.npz``
+sample, for conditional tasks; samples alone otherwise; labelled with the task and each
+row's clip and kind) and ``<task>_tokens.npz``
 (the sampled tokens per modality, the task and the labels).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -241,15 +243,28 @@ class Generator:
 
     # ------------------------------------------------------------------ files
     @staticmethod
-    def save_grid(result: SampleResult, path: str) -> str | None:
-        """PNG of the sampled videos (rows: reference then sample per clip when conditioned)."""
+    def grid_rows(result: SampleResult) -> tuple[np.ndarray, list[str]] | None:
+        """The grid's clips ``[rows, T, H, W, 3]`` and a label per row: ``clip i real`` then
+        ``clip i generated`` per clip when conditioned, ``sample i`` otherwise (None without video)."""
         if result.video is None:
             return None
         rows, n = result.video, len(result.video)
         ref = (result.reference or {}).get("video")
         if ref is not None and tasks_lib.get_task(result.task).video.kind != "condition":
             rows = np.stack([ref[:n], result.video], axis=1).reshape(-1, *result.video.shape[1:])
-        media.save_png_grid(path, rows, upscale=2)
+            return rows, [f"clip {i} {kind}" for i in range(n) for kind in ("real", "generated")]
+        what = "generated" if tasks_lib.get_task(result.task).video.kind != "condition" else "given"
+        return rows, [f"sample {i} ({what} video)" for i in range(n)]
+
+    @classmethod
+    def save_grid(cls, result: SampleResult, path: str) -> str | None:
+        """PNG of the sampled videos (rows: reference then sample per clip when conditioned),
+        labelled: the task on top, each row's clip and kind (real / generated) in a left margin."""
+        grid = cls.grid_rows(result)
+        if grid is None:
+            return None
+        rows, labels = grid
+        media.save_png_grid(path, rows, upscale=2, row_labels=labels, title=result.task)
         return path
 
     def save(self, result: SampleResult, out_dir: str, prefix: str | None = None) -> dict:

@@ -15,7 +15,6 @@ method                     ``VideoKind`` (MAGVIT-v2)                   ``AudioKi
 ``reconstruction_terms``   ``w_rec * rec(x, x_hat)``                   mel + STFT (+ waveform L1) distance,
                            ``[+ w_perc * LPIPS]``                      weights in ``cfg.model.loss``
 ``eval_metrics``           PSNR of ``(x_hat - x) / 2``                 none beyond the losses
-``write_reconstructions``  PNG grid + side-by-side mp4                 reconstruction and original wav
 =========================  ==========================================  ==========================================
 
 Both kinds read their discriminator from the config's top-level ``discriminator``
@@ -25,14 +24,12 @@ Both kinds read their discriminator from the config's top-level ``discriminator`
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmgen import fs
 from mmgen.data import media
 from mmgen.errors import UserError
 from mmgen.tokenizers import audio as audio_lib
@@ -107,9 +104,6 @@ class TokenizerKind:
         """Metrics of one eval batch beyond the losses."""
         return {}
 
-    def write_reconstructions(self, cfg, out_dir: str, step: int, x: np.ndarray, recon: np.ndarray) -> None:
-        """Files showing ``recon`` (model range) next to the originals ``x`` (as the batch holds them)."""
-        raise NotImplementedError
 
     def check_layout(self, model, dataset, spec) -> None:
         """``UserError`` unless ``model`` makes tokens of ``spec``'s shape and vocabulary from ``dataset``'s clips.
@@ -188,12 +182,6 @@ class VideoKind(TokenizerKind):
         mse = jnp.mean(jnp.square((recon - x) / 2.0), axis=tuple(range(1, x.ndim)))
         return {"psnr": jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))}
 
-    def write_reconstructions(self, cfg, out_dir, step, x, recon):
-        """``recon_{step}.png`` (rows: originals, then reconstructions) and ``recon_{step}.mp4`` (side by side)."""
-        pairs = np.concatenate([x, media.from_model(recon)], axis=0)
-        media.save_png_grid(fs.join(out_dir, f"recon_{step:06d}.png"), pairs, upscale=2)
-        side = np.concatenate([x, media.from_model(recon)], axis=3)[0]  # original | reconstruction
-        media.write_video(fs.join(out_dir, f"recon_{step:06d}.mp4"), side, fps=cfg.dataset.fps)
 
     def check_layout(self, model, dataset, spec):
         d = dataset
@@ -250,11 +238,6 @@ class AudioKind(TokenizerKind):
     def reconstruction_terms(self, cfg, x, recon, perceptual=None):
         return audio_lib.audio_reconstruction_loss(x, recon, cfg.model.loss)
 
-    def write_reconstructions(self, cfg, out_dir, step, x, recon):
-        """``recon_{step}.wav`` and ``orig_{step}.wav`` of the first clip."""
-        rate = int(cfg.dataset.sample_rate)
-        media.write_wav(fs.join(out_dir, f"recon_{step:06d}.wav"), recon[0], sample_rate=rate)
-        media.write_wav(fs.join(out_dir, f"orig_{step:06d}.wav"), x[0], sample_rate=rate)
 
     def check_layout(self, model, dataset, spec):
         d = dataset

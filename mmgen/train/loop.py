@@ -47,7 +47,7 @@ from mmgen.train import optim
 from mmgen.train import workdir as workdir_lib
 from mmgen.train.checkpoint import (Checkpointer, CheckpointDamaged, NonFiniteState, NoUsableCheckpoint,
                                     inspect_state)
-from mmgen.train.metrics import MetricsWriter, trim_metrics
+from mmgen.train.metrics import MetricsWriter, scalars_only, trim_metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class Family:
         -> iterator of host-local numpy batch dicts (``get_state``/``set_state`` to resume).
     validate(cfg): raise ``UserError`` for a bad config before anything compiles.
     eval_step(cfg, state, batch, rng) -> dict of scalar metrics, averaged over eval batches.
-    on_eval(state, cfg, workdir, step, mesh) -> dict: host-side hook (samples, images).
+    on_eval(state, cfg, workdir, step, mesh) -> dict: host-side hook (samples, images); scalars go to
+        metrics.jsonl and TensorBoard, ``mmgen.train.metrics`` ``Picture``/``Video``/``Sound``
+        values to TensorBoard only.
     flops_per_example(cfg), tokens_per_example(cfg): for TFLOP/s, MFU and tokens/s.
     frozen: an nnx filter of variables that are not trained and not checkpointed
         (a frozen base model under adapters); ``load_frozen(cfg, abstract)`` returns
@@ -535,7 +537,8 @@ def _train(family: Family, cfg, workdir: str, stop_after, mesh, rules, warm_sour
                         # An eval that fails never loses the training before it: save this step first.
                         ckpt.save(step, state, train_iter, metrics=last_metrics, force=True, report=report)
                         raise
-                    writer.write(step, eval_metrics)
+                    writer.write(step, eval_metrics)  # pictures and sounds go to TensorBoard only
+                    eval_metrics = scalars_only(eval_metrics)
                 if want_ckpt or preempted:  # after the eval, so keep_best can rank by eval metrics
                     ckpt.save(step, state, train_iter, metrics={**last_metrics, **eval_metrics}, force=True,
                               report=report)

@@ -66,8 +66,11 @@ def stage_configs(demo, root: str, data_dir: str) -> tuple[dict, dict]:
     warm = [f"init_from={dirs['video_tokenizer_frames']!r}"] if "video_tokenizer_frames" in dirs else []
     cfgs = {s: stage_config(demo, s, data_dir) for s in ("video_tokenizer_frames", "audio_tokenizer") if s in dirs}
     cfgs["video_tokenizer"] = stage_config(demo, "video_tokenizer", data_dir, warm)
-    cfgs["generative"] = stage_config(demo, "generative", data_dir, [
-        f"tokenizers.video_workdir={dirs['video_tokenizer']!r}", f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"])
+    generative = [f"tokenizers.video_workdir={dirs['video_tokenizer']!r}",
+                  f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"]
+    if demo.generative.get("data_source", "tokenizers") == "token_cache":
+        generative.append(f"token_cache={os.path.join(root, 'token_cache')!r}")
+    cfgs["generative"] = stage_config(demo, "generative", data_dir, generative)
     return dirs, {s: cfgs[s] for s in stages}
 
 

@@ -8,9 +8,11 @@ Adam with momentum, short schedules. Change any number from the command line:
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
-The time per stage and what each reaches are measured in docs/RESULTS.md ("Masked
-multi-task transformer (demo scale)"). The audio tokenizer keeps the tiny preset's C = 4
-for the budget; C = 16 learns the tone (docs/RESULTS.md "Audio tokenizer"). Longer
+The time per stage and what each reaches are measured in docs/RESULTS.md ("The demo").
+The data is the demo's variant of ``moving_shapes_av/tiny`` (``DATA``: one large shape on
+one colour); the video tokenizer is the 10-bit VQ; the transformer trains on cached
+tokens over ``TASKS`` and samples all 15. The audio tokenizer keeps the tiny preset's
+C = 4 for the budget; C = 16 learns the tone (docs/RESULTS.md "Audio tokenizer"). Longer
 stages (--config.<stage>.total_steps) give more.
 
 Variant ``fast`` (the CLI's hidden ``--config.fast``) shrinks every stage to a few

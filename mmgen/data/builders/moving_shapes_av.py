@@ -15,9 +15,9 @@ One of them, the *main* shape (largest, drawn on top), makes the sound:
 Small distractor shapes bounce around silently (``max_distractors=0``: none); the
 background is a texture, or one colour per clip with ``background="plain"``; the main
 shape's radius, 0.12-0.2 of the frame, is scaled by ``main_scale``: easier variants for
-controlled experiments and for the demo (``mmgen demo``: one large shape on one colour). The label is the main shape's
-family, ``shape_motion`` with shape in (circle, square, triangle) and motion in
-(bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
+controlled experiments and for the demo (``mmgen demo``: one large shape on one
+colour). The label is the main shape's family, ``shape_motion`` with shape in (circle,
+square, triangle) and motion in (bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
 orbit: a circle, no bounces), 9 classes. Metadata per frame: the main shape's centre
 (``main_x``, ``main_y``), its pitch (``pitch_hz``) and whether a bounce happens during
 the frame (``bounce``), so evaluations can measure audio-visual agreement.

@@ -8,6 +8,9 @@ Adam with momentum, short schedules. Change any number from the command line:
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
+The whole demo is estimated at 15-17 min on 2 idle cores (docs/RESULTS.md "The demo"):
+over the 10-minute goal; --config.generative.total_steps=300 is the first thing to trim.
+
 The time per stage and what each reaches are measured in docs/RESULTS.md ("The demo").
 The data is the demo's variant of ``moving_shapes_av/tiny`` (``DATA``: one large shape on
 one colour); the video tokenizer is the 10-bit VQ; the transformer trains on cached
@@ -32,7 +35,7 @@ STAGES = {  # stage -> the config it starts from (relative to configs/)
 
 # The demo's picture: one large shape (radius 0.18-0.3 of the frame, 1.5x the default)
 # on one colour per clip, no distractors. The textures and distractors of the default
-# data cost the tiny tokenizer most of its bits (docs/RESULTS.md "Demo"); 1000 training
+# data cost the tiny tokenizer most of its bits (docs/RESULTS.md "The demo"); 1000 training
 # clips keep the token cache small.
 DATA = {"background": "plain", "max_distractors": 0, "main_scale": 1.5, "num_train": 1000, "num_test": 200}
 

@@ -98,6 +98,22 @@ def test_plain_background_without_distractors_leaves_one_colour_and_the_main_sha
         msav.MovingShapesConfig(name="x", frames=3, resolution=8, num_train=1, num_test=1, background="noise")
 
 
+def test_main_scale_scales_the_main_shape_and_leaves_the_data_alone_at_one():
+    def shape_pixels(clip):  # per frame: pixels off the one background colour (plain, no distractors)
+        video = clip["video"].astype(int)
+        background = np.median(video.reshape(-1, 3), axis=0)
+        return (np.abs(video - background).max(axis=-1) > 8).sum(axis=(1, 2)).mean()
+
+    kw = dict(background="plain", max_distractors=0, resolution=32)
+    ratios = [shape_pixels(_clip((0, 0, i), main_scale=1.5, **kw)) / shape_pixels(_clip((0, 0, i), **kw))
+              for i in range(4)]
+    assert 1.8 < np.mean(ratios) < 2.7  # area grows as the radius squared: 1.5^2 = 2.25
+    same = _clip((0, 0, 3), **kw)
+    assert np.array_equal(_clip((0, 0, 3), main_scale=1.0, **kw)["video"], same["video"])  # the default is unchanged
+    with pytest.raises(ValueError, match="main_scale must be in"):
+        msav.MovingShapesConfig(name="x", frames=3, resolution=8, num_train=1, num_test=1, main_scale=3.0)
+
+
 def test_override_mistakes_are_user_errors():
     # A UserError is what the CLI prints as one line (exit 2); overrides now take any key from flags.
     with pytest.raises(UserError, match=r"background must be one of \('texture', 'plain'\), not 'noise'"):

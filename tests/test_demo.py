@@ -30,15 +30,21 @@ def test_stage_configs_are_the_tiny_ones_with_the_demo_changes(tmp_path):
     assert (video.family, video.modality, audio.modality) == ("tokenizer", "video", "audio")
     assert video.total_steps == 7 and video.batch_size == 8 and video.optimizer.b1 == 0.9
     assert video.model.base_channels == 16 and video.optimizer.b2 == 0.99  # the tiny config, b1 changed
+    assert video.model.quantizer.kind == "vq" and video.model.quantizer.codebook_size == 1024  # 10 bits, as tiny
     assert video.loss.generator_weight == 0.0 and audio.loss.generator_weight == 0.0  # no GAN on a CPU
-    assert video.eval_every > 0 and audio.eval_every > 0  # the loop then evaluates at the last step
-    for cfg in (video, audio):
+    for cfg in (video, audio):  # one evaluation, at the last step
+        assert cfg.eval_every >= cfg.total_steps > 0
         assert cfg.dataset.data_dir == data and cfg.dataset.name == "moving_shapes_av/tiny"
+    # The demo's picture: one large shape on one colour, no distractors.
+    assert video.dataset.builder_overrides.to_dict() == {"background": "plain", "max_distractors": 0,
+                                                         "main_scale": 1.5, "num_train": 1000, "num_test": 200}
     generative = demo.stage_config(d, "generative", data, ["tokenizers.video_workdir='V'",
                                                           "tokenizers.audio_workdir='A'"])
     assert generative.batch_size == 4 and generative.total_steps == d.generative.total_steps
     assert (generative.tokenizers.video_workdir, generative.tokenizers.audio_workdir) == ("V", "A")
-    assert len(tokens.task_weights(generative)) == 15  # every task is trained and sampled
+    # A few tasks trained (on cached tokens, so prefix conditioning); all 15 are still sampled.
+    assert list(tokens.task_weights(generative)) == ["frame_prediction", "audio_to_video", "video_to_audio"]
+    assert (generative.data_source, generative.conditioning) == ("token_cache", "prefix")
 
 
 def test_video_tokenizer_learns_frames_first_then_starts_the_clip_stage_from_them(tmp_path):
@@ -49,6 +55,7 @@ def test_video_tokenizer_learns_frames_first_then_starts_the_clip_stage_from_the
     assert clips.init_from == dirs["video_tokenizer_frames"] and not frames.init_from
     assert frames.model.to_dict() == clips.model.to_dict()  # the weights carry over only between equal models
     assert cfgs["generative"].tokenizers.video_workdir == dirs["video_tokenizer"]
+    assert cfgs["generative"].token_cache == os.path.join(str(tmp_path), "token_cache")  # beside the stages
     # Without the frames stage the clip stage starts from scratch.
     dirs, cfgs = demo.stage_configs(demo_config(overrides=["video_tokenizer_frames.total_steps=0"]),
                                     str(tmp_path), str(tmp_path / "data"))
@@ -59,7 +66,8 @@ def test_fast_variant_is_a_few_steps_on_a_small_dataset():
     d = demo_config("fast")
     assert all(d[s].total_steps <= 3 for s in ("video_tokenizer_frames", "video_tokenizer", "audio_tokenizer",
                                                "generative"))
-    assert d.dataset.builder_overrides.to_dict() == {"num_train": 16, "num_test": 8}
+    overrides = d.dataset.builder_overrides.to_dict()
+    assert (overrides["num_train"], overrides["num_test"], overrides["background"]) == (16, 8, "plain")
 
 
 def test_bad_override_is_one_line_exit_2(tmp_path, capsys):

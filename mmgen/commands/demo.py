@@ -3,13 +3,15 @@
 Nothing is downloaded. In order, each stage a normal workdir that ``sample``,
 ``tokenize``, ``eval`` and ``train`` (to continue it) accept:
 
-1. ``DIR/data``: ``moving_shapes_av/tiny`` built procedurally (TFDS, ArrayRecord);
+1. ``DIR/data``: ``moving_shapes_av/tiny`` built procedurally (TFDS, ArrayRecord), the
+   demo's variant (one large shape on one colour, ``DATA`` in the config);
 2. ``DIR/video_tokenizer_frames`` then ``DIR/video_tokenizer``: the MAGVIT-v2-style
-   video tokenizer (9x32x32 -> 3x8x8 tokens of a 10-bit LFQ), trained first on single
+   video tokenizer (9x32x32 -> 3x8x8 tokens of a 10-bit VQ), trained first on single
    frames, then on clips starting from those weights (``init_from``);
 3. ``DIR/audio_tokenizer``: the SoundStream-style audio tokenizer (57 frames x 4 RVQ
    levels of 256);
-4. ``DIR/generative``: the masked multi-task transformer over both, all 15 tasks;
+4. ``DIR/generative``: the masked multi-task transformer over both, on their tokens of
+   every clip computed once (``DIR/token_cache``), trained on a few tasks (``TASKS``);
 5. ``DIR/samples/<task>/``: every task sampled (mp4 with sound, PNG grid, tokens).
 
 Sizes and step counts are ``configs/generative/demo.py`` (override any with
@@ -66,8 +68,11 @@ def stage_configs(demo, root: str, data_dir: str) -> tuple[dict, dict]:
     warm = [f"init_from={dirs['video_tokenizer_frames']!r}"] if "video_tokenizer_frames" in dirs else []
     cfgs = {s: stage_config(demo, s, data_dir) for s in ("video_tokenizer_frames", "audio_tokenizer") if s in dirs}
     cfgs["video_tokenizer"] = stage_config(demo, "video_tokenizer", data_dir, warm)
-    cfgs["generative"] = stage_config(demo, "generative", data_dir, [
-        f"tokenizers.video_workdir={dirs['video_tokenizer']!r}", f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"])
+    generative = [f"tokenizers.video_workdir={dirs['video_tokenizer']!r}",
+                  f"tokenizers.audio_workdir={dirs['audio_tokenizer']!r}"]
+    if demo.generative.get("data_source", "tokenizers") == "token_cache":
+        generative.append(f"token_cache={os.path.join(root, 'token_cache')!r}")
+    cfgs["generative"] = stage_config(demo, "generative", data_dir, generative)
     return dirs, {s: cfgs[s] for s in stages}
 
 

@@ -13,10 +13,11 @@ One of them, the *main* shape (largest, drawn on top), makes the sound:
   triangle = 1st + 2nd harmonic.
 
 Small distractor shapes bounce around silently (``max_distractors=0``: none); the
-background is a texture, or one colour per clip with ``background="plain"``: easier
-variants for controlled experiments. The label is the main shape's
-family, ``shape_motion`` with shape in (circle, square, triangle) and motion in
-(bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
+background is a texture, or one colour per clip with ``background="plain"``; the main
+shape's radius, 0.12-0.2 of the frame, is scaled by ``main_scale``: easier variants for
+controlled experiments and for the demo (``mmgen demo``: one large shape on one
+colour). The label is the main shape's family, ``shape_motion`` with shape in (circle,
+square, triangle) and motion in (bounce: straight lines reflected by the walls, gravity: a ball bouncing on the floor,
 orbit: a circle, no bounces), 9 classes. Metadata per frame: the main shape's centre
 (``main_x``, ``main_y``), its pitch (``pitch_hz``) and whether a bounce happens during
 the frame (``bounce``), so evaluations can measure audio-visual agreement.
@@ -250,6 +251,7 @@ def generate_clip(
     pitch_low_hz: float = PITCH_LOW_HZ,
     pitch_high_hz: float = PITCH_HIGH_HZ,
     background: str = "texture",
+    main_scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """One example: video uint8 [T, R, R, 3], audio float32 [round(T / fps * sr)], metadata.
 
@@ -270,7 +272,7 @@ def generate_clip(
         spin = rng.uniform(-3, 3)
         _paint(video, SHAPES[rng.integers(3)], _saturated_colour(rng), x, y, spin * t_frames, radius, coords, resolution)
 
-    radius = rng.uniform(0.12, 0.2)
+    radius = main_scale * rng.uniform(0.12, 0.2)
     path = _draw_trajectory(rng, motion, radius)
     angle = rng.uniform(0, 2 * math.pi) + rng.uniform(-2, 2) * t_frames
     main_x, main_y, _ = path(t_frames)
@@ -323,6 +325,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         pitch_low_hz: float = PITCH_LOW_HZ,
         pitch_high_hz: float = PITCH_HIGH_HZ,
         background: str = "texture",
+        main_scale: float = 1.0,
         **kwargs,
     ):
         kwargs.setdefault(
@@ -335,7 +338,9 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         self.num_train, self.num_test, self.seed = num_train, num_test, seed
         if background not in BACKGROUNDS:  # checked here too: before anything is generated
             raise ValueError(f"moving_shapes_av background must be one of {BACKGROUNDS}, not {background!r}")
-        self.max_distractors, self.background = max_distractors, background
+        if not 0.25 <= main_scale <= 2.0:  # radius 0.4 at most: the shape still moves inside the frame
+            raise ValueError(f"moving_shapes_av main_scale must be in [0.25, 2], not {main_scale!r}")
+        self.max_distractors, self.background, self.main_scale = max_distractors, background, main_scale
         self.pitch_low_hz, self.pitch_high_hz = pitch_low_hz, pitch_high_hz
 
     @property
@@ -400,5 +405,5 @@ class MovingShapesAv(tfds.core.GeneratorBasedBuilder):
             yield i, generate_clip(
                 rng, frames=cfg.frames, resolution=cfg.resolution, fps=cfg.fps, sample_rate=cfg.sample_rate,
                 max_distractors=cfg.max_distractors, pitch_low_hz=cfg.pitch_low_hz, pitch_high_hz=cfg.pitch_high_hz,
-                background=cfg.background,
+                background=cfg.background, main_scale=cfg.main_scale,
             )

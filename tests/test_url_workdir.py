@@ -168,8 +168,8 @@ def test_url_workdir_round_trips_through_train_resume_and_sample(fake_bucket, to
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
-    assert sorted(os.listdir(run / "samples")) == ["audio_video.png", "audio_video_000.mp4",
-                                                   "audio_video_tokens.npz"]
+    assert sorted(os.listdir(run / "samples")) == ["audio_video.gallery.json", "audio_video.png", "audio_video_000.mp4",
+                                                   "audio_video_tokens.npz", "index.html"]  # the page too
     with np.load(run / "samples" / "audio_video_tokens.npz") as tokens:
         assert tokens["video_tokens"].shape == (1, 3, 8, 8)
     assert not (run / "train.lock").exists()

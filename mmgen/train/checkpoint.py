@@ -337,6 +337,16 @@ class Checkpointer:
                 + (f"the newest complete checkpoint is step {max(kept)}" if kept else "no checkpoint was completed")
                 + ": free some space (or lower keep_checkpoints) and run again to resume") from None
 
+    def _integrity(self, step: int) -> dict | None:
+        """The step's integrity record (its fingerprints), or None for a step saved before
+        they existed; ``ValueError`` (or the reader's error) when it is unreadable."""
+        if not (fs.path(self.directory) / str(step) / "integrity").exists():
+            return None
+        integrity = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+        if not isinstance(integrity, dict) or not isinstance(integrity.get("fingerprints"), dict):
+            raise ValueError("integrity record holds no fingerprints")
+        return integrity
+
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restore ``state`` into the shapes/shardings of ``abstract_state`` and verify it.
 
@@ -345,14 +355,9 @@ class Checkpointer:
         only touched once the state has verified). ``CheckpointDamaged`` when the step
         cannot be read or does not match its fingerprints (on every process alike).
         """
-        step_dir = fs.path(self.directory) / str(step)
         state, integrity, error = None, None, None
         try:
-            if (step_dir / "integrity").exists():
-                integrity = self.manager.restore(step, args=ocp.args.Composite(
-                    integrity=ocp.args.JsonRestore()))["integrity"]
-                if not isinstance(integrity, dict) or not isinstance(integrity.get("fingerprints"), dict):
-                    raise ValueError("integrity record holds no fingerprints")
+            integrity = self._integrity(step)
             state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:  # tensorstore, JSON and file errors alike: the step is unreadable
@@ -370,7 +375,7 @@ class Checkpointer:
                 raise CheckpointDamaged(step, f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])}"
                                               f"{', ...' if len(wrong) > 3 else ''})")
         data_restored, error = False, None
-        has_data = (step_dir / "data").exists()
+        has_data = (fs.path(self.directory) / str(step) / "data").exists()
         if integrity is not None and integrity.get("data") and not has_data:
             error = "its data item (the input pipeline's position) is missing"
         elif data_iterator is not None and has_data and hasattr(data_iterator, "set_state"):
@@ -452,14 +457,9 @@ class Checkpointer:
         What inference needs (``sample``, ``eval``, ``tokenize``, ``export``): a third to a
         quarter of the training state's memory (no optimizer moments, no discriminator).
         """
-        step_dir = epath.Path(self.directory) / str(step)
         state, integrity, error = None, None, None
         try:
-            if (step_dir / "integrity").exists():
-                integrity = self.manager.restore(step, args=ocp.args.Composite(
-                    integrity=ocp.args.JsonRestore()))["integrity"]
-                if not isinstance(integrity, dict) or not isinstance(integrity.get("fingerprints"), dict):
-                    raise ValueError("integrity record holds no fingerprints")
+            integrity = self._integrity(step)
             state = self.restore_parts(step, abstract_state, parts)
         except Exception as e:  # tensorstore, JSON and file errors alike: the step is unreadable
             error = _one_line(e)

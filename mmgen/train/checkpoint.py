@@ -347,6 +347,33 @@ class Checkpointer:
             raise ValueError("integrity record holds no fingerprints")
         return integrity
 
+    def _read_verified(self, step: int, read, parts=None) -> tuple:
+        """``(state, integrity)``: ``read()`` of the step's arrays, checked against the step's
+        fingerprints (those under ``parts`` only, when given); ``integrity`` is None for a step
+        saved before fingerprints existed (loaded unverified). ``CheckpointDamaged`` on every
+        process alike when any process cannot read it, or when an array differs."""
+        state, integrity, error = None, None, None
+        try:
+            integrity = self._integrity(step)
+            state = read()
+        except Exception as e:  # tensorstore, JSON and file errors alike: the step is unreadable
+            error = _one_line(e)
+        if not _all_processes_agree(error is None):
+            raise CheckpointDamaged(step, error or "unreadable on another process")
+        if integrity is None:
+            log.info("checkpoint step %d has no fingerprints (written before they existed): loaded unverified", step)
+            return state, None
+        report = inspect_state(state)
+        expected = integrity["fingerprints"]
+        if parts is not None:
+            expected = {n: v for n, v in expected.items() if n.split("/", 1)[0] in parts}
+        wrong = sorted(n for n in set(expected) | set(report.fingerprints)
+                       if expected.get(n) != report.fingerprints.get(n))
+        if wrong:
+            raise CheckpointDamaged(step, f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])}"
+                                          f"{', ...' if len(wrong) > 3 else ''})")
+        return state, integrity
+
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restore ``state`` into the shapes/shardings of ``abstract_state`` and verify it.
 
@@ -355,25 +382,8 @@ class Checkpointer:
         only touched once the state has verified). ``CheckpointDamaged`` when the step
         cannot be read or does not match its fingerprints (on every process alike).
         """
-        state, integrity, error = None, None, None
-        try:
-            integrity = self._integrity(step)
-            state = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))["state"]
-        except Exception as e:  # tensorstore, JSON and file errors alike: the step is unreadable
-            error = _one_line(e)
-        if not _all_processes_agree(error is None):
-            raise CheckpointDamaged(step, error or "unreadable on another process")
-        if integrity is None:
-            log.info("checkpoint step %d has no fingerprints (written before they existed): loaded unverified", step)
-        else:
-            report = inspect_state(state)
-            expected = integrity["fingerprints"]
-            wrong = sorted(n for n in set(expected) | set(report.fingerprints)
-                           if expected.get(n) != report.fingerprints.get(n))
-            if wrong:
-                raise CheckpointDamaged(step, f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])}"
-                                              f"{', ...' if len(wrong) > 3 else ''})")
+        state, integrity = self._read_verified(step, lambda: self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))["state"])
         data_restored, error = False, None
         has_data = (fs.path(self.directory) / str(step) / "data").exists()
         if integrity is not None and integrity.get("data") and not has_data:
@@ -457,25 +467,7 @@ class Checkpointer:
         What inference needs (``sample``, ``eval``, ``tokenize``, ``export``): a third to a
         quarter of the training state's memory (no optimizer moments, no discriminator).
         """
-        state, integrity, error = None, None, None
-        try:
-            integrity = self._integrity(step)
-            state = self.restore_parts(step, abstract_state, parts)
-        except Exception as e:  # tensorstore, JSON and file errors alike: the step is unreadable
-            error = _one_line(e)
-        if not _all_processes_agree(error is None):
-            raise CheckpointDamaged(step, error or "unreadable on another process")
-        if integrity is None:
-            log.info("checkpoint step %d has no fingerprints (written before they existed): loaded unverified", step)
-            return state
-        report = inspect_state(state)
-        expected = {n: v for n, v in integrity["fingerprints"].items() if n.split("/", 1)[0] in parts}
-        wrong = sorted(n for n in set(expected) | set(report.fingerprints)
-                       if expected.get(n) != report.fingerprints.get(n))
-        if wrong:
-            raise CheckpointDamaged(step, f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])}"
-                                          f"{', ...' if len(wrong) > 3 else ''})")
-        return state
+        return self._read_verified(step, lambda: self.restore_parts(step, abstract_state, parts), parts)[0]
 
     def restore_newest_weights(self, abstract_state, parts, step: int | None = None):
         """``(step, weights)``: ``restore_weights`` of ``step``, or of the newest step that restores

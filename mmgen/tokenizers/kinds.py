@@ -24,6 +24,7 @@ Both kinds read their discriminator from the config's top-level ``discriminator`
 
 from __future__ import annotations
 
+import abc
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from mmgen.tokenizers.discriminators import StyleGANDiscriminator3D
 from mmgen.tokenizers.video import VideoTokenizer
 
 
-class TokenizerKind:
+class TokenizerKind(abc.ABC):
     """The interface; ``name`` is the config's ``modality`` and the batch key of the signal.
 
     ``signal_dtype``: the dtype of that batch entry (as ``make_data`` yields it);
@@ -51,67 +52,67 @@ class TokenizerKind:
     signal_doc: str
     signal_ndim: int  # axes of one example's signal, without the batch axis
 
+    @abc.abstractmethod
     def token_ndim(self, model) -> int:
         """Axes of one example's tokens, without the batch axis."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def from_user(self, x: np.ndarray) -> np.ndarray:
         """A batch of signals as a user has them (``signal_doc``, batch axis present) ->
         float32 model range; ``UserError`` naming the expected shape otherwise."""
-        raise NotImplementedError
 
     def to_user(self, x: np.ndarray) -> np.ndarray:
         """Decoded signals (model range) -> as a user has them."""
         return x
     perceptual: bool = False
 
+    @abc.abstractmethod
     def build(self, model_cfg, rngs: nnx.Rngs) -> nnx.Module:
         """The (untrained) tokenizer of ``cfg.model``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_discriminator(self, disc_cfg, rngs: nnx.Rngs) -> nnx.Module:
         """The discriminator of ``cfg.discriminator``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def disc_logits(self, disc, x) -> tuple[list, list]:
         """``(list of logits, list of feature lists)``; no features: no feature matching."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def input_shape(self, dataset) -> tuple[int, ...]:
         """One example's input shape (batch axis 1) for clips of ``dataset``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def model_input(self, signal) -> jax.Array:
         """The batch's signal in the model's float32 range."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_input(self, model, shape) -> None:
         """``UserError`` when the tokenizer cannot encode inputs of ``shape``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_config(self, cfg, model, shape) -> None:
         """``UserError`` for a tokenizer config that does not fit its data (``shape``: ``input_shape``)."""
-        raise NotImplementedError
 
     def check_discriminator(self, disc_cfg, shape) -> None:
         """``UserError`` when the discriminator cannot read inputs of ``shape`` (GAN on)."""
 
+    @abc.abstractmethod
     def reconstruction_terms(self, cfg, x, recon, perceptual=None) -> tuple[jax.Array, dict]:
         """``(weighted reconstruction loss, dict of its unweighted terms)``."""
-        raise NotImplementedError
 
     def eval_metrics(self, x, recon) -> dict:
         """Metrics of one eval batch beyond the losses."""
         return {}
 
 
+    @abc.abstractmethod
     def check_layout(self, model, dataset, spec) -> None:
         """``UserError`` unless ``model`` makes tokens of ``spec``'s shape and vocabulary from ``dataset``'s clips.
 
         ``spec`` is the generative model's ``ModalitySpec`` of this modality (its
         ``shape`` and ``vocab`` come from ``config.model.<modality>_*``).
         """
-        raise NotImplementedError
 
     def _check_vocab(self, model, spec, what: str) -> None:
         if model.vocab_size != spec.vocab:

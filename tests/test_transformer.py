@@ -356,6 +356,7 @@ def test_auto_attention_takes_cudnn_only_where_cudnn_can_run_the_call():
     assert auto_impl(**gpu) == "cudnn"
     assert auto_impl(**{**gpu, "dtype": jnp.float16}) == "cudnn"
     assert auto_impl(**{**gpu, "cpu": True}) == "blockwise"
+    assert auto_impl(**{**gpu, "cpu": True, "devices": 8}) == "heads_major"  # blockwise would gather the batch
     # What cuDNN's flash attention refuses goes to XLA's implementation.
     for change in ({"cudnn": False}, {"dtype": jnp.float32}, {"head_dim": 60}, {"head_dim": 192},
                    {"q_len": 421, "kv_len": 421}):

@@ -37,7 +37,8 @@ Attention runs through ``attention(..., impl=)``, in one of four forms:
   keeping the ``[B, N, T, S]`` scores (``_blockwise_attention``); on XLA:CPU each slice's
   scores stay in cache, and a train step stores no ``[layers, B, N, T, S]`` stacks.
 
-``"auto"`` (the default) takes ``blockwise`` on CPU, ``cudnn`` where cuDNN can run
+``"auto"`` (the default) takes ``blockwise`` on one CPU device (``heads_major`` on a
+simulated multi-device CPU mesh), ``cudnn`` where cuDNN can run
 the call (``auto_impl``), and XLA's ``dot_product_attention`` otherwise (BENCHMARKS.md).
 
 Dropout is applied with explicit PRNG keys (one per layer, split by the stack) so
@@ -101,17 +102,21 @@ def make_norm(kind: str, width: int, *, dtype, param_dtype, rngs) -> nnx.Module:
 
 ATTENTION_IMPLS = ("auto", "cudnn", "dot_product_attention", "heads_major", "blockwise")
 
-# Query-key pairs ((batch, head) slices) per iteration of ``blockwise``: 1 keeps one head's
+# (batch, head) slices per iteration of ``blockwise``: 1 keeps one head's
 # [T, S] scores (4.2 MB at T = S = 1026 in float32) in a CPU's last-level cache.
 BLOCKWISE_GROUPS = 1
 
 
-def auto_impl(*, cpu: bool, cudnn: bool, dtype, head_dim: int, q_len: int, kv_len: int, masked: bool) -> str:
-    """What ``impl="auto"`` runs. cuDNN's flash attention needs bf16/fp16, a head size that
-    is a multiple of 8 and at most 128 (256 on Hopper; 128 holds everywhere), and, when a
-    mask is given (it becomes an additive bias), even query and key lengths for training."""
+def auto_impl(*, cpu: bool, cudnn: bool, dtype, head_dim: int, q_len: int, kv_len: int, masked: bool,
+              devices: int = 1) -> str:
+    """What ``impl="auto"`` runs. On CPU: ``blockwise`` on one device; across several (a
+    simulated mesh) ``heads_major``, because ``blockwise`` loops over the batch axis, which
+    the partitioner can only do by gathering a batch-split ``q, k, v`` onto every device.
+    cuDNN's flash attention needs bf16/fp16, a head size that is a multiple of 8 and at most
+    128 (256 on Hopper; 128 holds everywhere), and, when a mask is given (it becomes an
+    additive bias), even query and key lengths for training."""
     if cpu:
-        return "blockwise"
+        return "blockwise" if devices == 1 else "heads_major"
     fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim % 8 == 0 and head_dim <= 128 and not (masked and (q_len % 2 or kv_len % 2)))
     return "cudnn" if cudnn and fits else "dot_product_attention"
@@ -128,7 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         raise ValueError(f"attention impl={impl!r}; choose one of {ATTENTION_IMPLS}")
     if impl == "auto":
         impl = auto_impl(cpu=cpu_forms(), cudnn=cudnn_kernels(), dtype=q.dtype, head_dim=q.shape[-1],
-                         q_len=q.shape[1], kv_len=k.shape[1], masked=mask is not None)
+                         q_len=q.shape[1], kv_len=k.shape[1], masked=mask is not None, devices=jax.device_count())
     if impl == "cudnn":
         if mask is not None:  # cuDNN takes the mask as a bias spanning both lengths (heads may stay 1)
             mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
@@ -155,7 +160,8 @@ def _blockwise_attention(q, k, v, mask):
     ``q, k, v``, the output ``o`` and the per-query log-sum-exp ``lse`` (never the scores)
     and recomputes ``P = exp(q k^T - lse)`` slice by slice:
     ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * o))``, ``dQ = dS K``, ``dK = dS^T Q``
-    (FlashAttention's backward, without its tiling of the key axis).
+    (FlashAttention's backward, without its tiling of the key axis). Meant for one device:
+    the loop runs over the batch axis, so a batch split over a mesh is gathered first.
     """
     b, t, n, h = q.shape
     s = k.shape[1]

@@ -1,10 +1,10 @@
-"""Self-attention on CPU: ``jax.nn.dot_product_attention`` vs the heads-major form.
+"""Self-attention on CPU: ``jax.nn.dot_product_attention`` vs the heads-major and blockwise forms.
 
     python -m benchmarks.attention_cpu
 
 Times forward and forward + backward (best of 5 after a warm-up) of
-``mmgen.nn.attention.attention`` with ``impl="dot_product_attention"`` and
-``impl="heads_major"`` at the shapes of the performance target (batch 4, sequence
+``mmgen.nn.attention.attention`` with ``impl="dot_product_attention"``,
+``impl="heads_major"`` and ``impl="blockwise"`` (the CPU default) at the shapes of the performance target (batch 4, sequence
 1026, width 512) with 8 heads of 64 and 4 heads of 128, next to the 2048^3 float32
 matmul that serves as the peak.
 """
@@ -30,7 +30,7 @@ def main() -> None:
         dim = WIDTH // heads
         q, k, v = (jax.random.normal(key, (BATCH, SEQ, heads, dim)) for key in jax.random.split(jax.random.key(0), 3))
         fwd_flops = 4 * BATCH * heads * SEQ * SEQ * dim  # two matmuls
-        for impl in ("dot_product_attention", "heads_major"):
+        for impl in ("dot_product_attention", "heads_major", "blockwise"):
             forward = jax.jit(lambda q, k, v, impl=impl: attention(q, k, v, impl=impl))
             both = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(attention(q, k, v, impl=impl) ** 2),
                                     argnums=(0, 1, 2)))

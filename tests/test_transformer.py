@@ -323,6 +323,30 @@ def test_heads_major_attention_equals_dot_product_attention_with_mask_and_gradie
         attention(q, k, v, impl="flash")
 
 
+def test_blockwise_attention_equals_dot_product_attention_with_masks_and_gradients():
+    """The CPU form with its own backward (recomputed weights) against XLA's plain form."""
+    from mmgen.nn import attention as attn
+
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 5, 3, 4))
+    k, v = jax.random.normal(kk, (2, 7, 3, 4)), jax.random.normal(kv, (2, 7, 3, 4))
+    key_mask = jnp.array([[True] * 7, [True, False, True, True, False, False, True]])[:, None, None, :]
+    full_mask = jax.random.bernoulli(kk, 0.7, (2, 3, 5, 7)).at[..., 0].set(True)  # per query and head
+    for mask in (None, key_mask, full_mask):
+        ref = attn.attention(q, k, v, mask, impl="dot_product_attention")
+        np.testing.assert_allclose(attn.attention(q, k, v, mask, impl="blockwise"), ref, rtol=1e-5, atol=1e-5)
+
+        def loss(impl):
+            return lambda q, k, v: jnp.sum(jnp.sin(attn.attention(q, k, v, mask, impl=impl)))
+
+        for g, g_ref in zip(jax.grad(loss("blockwise"), (0, 1, 2))(q, k, v),
+                            jax.grad(loss("dot_product_attention"), (0, 1, 2))(q, k, v)):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+    # A masked key gets no gradient and changes nothing.
+    gk = jax.grad(lambda k: jnp.sum(attn.attention(q, k, v, key_mask, impl="blockwise")))(k)
+    np.testing.assert_array_equal(gk[1, 1], 0.0)
+
+
 def test_auto_attention_takes_cudnn_only_where_cudnn_can_run_the_call():
     from mmgen.nn import backend
     from mmgen.nn.attention import attention, auto_impl
@@ -331,7 +355,8 @@ def test_auto_attention_takes_cudnn_only_where_cudnn_can_run_the_call():
            "masked": True}
     assert auto_impl(**gpu) == "cudnn"
     assert auto_impl(**{**gpu, "dtype": jnp.float16}) == "cudnn"
-    assert auto_impl(**{**gpu, "cpu": True}) == "heads_major"
+    assert auto_impl(**{**gpu, "cpu": True}) == "blockwise"
+    assert auto_impl(**{**gpu, "cpu": True, "devices": 8}) == "heads_major"  # blockwise would gather the batch
     # What cuDNN's flash attention refuses goes to XLA's implementation.
     for change in ({"cudnn": False}, {"dtype": jnp.float32}, {"head_dim": 60}, {"head_dim": 192},
                    {"q_len": 421, "kv_len": 421}):

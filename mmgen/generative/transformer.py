@@ -116,7 +116,7 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
     cfg.dtype = "float32" if size == "tiny" else "bfloat16"
     cfg.param_dtype = "float32"
     cfg.remat_policy = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
-    cfg.attention_impl = "auto"  # mmgen.nn.attention.ATTENTION_IMPLS: auto = heads_major on CPU, cuDNN on GPU
+    cfg.attention_impl = "auto"  # mmgen.nn.attention.ATTENTION_IMPLS: auto = blockwise on CPU, cuDNN on GPU
     cfg.num_classes = 10 if size == "tiny" else 101  # UCF-101
     if size == "tiny":
         cfg.video_grid = (3, 4, 4)

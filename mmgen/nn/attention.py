@@ -22,7 +22,7 @@ all-gathered to meet it; with ``tensor > 1`` heads and the MLP's hidden split ov
 ``layers`` axis) and runs them under ``nnx.scan`` with ``nnx.remat`` and a named
 ``jax.checkpoint_policies`` policy, so compile time does not grow with depth.
 
-Attention runs through ``attention(..., impl=)``, in one of three forms:
+Attention runs through ``attention(..., impl=)``, in one of four forms:
 
 * ``"cudnn"``: cuDNN's fused (flash) attention through ``jax.nn.dot_product_attention(...,
   implementation="cudnn")``; the [T, S] scores never reach memory. NVIDIA GPUs, bf16/fp16.
@@ -32,7 +32,13 @@ Attention runs through ``attention(..., impl=)``, in one of three forms:
 * ``"heads_major"``: heads moved ahead of the sequence (``[B, N, T, H] @ [B, N, H, S]``
   scores), which XLA:CPU runs 1.7-2x faster than the other's ``BTNH,BSNH->BNTS`` einsum.
 
-``"auto"`` (the default) takes ``heads_major`` on CPU, ``cudnn`` where cuDNN can run
+* ``"blockwise"``: the heads-major form one (batch, head) slice at a time with a custom
+  backward that recomputes the attention weights from a saved log-sum-exp instead of
+  keeping the ``[B, N, T, S]`` scores (``_blockwise_attention``); on XLA:CPU each slice's
+  scores stay in cache, and a train step stores no ``[layers, B, N, T, S]`` stacks.
+
+``"auto"`` (the default) takes ``blockwise`` on one CPU device (``heads_major`` on a
+simulated multi-device CPU mesh), ``cudnn`` where cuDNN can run
 the call (``auto_impl``), and XLA's ``dot_product_attention`` otherwise (BENCHMARKS.md).
 
 Dropout is applied with explicit PRNG keys (one per layer, split by the stack) so
@@ -94,15 +100,23 @@ def make_norm(kind: str, width: int, *, dtype, param_dtype, rngs) -> nnx.Module:
     raise ValueError(f"norm={kind!r} is not a known normalisation; use 'rms' or 'layer'")
 
 
-ATTENTION_IMPLS = ("auto", "cudnn", "dot_product_attention", "heads_major")
+ATTENTION_IMPLS = ("auto", "cudnn", "dot_product_attention", "heads_major", "blockwise")
+
+# (batch, head) slices per iteration of ``blockwise``: 1 keeps one head's
+# [T, S] scores (4.2 MB at T = S = 1026 in float32) in a CPU's last-level cache.
+BLOCKWISE_GROUPS = 1
 
 
-def auto_impl(*, cpu: bool, cudnn: bool, dtype, head_dim: int, q_len: int, kv_len: int, masked: bool) -> str:
-    """What ``impl="auto"`` runs. cuDNN's flash attention needs bf16/fp16, a head size that
-    is a multiple of 8 and at most 128 (256 on Hopper; 128 holds everywhere), and, when a
-    mask is given (it becomes an additive bias), even query and key lengths for training."""
+def auto_impl(*, cpu: bool, cudnn: bool, dtype, head_dim: int, q_len: int, kv_len: int, masked: bool,
+              devices: int = 1) -> str:
+    """What ``impl="auto"`` runs. On CPU: ``blockwise`` on one device; across several (a
+    simulated mesh) ``heads_major``, because ``blockwise`` loops over the batch axis, which
+    the partitioner can only do by gathering a batch-split ``q, k, v`` onto every device.
+    cuDNN's flash attention needs bf16/fp16, a head size that is a multiple of 8 and at most
+    128 (256 on Hopper; 128 holds everywhere), and, when a mask is given (it becomes an
+    additive bias), even query and key lengths for training."""
     if cpu:
-        return "heads_major"
+        return "blockwise" if devices == 1 else "heads_major"
     fits = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
             and head_dim % 8 == 0 and head_dim <= 128 and not (masked and (q_len % 2 or kv_len % 2)))
     return "cudnn" if cudnn and fits else "dot_product_attention"
@@ -119,7 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         raise ValueError(f"attention impl={impl!r}; choose one of {ATTENTION_IMPLS}")
     if impl == "auto":
         impl = auto_impl(cpu=cpu_forms(), cudnn=cudnn_kernels(), dtype=q.dtype, head_dim=q.shape[-1],
-                         q_len=q.shape[1], kv_len=k.shape[1], masked=mask is not None)
+                         q_len=q.shape[1], kv_len=k.shape[1], masked=mask is not None, devices=jax.device_count())
     if impl == "cudnn":
         if mask is not None:  # cuDNN takes the mask as a bias spanning both lengths (heads may stay 1)
             mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
@@ -127,12 +141,86 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if impl == "dot_product_attention":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if impl == "blockwise":
+        return _blockwise_attention(q, k, v, mask)
     q = jnp.swapaxes(q, 1, 2) * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # [B, N, T, H]
     scores = jnp.matmul(q, jnp.transpose(k, (0, 2, 3, 1)))  # [B, N, T, S]
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.swapaxes(jnp.matmul(weights, jnp.swapaxes(v, 1, 2)), 1, 2)
+
+
+def _blockwise_attention(q, k, v, mask):
+    """``heads_major`` attention one (batch, head) slice at a time, with a recomputing backward.
+
+    Heads go ahead of the sequence as in ``heads_major`` and the ``B * N`` slices run
+    ``BLOCKWISE_GROUPS`` at a time (``jax.lax.map``), so each slice's ``[T, S]`` scores
+    are made, used and dropped while they sit in cache. The backward pass keeps only
+    ``q, k, v``, the output ``o`` and the per-query log-sum-exp ``lse`` (never the scores)
+    and recomputes ``P = exp(q k^T - lse)`` slice by slice:
+    ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * o))``, ``dQ = dS K``, ``dK = dS^T Q``
+    (FlashAttention's backward, without its tiling of the key axis). Meant for one device:
+    the loop runs over the batch axis, so a batch split over a mesh is gathered first.
+    """
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    group = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * n, x.shape[1], h)  # [B*N, len, H]
+    qg = group(q * jnp.asarray(h**-0.5, q.dtype))
+    kt = jnp.swapaxes(group(k), 1, 2)  # [B*N, H, S]: the score matmul's natural operand
+    vg = group(v)
+    if mask is None:
+        mask = jnp.ones((b * n, 1, s), bool)
+    else:
+        mask = jnp.reshape(mask, (1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (b, n, mask.shape[2], s)).reshape(b * n, mask.shape[2], s)
+    out = _blockwise(qg, kt, vg, mask)
+    return jnp.swapaxes(out.reshape(b, n, t, h), 1, 2)
+
+
+def _slice_scores(q, kt, mask):
+    """float32 scores ``q k^T`` of one slice, ``-inf``-like where ``mask`` drops a key."""
+    scores = jnp.matmul(q, kt).astype(jnp.float32)
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+def _slice_forward(args):
+    q, kt, v, mask = args
+    scores = _slice_scores(q, kt, mask)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.matmul((e / total).astype(v.dtype), v)
+    return out, (top + jnp.log(total))[..., 0]
+
+
+@jax.custom_vjp
+def _blockwise(q, kt, v, mask):
+    return jax.lax.map(_slice_forward, (q, kt, v, mask), batch_size=BLOCKWISE_GROUPS)[0]
+
+
+def _blockwise_fwd(q, kt, v, mask):
+    out, lse = jax.lax.map(_slice_forward, (q, kt, v, mask), batch_size=BLOCKWISE_GROUPS)
+    return out, (q, kt, v, mask, out, lse)
+
+
+def _blockwise_bwd(res, d_out):
+    q, kt, v, mask, out, lse = res
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B*N, T]
+
+    def slice_backward(args):
+        q, kt, v, mask, d_out, lse, delta = args
+        p = jnp.exp(_slice_scores(q, kt, mask) - lse[:, None])  # [T, S]
+        dv = jnp.matmul(p.astype(v.dtype).T, d_out)
+        dp = jnp.matmul(d_out, v.T).astype(jnp.float32)
+        ds = (p * (dp - delta[:, None])).astype(q.dtype)
+        return jnp.matmul(ds, kt.T), jnp.matmul(q.T, ds), dv  # dq [T, H], dk^T [H, S], dv [S, H]
+
+    dq, dkt, dv = jax.lax.map(slice_backward, (q, kt, v, mask, d_out, lse, delta), batch_size=BLOCKWISE_GROUPS)
+    return dq, dkt, dv, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

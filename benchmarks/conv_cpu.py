@@ -12,8 +12,10 @@ spectrograms), times three passes separately, each as its own jitted function:
 
 through each kernel form that can compute it: ``xla`` (``lax.conv_general_dilated``:
 XLA:CPU's own lowering; for 3D shapes XLA's 3D convolution), ``taps`` (3D as one 2D
-conv per temporal tap, ``mmgen.nn.conv.conv3d``), ``phases`` / ``taps_phases`` (strided and
-dilated convs as stride-1 convs of a rearranged input, ``mmgen.nn.conv.conv``). All
+conv per temporal tap, ``mmgen.nn.conv.conv3d``), ``phases`` / ``taps_phases`` (strided,
+dilated and causal transposed convs as stride-1 convs of a rearranged input,
+``mmgen.nn.conv.conv``, ``causal_conv_transpose1d``), ``separable`` (the blur-pool as
+strided slices, ``mmgen.nn.conv.BlurPool3d``; its filter is fixed, no weight gradient). All
 forms and passes of one shape alternate call by call (``benchmarks.harness.alternate``),
 so a drifting machine falls on all of them alike; each cell is the median of ``--reps``
 calls, as GFLOP/s of the convolution's useful FLOPs ``2 * |y| * K * C_in / groups``
@@ -34,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
-from mmgen.nn.conv import GroupNorm, conv, conv3d
+from mmgen.nn.conv import BlurPool3d, GroupNorm, causal_conv_transpose1d, conv, conv3d
 from mmgen.parallel import runtime
 
 # name, x shape, kernel shape, strides, padding, rhs dilation, groups, forms
 B = 8
+TRANSPOSED = "causal transposed"  # padding of the rows for causal_conv_transpose1d
 VIDEO = [
     ("video causal 3x3x3 16->16, 9x32x32", (B, 11, 32, 32, 16), (3, 3, 3, 16, 16), (1, 1, 1),
      ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps")),
@@ -49,7 +52,7 @@ VIDEO = [
     ("video downsample 3x3x3 /2 32->32, 5x16x16", (B, 7, 16, 16, 32), (3, 3, 3, 32, 32), (2, 2, 2),
      ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_phases")),
     ("disc. blur-pool 4x4x4 /2 depthwise 16, 9x32x32", (B, 9, 32, 32, 16), (4, 4, 4, 1, 16), (2, 2, 2),
-     ((1, 2), (1, 2), (1, 2)), None, 16, ("xla", "taps")),
+     ((1, 2), (1, 2), (1, 2)), None, 16, ("xla", "taps", "separable")),
 ]
 AUDIO = [
     ("codec residual k7 dil 3, 4 ch, 18240", (B, 18258, 4), (7, 4, 4), (1,), ((0, 0),), (3,), 1, ("xla", "phases")),
@@ -58,6 +61,10 @@ AUDIO = [
     ("codec down k4 /2 4->8, 18240", (B, 18242, 4), (4, 4, 8), (2,), ((0, 0),), None, 1, ("xla", "phases")),
     ("codec down k8 /4 8->16, 9120", (B, 9124, 8), (8, 8, 16), (4,), ((0, 0),), None, 1, ("xla", "phases")),
     ("codec down k16 /8 32->64, 456", (B, 464, 32), (16, 32, 64), (8,), ((0, 0),), None, 1, ("xla", "phases")),
+    ("codec up transposed k4 x2 8->4, 9120", (B, 9120, 8), (4, 8, 4), (2,), TRANSPOSED, None, 1, ("xla", "phases")),
+    ("codec up transposed k8 x4 16->8, 2280", (B, 2280, 16), (8, 16, 8), (4,), TRANSPOSED, None, 1, ("xla", "phases")),
+    ("codec up transposed k16 x8 64->32, 57", (B, 57, 64), (16, 64, 32), (8,), TRANSPOSED, None, 1,
+     ("xla", "phases")),
     ("STFT-D 512 (3,9) /(1,2) dil (1,1) 8->8, 141x257", (B, 141, 257, 8), (3, 9, 8, 8), (1, 2), "SAME", (1, 1), 1,
      ("xla", "phases")),
     ("STFT-D 512 (3,9) /(1,2) dil (2,1) 8->8, 141x129", (B, 141, 129, 8), (3, 9, 8, 8), (1, 2), "SAME", (2, 1), 1,
@@ -70,6 +77,11 @@ AUDIO = [
 
 
 def _conv_fn(form: str, strides, padding, dilation, groups):
+    if padding == TRANSPOSED:
+        return lambda x, k: causal_conv_transpose1d(x, k, strides[0], impl=form)
+    if form == "separable":  # the blur-pool's fixed binomial filter (the kernel is not an input)
+        blur = BlurPool3d(downsample_time=strides[0] == 2)
+        return lambda x, k: blur(x, impl="separable")
     if form in ("taps", "taps_phases") or (form == "xla" and len(strides) == 3):
         return lambda x, k: conv3d(x, k, strides, padding, feature_group_count=groups, impl=form)
     return lambda x, k: conv(x, k, strides, padding, rhs_dilation=dilation, feature_group_count=groups, impl=form)
@@ -88,9 +100,15 @@ def measure_shape(name, x_shape, k_shape, strides, padding, dilation, groups, fo
         fwd = jax.jit(f)
         d_in = jax.jit(lambda x, k, dy, f=f: jax.vjp(lambda v: f(v, k), x)[1](dy)[0])
         d_w = jax.jit(lambda x, k, dy, f=f: jax.vjp(lambda v: f(x, v), k)[1](dy)[0])
-        calls += [functools.partial(fwd, x, k), functools.partial(d_in, x, k, dy), functools.partial(d_w, x, k, dy)]
-        labels += [(form, "forward"), (form, "input grad"), (form, "weight grad")]
-    flops = 2.0 * float(np.prod(y.shape)) * float(np.prod(k_shape[:-1]))
+        calls += [functools.partial(fwd, x, k), functools.partial(d_in, x, k, dy)]
+        labels += [(form, "forward"), (form, "input grad")]
+        if form != "separable":
+            calls.append(functools.partial(d_w, x, k, dy))
+            labels.append((form, "weight grad"))
+    if padding == TRANSPOSED:  # every input meets every tap once
+        flops = 2.0 * float(np.prod(x_shape)) * float(np.prod(k_shape[:1] + k_shape[2:]))
+    else:
+        flops = 2.0 * float(np.prod(y.shape)) * float(np.prod(k_shape[:-1]))
     times = harness.alternate(calls, reps)
     rows = {}
     for (form, kind), ts in zip(labels, times):
@@ -104,7 +122,8 @@ def print_rows(rows: list[dict]) -> None:
     print("| conv (batch 8) | form | GFLOP | forward ms (GFLOP/s) | input grad ms (GFLOP/s) | weight grad ms (GFLOP/s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        cells = " | ".join(f"{r[p]['ms']:.2f} ({r[p]['gflops']:.1f})" for p in ("forward", "input grad", "weight grad"))
+        cells = " | ".join(f"{r[p]['ms']:.2f} ({r[p]['gflops']:.1f})" if p in r else "-"
+                           for p in ("forward", "input grad", "weight grad"))
         print(f"| {r['shape']} | {r['form']} | {r['gflop']:.3f} | {cells} |", flush=True)
 
 

@@ -68,13 +68,14 @@ def _channels_last_numbers(ndim: int) -> tuple[str, str, str] | None:
 
 
 def _phase_conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], dilations: tuple[int, ...],
-                precision) -> jax.Array:
+                precision, keep_dilation: bool = False) -> jax.Array:
     """``VALID`` conv of a padded channels-last ``x [N, *S, C]`` with ``w [*K, C, O]``, done
     as one stride-1, undilated convolution (see ``conv``); each axis has a stride or a
-    dilation, not both."""
+    dilation, not both. ``keep_dilation``: rewrite the strides only and leave the
+    dilation to XLA's stride-1 convolution."""
     n_space = x.ndim - 2
     for a, d in enumerate(dilations):
-        if d == 1:
+        if d == 1 or keep_dilation:
             continue
         # Dilation d: output o = d j + r reads x[d (j + k) + r], i.e. phase r of x
         # convolved with the undilated kernel. The d phases go into the batch.
@@ -117,7 +118,31 @@ def _phase_conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], dilations:
         x = x.reshape(x.shape[: 1 + n_space] + (phases * c_in,))
         w = w.reshape(w.shape[:n_space] + (phases * c_in, c_out))
     return jax.lax.conv_general_dilated(x, w, (1,) * n_space, "VALID", precision=precision,
+                                        rhs_dilation=dilations if keep_dilation else None,
                                         dimension_numbers=_channels_last_numbers(x.ndim))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dilated_phase_conv(x, w, strides, dilations, precision):
+    """``_phase_conv`` of a dilated conv, with the weight gradient of the ``keep_dilation``
+    form: XLA:CPU's weight-gradient convolution of the space-to-batch form ran up to 7x
+    slower than that of the dilated stride-1 convolution (BENCHMARKS.md), while its
+    forward and input gradient ran up to 2x faster."""
+    return _phase_conv(x, w, strides, dilations, precision)
+
+
+def _dilated_phase_conv_fwd(x, w, strides, dilations, precision):
+    return _phase_conv(x, w, strides, dilations, precision), (x, w)
+
+
+def _dilated_phase_conv_bwd(strides, dilations, precision, residuals, dy):
+    x, w = residuals
+    dx = jax.vjp(lambda v: _phase_conv(v, w, strides, dilations, precision), x)[1](dy)[0]
+    dw = jax.vjp(lambda v: _phase_conv(x, v, strides, dilations, precision, keep_dilation=True), w)[1](dy)[0]
+    return dx, dw
+
+
+_dilated_phase_conv.defvjp(_dilated_phase_conv_fwd, _dilated_phase_conv_bwd)
 
 
 def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -151,7 +176,7 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
     dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n_space
     channels_last = _channels_last_numbers(lhs.ndim) if 1 <= n_space <= 3 else None
     if impl == "auto":
-        impl = "phases" if cpu_forms() else "xla"
+        impl = "phases" if cpu_forms("phases") else "xla"
     if (impl == "xla" or channels_last is None or kwargs or feature_group_count != 1
             or any(d != 1 for d in (lhs_dilation or ()))
             or any(s != 1 and d != 1 for s, d in zip(strides, dilations))
@@ -170,6 +195,8 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
         return conv(lhs, rhs, window_strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                     precision=precision, impl="xla")
     x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
+    if any(d != 1 for d in dilations):
+        return _dilated_phase_conv(x, rhs, strides, dilations, precision)
     return _phase_conv(x, rhs, strides, dilations, precision)
 
 
@@ -193,7 +220,7 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
     if taps < stride:
         raise ValueError(f"causal transposed conv kernel {taps} < stride {stride}")
     if impl == "auto":
-        impl = "phases" if cpu_forms() else "xla"
+        impl = "phases" if cpu_forms("phases") else "xla"
     b, t, _ = x.shape
     if impl == "xla":
         y = jax.lax.conv_transpose(x, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
@@ -219,13 +246,14 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
 
     ``impl="taps"`` computes it as one 2D convolution per temporal tap over the frames
     the tap reads (``sum_dt conv2d(x[:, dt::s_t], k[dt])``), the same sum in a
-    different order. ``impl="taps_phases"`` does the same, with each spatially strided
-    2D convolution computed by ``conv(impl="phases")`` (space-to-depth, so its input
-    gradient is a stride-1 convolution too). XLA:CPU runs 3D convolutions several
-    times slower than 2D ones (measured 4.4x for a 3x3x3 16->16 conv on 9x32x32 clips,
-    fwd+bwd: BENCHMARKS.md), so ``"auto"`` takes ``"taps_phases"`` on CPU and leaves
-    GPU/TPU (cuDNN / the TPU convolution unit) to XLA's 3D convolution (``"xla"``).
-    Dilated or non channels-last calls always go to XLA.
+    different order. XLA:CPU runs 3D convolutions several times slower than 2D ones
+    (measured 4.4x for a 3x3x3 16->16 conv on 9x32x32 clips, fwd+bwd: BENCHMARKS.md),
+    so ``"auto"`` takes the taps form on CPU and leaves GPU/TPU (cuDNN / the TPU
+    convolution unit) to XLA's 3D convolution (``"xla"``). ``impl="taps_phases"`` does
+    the taps with each spatially strided 2D convolution computed by
+    ``conv(impl="phases")``; at the tiny video tokenizer's downsampling shapes it was
+    slower than plain taps (BENCHMARKS.md), so ``"auto"`` does not take it. Dilated or
+    non channels-last calls always go to XLA.
     """
     if impl not in CONV3D_IMPLS:
         raise ValueError(f"conv3d impl={impl!r}; expected one of {CONV3D_IMPLS}")
@@ -235,7 +263,7 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                             dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     if impl == "auto":
-        impl = "taps_phases" if cpu_forms() else "xla"
+        impl = "taps" if cpu_forms() else "xla"
     channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
     dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     if (impl == "xla" or lhs.ndim != 5 or dilated or kwargs
@@ -576,7 +604,7 @@ class BlurPool3d(nnx.Module):
         pad = _same_padding(len(taps), 1)
         strides = (2 if self.downsample_time else 1, 2, 2)
         padding = (pad if self.downsample_time else (0, 0), pad, pad)
-        if impl == "separable" or (impl == "auto" and cpu_forms()):
+        if impl == "separable" or (impl == "auto" and cpu_forms("separable_blur")):
             for axis, (t, s, p) in enumerate(zip((kt, taps, taps), strides, padding), start=1):
                 x = _strided_filter(x, t / t.sum(), s, p, axis)
             return constrain_channels_last(x)

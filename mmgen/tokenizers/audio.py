@@ -243,7 +243,7 @@ class _CausalConvTranspose1d(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not cpu_forms():
+        if not cpu_forms("phases"):
             return constrain_channels_last(self.conv(x)[:, : x.shape[1] * self.stride])
         # On CPU the same sum as one stride-1 conv to stride x C_out channels (faster
         # forward and gradients: mmgen.nn.conv.causal_conv_transpose1d).
@@ -482,7 +482,7 @@ class _STFTResolutionDiscriminator(nnx.Module):
         kt, kf = cfg.kernel_size
         c = cfg.channels
 
-        def conv(cin, cout, kernel, strides=(1, 1), dilation=(1, 1)):
+        def layer(cin, cout, kernel, strides=(1, 1), dilation=(1, 1)):
             return nnx.Conv(
                 cin, cout, kernel, strides, padding="SAME", kernel_dilation=dilation,
                 dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv,
@@ -491,11 +491,11 @@ class _STFTResolutionDiscriminator(nnx.Module):
                 rngs=rngs,
             )
 
-        layers = [conv(1, c, (kt, kf))]
-        layers += [conv(c, c, (kt, kf), (1, 2), (d, 1)) for d in cfg.time_dilations]
-        layers += [conv(c, c, (3, 3))]
+        layers = [layer(1, c, (kt, kf))]
+        layers += [layer(c, c, (kt, kf), (1, 2), (d, 1)) for d in cfg.time_dilations]
+        layers += [layer(c, c, (3, 3))]
         self.hidden = nnx.List(layers)
-        self.to_logit = conv(c, 1, (3, 3))
+        self.to_logit = layer(c, 1, (3, 3))
         self.negative_slope = cfg.negative_slope
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:

@@ -18,7 +18,7 @@ from mmgen.nn.conv import BlurPool3d, CausalConv3d, causal_conv_transpose1d, con
         ((2, 2, 2), ((1, 2), (1, 2), (1, 2)), 4),  # depthwise blur-pool
     ],
 )
-@pytest.mark.parametrize("impl", ["taps", "taps_phases"])
+@pytest.mark.parametrize("impl", ["taps", "taps_phases", "stacked"])
 def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, groups, impl):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 8, 7, 4)), jnp.float32)

@@ -236,7 +236,7 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
 
 
 # --------------------------------------------------------------------------- 3D conv
-CONV3D_IMPLS = ("auto", "xla", "taps", "taps_phases")
+CONV3D_IMPLS = ("auto", "xla", "taps", "taps_phases", "stacked")
 _CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -251,9 +251,10 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     so ``"auto"`` takes the taps form on CPU and leaves GPU/TPU (cuDNN / the TPU
     convolution unit) to XLA's 3D convolution (``"xla"``). ``impl="taps_phases"`` does
     the taps with each spatially strided 2D convolution computed by
-    ``conv(impl="phases")``; at the tiny video tokenizer's downsampling shapes it was
-    slower than plain taps (BENCHMARKS.md), so ``"auto"`` does not take it. Dilated or
-    non channels-last calls always go to XLA.
+    ``conv(impl="phases")``; ``impl="stacked"`` as one 2D convolution of the taps' frames
+    stacked along the channels (kernel ``[k_h, k_w, k_t C_in, C_out]``). Neither beat
+    plain taps at the tiny video tokenizer's shapes (BENCHMARKS.md), so ``"auto"`` takes
+    neither. Dilated or non channels-last calls always go to XLA.
     """
     if impl not in CONV3D_IMPLS:
         raise ValueError(f"conv3d impl={impl!r}; expected one of {CONV3D_IMPLS}")
@@ -277,9 +278,17 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     b, t, h, w, c = x.shape
     taps, stride_t = rhs.shape[0], window_strides[0]
     frames_out = (t - taps) // stride_t + 1
+    tap_frames = [x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
+                  for dt in range(taps)]
+    if impl == "stacked" and feature_group_count == 1:
+        # One 2D conv over the taps' frames stacked along the channels: kernel
+        # [k_h, k_w, (k_t, C_in), C_out].
+        kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(rhs.shape[1], rhs.shape[2], taps * c, rhs.shape[4])
+        out = conv(jnp.concatenate(tap_frames, axis=-1), kernel, tuple(window_strides[1:]), spatial_padding,
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
+        return out.reshape((b, frames_out) + out.shape[1:])
     out = None
-    for dt in range(taps):
-        frames = x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
+    for dt, frames in enumerate(tap_frames):
         y = conv(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
                  precision=precision, impl="phases" if impl == "taps_phases" else "xla")

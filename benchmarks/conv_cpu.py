@@ -44,13 +44,13 @@ B = 8
 TRANSPOSED = "causal transposed"  # padding of the rows for causal_conv_transpose1d
 VIDEO = [
     ("video causal 3x3x3 16->16, 9x32x32", (B, 11, 32, 32, 16), (3, 3, 3, 16, 16), (1, 1, 1),
-     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "stacked")),
+     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked")),
     ("video downsample 3x3x3 /2 16->16, 9x32x32", (B, 11, 32, 32, 16), (3, 3, 3, 16, 16), (2, 2, 2),
-     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_phases", "stacked")),
+     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked")),
     ("video causal 3x3x3 32->32, 5x16x16", (B, 7, 16, 16, 32), (3, 3, 3, 32, 32), (1, 1, 1),
-     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "stacked")),
+     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked")),
     ("video downsample 3x3x3 /2 32->32, 5x16x16", (B, 7, 16, 16, 32), (3, 3, 3, 32, 32), (2, 2, 2),
-     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_phases", "stacked")),
+     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked")),
     ("disc. blur-pool 4x4x4 /2 depthwise 16, 9x32x32", (B, 9, 32, 32, 16), (4, 4, 4, 1, 16), (2, 2, 2),
      ((1, 2), (1, 2), (1, 2)), None, 16, ("xla", "taps", "separable")),
 ]
@@ -82,7 +82,7 @@ def _conv_fn(form: str, strides, padding, dilation, groups):
     if form == "separable":  # the blur-pool's fixed binomial filter (the kernel is not an input)
         blur = BlurPool3d(downsample_time=strides[0] == 2)
         return lambda x, k: blur(x, impl="separable")
-    if form in ("taps", "taps_phases", "stacked") or (form == "xla" and len(strides) == 3):
+    if form in ("taps", "taps_chunked", "taps_phases", "stacked") or (form == "xla" and len(strides) == 3):
         return lambda x, k: conv3d(x, k, strides, padding, feature_group_count=groups, impl=form)
     return lambda x, k: conv(x, k, strides, padding, rhs_dilation=dilation, feature_group_count=groups, impl=form)
 

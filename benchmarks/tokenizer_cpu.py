@@ -6,8 +6,9 @@ For ``configs/tokenizer/video.py:tiny`` and ``configs/tokenizer/audio.py:tiny`` 
 GAN on from step 0: generator + discriminator + EMA, as ``benchmarks.run``'s tokenizer
 rows), compiles the step twice in one process: once inside
 ``mmgen.nn.backend.without_cpu_forms(*SWITCHABLE_FORMS)`` (``before``: XLA's strided,
-dilated and transposed convolutions and the depthwise blur-pool convolution) and once
-as it runs by default (``after``). The two steps and a 2048^3 matmul peak reading then
+dilated and transposed convolutions, the depthwise blur-pool convolution, and the
+per-tap 3D convs with XLA's own weight gradient; ``--switch-off NAME...`` switches off
+only those) and once as it runs by default (``after``). The two steps and a 2048^3 matmul peak reading then
 alternate call by call (``benchmarks.harness.alternate``); each is reported as median
 (min-max) seconds, with the per-round speed-up ``before / after``.
 """
@@ -31,6 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--only", choices=sorted(SPECS), default=None)
+    p.add_argument("--switch-off", nargs="+", choices=backend.SWITCHABLE_FORMS, default=backend.SWITCHABLE_FORMS,
+                   help="the forms that 'before' is compiled without (default: all)")
     args = p.parse_args(argv)
     runtime.set_flags()
     print(f"CPU {harness.cpu_model()}; {harness.threads()}", flush=True)
@@ -38,13 +41,14 @@ def main(argv=None) -> None:
     for name, spec in SPECS.items():
         if args.only not in (None, name):
             continue
-        with backend.without_cpu_forms(*backend.SWITCHABLE_FORMS):
+        with backend.without_cpu_forms(*args.switch_off):
             before = tokenizer_step_bench(spec, args.batch)
         after = tokenizer_step_bench(spec, args.batch)
         times = harness.alternate([before["call"], after["call"], peak_call], args.reps)
         peaks = [peak_flops / t / 1e9 for t in times[2]]
         flops = after["flops"]
-        print(f"{spec} (batch {args.batch}, {flops / 1e9:.1f} model GFLOP per step; compile before "
+        print(f"{spec} (batch {args.batch}, {flops / 1e9:.1f} model GFLOP per step; before: without "
+              f"{', '.join(args.switch_off)}; compile before "
               f"{before['first_compile_s']:.0f} s, after {after['first_compile_s']:.0f} s)")
         for label, ts in (("before", times[0]), ("after", times[1])):
             s = harness.summary(ts)

@@ -18,10 +18,10 @@ from mmgen.nn.conv import BlurPool3d, CausalConv3d, causal_conv_transpose1d, con
         ((2, 2, 2), ((1, 2), (1, 2), (1, 2)), 4),  # depthwise blur-pool
     ],
 )
-@pytest.mark.parametrize("impl", ["taps", "taps_phases", "stacked"])
+@pytest.mark.parametrize("impl", ["taps", "taps_chunked", "taps_phases", "stacked"])
 def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, groups, impl):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 5, 8, 7, 4)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 5, 8, 7, 4)), jnp.float32)  # frames of 56 <= 256 pixels: chunked
     k = jnp.asarray(rng.normal(size=(3, 3, 3, 4 // groups, 6 if groups == 1 else 4)), jnp.float32)
     _assert_same_values_and_gradients(lambda x, k, impl: conv3d(x, k, strides, padding, feature_group_count=groups,
                                                                 impl=impl), x, k, impl)
@@ -146,3 +146,18 @@ def test_group_norm_and_its_closed_form_gradient_match_a_direct_computation():
     g_ours = jax.grad(lambda v: jnp.sum(jnp.sin(norm(v)) * w))(x)
     g_direct = jax.grad(lambda v: jnp.sum(jnp.sin(_direct_group_norm(v, 4)) * w))(x)
     np.testing.assert_allclose(g_ours, g_direct, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_forms_switch_off_by_name_and_come_back():
+    from mmgen.nn import backend
+
+    with pytest.raises(ValueError, match="unknown CPU forms"):
+        with backend.without_cpu_forms("fast"):
+            pass
+    on_cpu = jax.default_backend() == "cpu"
+    assert all(backend.cpu_forms(name) == on_cpu for name in backend.SWITCHABLE_FORMS)
+    with backend.without_cpu_forms("phases"):
+        assert not backend.cpu_forms("phases")
+        assert backend.cpu_forms("separable_blur") == on_cpu
+        assert backend.cpu_forms() == on_cpu
+    assert backend.cpu_forms("phases") == on_cpu

@@ -235,8 +235,53 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
     return y.reshape(b, t * stride, c_out)
 
 
+WEIGHT_GRAD_CHUNK = 4  # samples per weight-gradient convolution (at least; at most 16 chunks)
+# taps_chunked chunks the weight gradient of frames up to this many pixels (16 x 16: measured
+# 1.3-2.2x faster there, while 32 x 32 frames ran 1.5-2x slower chunked; BENCHMARKS.md).
+WEIGHT_GRAD_CHUNK_MAX_PIXELS = 256
+
+
+def _conv2d_nhwc(x, w, strides, padding, groups, precision):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def chunked_conv2d(x, w, strides, padding, groups=1, precision=None):
+    """``NHWC`` / ``HWIO`` 2D convolution whose weight gradient is summed over chunks of the batch.
+
+    ``dw = sum_c dw(x[c], dy[c])`` over chunks ``c`` of ``max(WEIGHT_GRAD_CHUNK, ceil(N / 16))``
+    samples, each XLA's weight-gradient convolution; values and the input gradient are
+    XLA's. XLA:CPU's weight-gradient convolution can slow down far more than linearly
+    with the batch: for 40 frames of 16 x 16 the chunked sum was 2.2x faster, for a
+    pre-padded 72 x 34 x 34 batch 10x; for 72 frames of 32 x 32 (padding inside the
+    conv) it was 1.5x slower (BENCHMARKS.md). ``padding``: explicit pairs.
+    """
+    return _conv2d_nhwc(x, w, strides, padding, groups, precision)
+
+
+def _chunked_conv2d_fwd(x, w, strides, padding, groups, precision):
+    return _conv2d_nhwc(x, w, strides, padding, groups, precision), (x, w)
+
+
+def _chunked_conv2d_bwd(strides, padding, groups, precision, residuals, dy):
+    x, w = residuals
+    dx = jax.vjp(lambda v: _conv2d_nhwc(v, w, strides, padding, groups, precision), x)[1](dy)[0]
+    n = x.shape[0]
+    chunk = max(WEIGHT_GRAD_CHUNK, -(-n // 16))
+    dw = None
+    for start in range(0, n, chunk):
+        xc, dyc = x[start : start + chunk], dy[start : start + chunk]
+        part = jax.vjp(lambda v, xc=xc: _conv2d_nhwc(xc, v, strides, padding, groups, precision), w)[1](dyc)[0]
+        dw = part if dw is None else dw + part
+    return dx, dw
+
+
+chunked_conv2d.defvjp(_chunked_conv2d_fwd, _chunked_conv2d_bwd)
+
+
 # --------------------------------------------------------------------------- 3D conv
-CONV3D_IMPLS = ("auto", "xla", "taps", "taps_phases", "stacked")
+CONV3D_IMPLS = ("auto", "xla", "taps", "taps_chunked", "taps_phases", "stacked")
 _CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -249,7 +294,11 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     different order. XLA:CPU runs 3D convolutions several times slower than 2D ones
     (measured 4.4x for a 3x3x3 16->16 conv on 9x32x32 clips, fwd+bwd: BENCHMARKS.md),
     so ``"auto"`` takes the taps form on CPU and leaves GPU/TPU (cuDNN / the TPU
-    convolution unit) to XLA's 3D convolution (``"xla"``). ``impl="taps_phases"`` does
+    convolution unit) to XLA's 3D convolution (``"xla"``). ``impl="taps_chunked"`` is
+    taps through ``chunked_conv2d`` (XLA's forward and input gradient, the weight gradient
+    summed over chunks of the batch) for frames of at most ``WEIGHT_GRAD_CHUNK_MAX_PIXELS``
+    pixels, plain taps above; ``"auto"`` takes it on CPU unless
+    ``without_cpu_forms("chunked_weight_grad")``. ``impl="taps_phases"`` does
     the taps with each spatially strided 2D convolution computed by
     ``conv(impl="phases")``; ``impl="stacked"`` as one 2D convolution of the taps' frames
     stacked along the channels (kernel ``[k_h, k_w, k_t C_in, C_out]``). Neither beat
@@ -264,7 +313,7 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                             dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     if impl == "auto":
-        impl = "taps" if cpu_forms() else "xla"
+        impl = ("taps_chunked" if cpu_forms("chunked_weight_grad") else "taps") if cpu_forms() else "xla"
     channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
     dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     if (impl == "xla" or lhs.ndim != 5 or dilated or kwargs
@@ -289,9 +338,16 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
         return out.reshape((b, frames_out) + out.shape[1:])
     out = None
     for dt, frames in enumerate(tap_frames):
-        y = conv(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
-                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
-                 precision=precision, impl="phases" if impl == "taps_phases" else "xla")
+        if impl == "taps_phases":
+            y = conv(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
+                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
+                     precision=precision, impl="phases")
+        elif impl == "taps_chunked" and h * w <= WEIGHT_GRAD_CHUNK_MAX_PIXELS:
+            y = chunked_conv2d(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
+                               precision)
+        else:
+            y = _conv2d_nhwc(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
+                             precision)
         out = y if out is None else out + y
     return out.reshape((b, frames_out) + out.shape[1:])
 

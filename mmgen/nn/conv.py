@@ -15,6 +15,11 @@
   (5 -> 9 -> 17).
 * ``BlurPool3d``: StyleGAN's anti-aliased downsampling (binomial ``[1, 3, 3, 1]``
   low-pass, then stride 2) for the discriminator; a fixed filter, no parameters.
+* CPU kernel forms (``impl="auto"`` asks ``mmgen.nn.backend.cpu_forms``; GPU/TPU keep
+  XLA's op): ``conv3d`` as per-tap 2D convs (weight gradient summed over batch chunks
+  for small frames), ``conv`` / ``causal_conv_transpose1d`` (strided, dilated and
+  transposed convs as stride-1 convs of a rearranged input), the blur-pool as strided
+  slices. Each gives the same values and gradients as XLA's op (tests/test_conv.py).
 
 Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
 ``("conv_out",)``, norm scales/biases ``("norm",)``. Activations are constrained by
@@ -95,7 +100,7 @@ def _phase_conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], dilations:
         # into (L / s, s) and the s phases merged into the channels (space-to-depth), it
         # is a stride-1 conv with ceil(K / s) taps of s * C channels (zero taps appended).
         n, c_in, c_out = x.shape[0], x.shape[-1], w.shape[-1]
-        x_shape, w_shape, strided = [n], [], []
+        x_shape, w_shape = [n], []
         for a, s in enumerate(strides):
             length, taps = x.shape[1 + a], w.shape[a]
             q = -(-taps // s)
@@ -106,7 +111,6 @@ def _phase_conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], dilations:
             w = jnp.pad(w, [(0, 0)] * a + [(0, s * q - taps)] + [(0, 0)] * (n_space + 1 - a))
             x_shape += [new_len // s, s]
             w_shape += [q, s]
-            strided.append(a)
         x = x.reshape(x_shape + [c_in])
         w = w.reshape(w_shape + [c_in, c_out])
         # Move every phase axis next to the channels, then merge them.

@@ -312,3 +312,33 @@ def test_constrained_forward_and_gradients_match_one_device_and_keep_the_batch_s
     assert ('[{"data", "fsdp"}, {}, {}]', "4x1280x1xf32") in specs
     assert ('[{"data", "fsdp"}, {}, {}]', f"4x1280x{cfg.channels}xf32") in specs
     assert any(spec == '[{"data", "fsdp"}, {}, {}, {}]' and shape.startswith("4x") for spec, shape in specs)
+
+
+
+def test_cpu_conv_forms_give_the_same_codec_blocks_discriminator_and_gradients(disc_cfg):
+    """The phase forms (strided, dilated, transposed convs as stride-1 convs) that the
+    codec's blocks and the STFT discriminator take on CPU change neither values nor
+    gradients (input and parameters)."""
+    from mmgen.nn import backend
+    from mmgen.tokenizers.audio import DecoderBlock, EncoderBlock, _STFTResolutionDiscriminator
+
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    with jax.threefry_partitionable(False):
+        enc = EncoderBlock(2, 4, 4, (1, 3), 7, rngs=nnx.Rngs(0), **kw)
+        dec = DecoderBlock(4, 2, 4, (1, 3), 7, rngs=nnx.Rngs(1), **kw)
+        disc = _STFTResolutionDiscriminator(disc_cfg, rngs=nnx.Rngs(2), **kw)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 32, 2)), jnp.float32)
+
+    def loss(enc, dec, disc, x):
+        y = dec(enc(x))  # [1, 32, 2]
+        logit, features = disc(y.reshape(1, 8, 8, 1))
+        return jnp.sum(jnp.sin(logit)) + sum(jnp.mean(f) for f in features) + jnp.sum(y * x)
+
+    grad = nnx.grad(loss, argnums=(0, 1, 2, 3))
+    grads = {"phases": nnx.jit(grad)(enc, dec, disc, x)}
+    with backend.without_cpu_forms("phases"):
+        grads["xla"] = nnx.jit(grad)(enc, dec, disc, x)
+    flat_a, flat_b = jax.tree.leaves(grads["phases"]), jax.tree.leaves(grads["xla"])
+    assert len(flat_a) == len(flat_b) > 20
+    for a, b in zip(flat_a, flat_b):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(jnp.max(jnp.abs(b)))))

@@ -41,9 +41,31 @@ def platform() -> str:
     return getattr(_target, "platform", None) or jax.default_backend()
 
 
-def cpu_forms() -> bool:
-    """True when the computation is for the CPU (``"auto"`` takes the CPU forms)."""
-    return platform() == "cpu"
+# CPU forms that can be switched off one by one (``without_cpu_forms``), so a benchmark can
+# compile a step with and without them in one process: ``mmgen.nn.conv.conv`` and
+# ``causal_conv_transpose1d``'s stride-1 rewrites, ``BlurPool3d``'s separable filter,
+# ``conv3d``'s per-tap convs with the weight gradient summed over batch chunks.
+SWITCHABLE_FORMS = ("phases", "separable_blur", "chunked_weight_grad")
+
+
+@contextlib.contextmanager
+def without_cpu_forms(*names: str):
+    """Inside the block, ``cpu_forms(name)`` is False for each of ``names`` (XLA's op is traced)."""
+    unknown = set(names) - set(SWITCHABLE_FORMS)
+    if unknown:
+        raise ValueError(f"unknown CPU forms {sorted(unknown)}; expected some of {SWITCHABLE_FORMS}")
+    previous = getattr(_target, "disabled", frozenset())
+    _target.disabled = previous | frozenset(names)
+    try:
+        yield
+    finally:
+        _target.disabled = previous
+
+
+def cpu_forms(name: str | None = None) -> bool:
+    """True when the computation is for the CPU (``"auto"`` takes the CPU forms), and the
+    form ``name`` (one of ``SWITCHABLE_FORMS``) is not switched off by ``without_cpu_forms``."""
+    return platform() == "cpu" and name not in getattr(_target, "disabled", frozenset())
 
 
 def cudnn_kernels() -> bool:

@@ -15,6 +15,11 @@
   (5 -> 9 -> 17).
 * ``BlurPool3d``: StyleGAN's anti-aliased downsampling (binomial ``[1, 3, 3, 1]``
   low-pass, then stride 2) for the discriminator; a fixed filter, no parameters.
+* CPU kernel forms (``impl="auto"`` asks ``mmgen.nn.backend.cpu_forms``; GPU/TPU keep
+  XLA's op): ``conv3d`` as per-tap 2D convs (weight gradient summed over batch chunks
+  for small frames), ``conv`` / ``causal_conv_transpose1d`` (strided, dilated and
+  transposed convs as stride-1 convs of a rearranged input), the blur-pool as strided
+  slices. Each gives the same values and gradients as XLA's op (tests/test_conv.py).
 
 Kernels carry logical names ``(None, ..., "conv_in", "conv_out")``, biases
 ``("conv_out",)``, norm scales/biases ``("norm",)``. Activations are constrained by
@@ -57,8 +62,230 @@ def constrain_channels_last(x: jax.Array) -> jax.Array:
     return constrain(x, channels_last_names(x.ndim))
 
 
+# --------------------------------------------------------------------------- strided / dilated convs
+CONV_IMPLS = ("auto", "xla", "phases")
+
+
+def _channels_last_numbers(ndim: int) -> tuple[str, str, str] | None:
+    """``("NWC", "WIO", "NWC")`` and its 2D/3D versions; None beyond 3 spatial axes."""
+    space = {3: "W", 4: "HW", 5: "DHW"}.get(ndim)
+    return None if space is None else ("N" + space + "C", space + "IO", "N" + space + "C")
+
+
+def _phase_conv(x: jax.Array, w: jax.Array, strides: tuple[int, ...], dilations: tuple[int, ...],
+                precision, keep_dilation: bool = False) -> jax.Array:
+    """``VALID`` conv of a padded channels-last ``x [N, *S, C]`` with ``w [*K, C, O]``, done
+    as one stride-1, undilated convolution (see ``conv``); each axis has a stride or a
+    dilation, not both. ``keep_dilation``: rewrite the strides only and leave the
+    dilation to XLA's stride-1 convolution."""
+    n_space = x.ndim - 2
+    for a, d in enumerate(dilations):
+        if d == 1 or keep_dilation:
+            continue
+        # Dilation d: output o = d j + r reads x[d (j + k) + r], i.e. phase r of x
+        # convolved with the undilated kernel. The d phases go into the batch.
+        length, taps = x.shape[1 + a], w.shape[a]
+        out_len = length - d * (taps - 1)
+        padded = -(-length // d) * d
+        x = jnp.pad(x, [(0, 0)] * (1 + a) + [(0, padded - length)] + [(0, 0)] * (n_space - a))
+        shape = x.shape
+        x = x.reshape(shape[: 1 + a] + (padded // d, d) + shape[2 + a :])
+        x = jnp.moveaxis(x, 2 + a, 1).reshape((shape[0] * d,) + shape[1 : 1 + a] + (padded // d,) + shape[2 + a :])
+        y = _phase_conv(x, w, strides, dilations[:a] + (1,) + dilations[a + 1 :], precision)
+        y = jnp.moveaxis(y.reshape((shape[0], d) + y.shape[1:]), 1, 2 + a)
+        y = y.reshape(y.shape[: 1 + a] + (y.shape[1 + a] * d,) + y.shape[3 + a :])
+        return jax.lax.slice_in_dim(y, 0, out_len, axis=1 + a)
+    if any(s != 1 for s in strides):
+        # Stride s: output o reads x[s (o + q) + r] w[s q + r], so with x's axis split
+        # into (L / s, s) and the s phases merged into the channels (space-to-depth), it
+        # is a stride-1 conv with ceil(K / s) taps of s * C channels (zero taps appended).
+        n, c_in, c_out = x.shape[0], x.shape[-1], w.shape[-1]
+        x_shape, w_shape = [n], []
+        for a, s in enumerate(strides):
+            length, taps = x.shape[1 + a], w.shape[a]
+            q = -(-taps // s)
+            out_len = (length - taps) // s + 1
+            new_len = s * (out_len - 1 + q)
+            x = jax.lax.slice_in_dim(x, 0, min(length, new_len), axis=1 + a)
+            x = jnp.pad(x, [(0, 0)] * (1 + a) + [(0, max(new_len - length, 0))] + [(0, 0)] * (n_space - a))
+            w = jnp.pad(w, [(0, 0)] * a + [(0, s * q - taps)] + [(0, 0)] * (n_space + 1 - a))
+            x_shape += [new_len // s, s]
+            w_shape += [q, s]
+        x = x.reshape(x_shape + [c_in])
+        w = w.reshape(w_shape + [c_in, c_out])
+        # Move every phase axis next to the channels, then merge them.
+        x = jnp.transpose(x, [0] + [1 + 2 * a for a in range(n_space)] + [2 + 2 * a for a in range(n_space)]
+                          + [1 + 2 * n_space])
+        w = jnp.transpose(w, [2 * a for a in range(n_space)] + [1 + 2 * a for a in range(n_space)]
+                          + [2 * n_space, 2 * n_space + 1])
+        phases = int(np.prod(strides))
+        x = x.reshape(x.shape[: 1 + n_space] + (phases * c_in,))
+        w = w.reshape(w.shape[:n_space] + (phases * c_in, c_out))
+    return jax.lax.conv_general_dilated(x, w, (1,) * n_space, "VALID", precision=precision,
+                                        rhs_dilation=dilations if keep_dilation else None,
+                                        dimension_numbers=_channels_last_numbers(x.ndim))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dilated_phase_conv(x, w, strides, dilations, precision):
+    """``_phase_conv`` of a dilated conv, with the weight gradient of the ``keep_dilation``
+    form: XLA:CPU's weight-gradient convolution of the space-to-batch form ran up to 7x
+    slower than that of the dilated stride-1 convolution (BENCHMARKS.md), while its
+    forward and input gradient ran up to 2x faster."""
+    return _phase_conv(x, w, strides, dilations, precision)
+
+
+def _dilated_phase_conv_fwd(x, w, strides, dilations, precision):
+    return _phase_conv(x, w, strides, dilations, precision), (x, w)
+
+
+def _dilated_phase_conv_bwd(strides, dilations, precision, residuals, dy):
+    x, w = residuals
+    dx = jax.vjp(lambda v: _phase_conv(v, w, strides, dilations, precision), x)[1](dy)[0]
+    dw = jax.vjp(lambda v: _phase_conv(x, v, strides, dilations, precision, keep_dilation=True), w)[1](dy)[0]
+    return dx, dw
+
+
+_dilated_phase_conv.defvjp(_dilated_phase_conv_fwd, _dilated_phase_conv_bwd)
+
+
+def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+         feature_group_count=1, precision=None, *, impl="auto", **kwargs):
+    """Channels-last strided or dilated convolution, a drop-in ``lax.conv_general_dilated``.
+
+    ``impl="phases"`` computes a stride-``s`` or dilation-``d`` convolution as one
+    stride-1, undilated ``VALID`` convolution of a rearranged input (after the padding):
+
+    * dilation ``d`` along an axis (space-to-batch): ``y[d j + r] = sum_k x[d (j + k) + r] w[k]``,
+      so the ``d`` phases ``x[d m + r]`` are convolved with the undilated kernel as
+      ``d`` times the batch and interleaved again;
+    * stride ``s`` along an axis (space-to-depth): ``y[o] = sum_{q, r} x[s (o + q) + r] w[s q + r]``,
+      so ``x``'s axis split into ``(L / s, s)`` with the ``s`` phases moved into the
+      channels is convolved (stride 1) with ``ceil(K / s)`` taps of ``s * C_in`` channels
+      (the kernel padded with zero taps to ``s * ceil(K / s)``).
+
+    The same sums in another order. XLA:CPU hands stride-1 convolutions and their
+    input gradients (a stride-1 conv of the padded cotangent) to its fast kernels, but
+    runs the input gradient of a strided conv (a conv with ``lhs_dilation``) and dilated
+    convs in a generic loop at a fraction of the rate (BENCHMARKS.md), so ``"auto"``
+    takes ``"phases"`` on CPU and XLA's op elsewhere. Calls with ``lhs_dilation``,
+    feature groups, an axis both strided and dilated, or a layout other than
+    channels-last always go to XLA.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl={impl!r}; expected one of {CONV_IMPLS}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    n_space = lhs.ndim - 2
+    strides = tuple(int(s) for s in window_strides)
+    dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n_space
+    channels_last = _channels_last_numbers(lhs.ndim) if 1 <= n_space <= 3 else None
+    if impl == "auto":
+        impl = "phases" if cpu_forms("phases") else "xla"
+    if (impl == "xla" or channels_last is None or kwargs or feature_group_count != 1
+            or any(d != 1 for d in (lhs_dilation or ()))
+            or any(s != 1 and d != 1 for s, d in zip(strides, dilations))
+            or all(s == 1 for s in strides) and all(d == 1 for d in dilations)
+            or (dimension_numbers is not None
+                and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, channels_last))):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                            rhs_dilation=rhs_dilation,
+                                            dimension_numbers=dimension_numbers or channels_last,
+                                            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    if isinstance(padding, str):
+        dilated_kernel = tuple((k - 1) * d + 1 for k, d in zip(rhs.shape[:n_space], dilations))
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], dilated_kernel, strides, padding)
+    if any(p < 0 for pair in padding for p in pair):
+        return conv(lhs, rhs, window_strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                    precision=precision, impl="xla")
+    x = jnp.pad(lhs, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
+    if any(d != 1 for d in dilations):
+        return _dilated_phase_conv(x, rhs, strides, dilations, precision)
+    return _phase_conv(x, rhs, strides, dilations, precision)
+
+
+def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, impl: str = "auto",
+                            precision=None) -> jax.Array:
+    """The first ``T s`` outputs of the full transposed convolution (``padding="VALID"``,
+    kernel not flipped, as ``nnx.ConvTranspose``): ``x [B, T, C_in]``, ``kernel [K, C_in, C_out]``
+    (``K >= s``) -> ``[B, T s, C_out]``; output ``n`` depends on inputs ``<= n // s``.
+
+    ``y[s j + r] = sum_q x[j - q] kernel[K - 1 - r - s q]``: ``impl="phases"`` computes all
+    ``s`` phases ``r`` as one causal stride-1 convolution of ``x`` with ``ceil(K / s)`` taps
+    and ``s * C_out`` output channels, then moves the phases into time (depth-to-space),
+    so forward, input and weight gradient are stride-1 convolutions. ``"xla"`` is
+    ``lax.conv_transpose`` (a convolution with ``lhs_dilation``, which XLA:CPU runs in a
+    generic loop, its weight gradient at 2-3 GFLOP/s: BENCHMARKS.md); ``"auto"`` takes
+    ``"phases"`` on CPU.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"causal_conv_transpose1d impl={impl!r}; expected one of {CONV_IMPLS}")
+    taps, c_in, c_out = kernel.shape
+    if taps < stride:
+        raise ValueError(f"causal transposed conv kernel {taps} < stride {stride}")
+    if impl == "auto":
+        impl = "phases" if cpu_forms("phases") else "xla"
+    b, t, _ = x.shape
+    if impl == "xla":
+        y = jax.lax.conv_transpose(x, kernel, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
+                                   precision=precision)
+        return y[:, : t * stride]
+    q = -(-taps // stride)
+    # w_pad[s p + u] = kernel[s p + u - (s q - K)]; phase r takes u = s - 1 - r.
+    w = jnp.pad(kernel, ((stride * q - taps, 0), (0, 0), (0, 0))).reshape(q, stride, c_in, c_out)[:, ::-1]
+    w = jnp.transpose(w, (0, 2, 1, 3)).reshape(q, c_in, stride * c_out)
+    y = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (q - 1, 0), (0, 0))), w, (1,), "VALID",
+                                     dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
+    return y.reshape(b, t * stride, c_out)
+
+
+WEIGHT_GRAD_CHUNK = 4  # samples per weight-gradient convolution (at least; at most 16 chunks)
+# taps_chunked chunks the weight gradient of frames up to this many pixels (16 x 16: measured
+# 1.3-2.2x faster there, while 32 x 32 frames ran 1.5-2x slower chunked; BENCHMARKS.md).
+WEIGHT_GRAD_CHUNK_MAX_PIXELS = 256
+
+
+def _conv2d_nhwc(x, w, strides, padding, groups, precision):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def chunked_conv2d(x, w, strides, padding, groups=1, precision=None):
+    """``NHWC`` / ``HWIO`` 2D convolution whose weight gradient is summed over chunks of the batch.
+
+    ``dw = sum_c dw(x[c], dy[c])`` over chunks ``c`` of ``max(WEIGHT_GRAD_CHUNK, ceil(N / 16))``
+    samples, each XLA's weight-gradient convolution; values and the input gradient are
+    XLA's. XLA:CPU's weight-gradient convolution can slow down far more than linearly
+    with the batch: for 40 frames of 16 x 16 the chunked sum was 2.2x faster, for a
+    pre-padded 72 x 34 x 34 batch 10x; for 72 frames of 32 x 32 (padding inside the
+    conv) it was 1.5x slower (BENCHMARKS.md). ``padding``: explicit pairs.
+    """
+    return _conv2d_nhwc(x, w, strides, padding, groups, precision)
+
+
+def _chunked_conv2d_fwd(x, w, strides, padding, groups, precision):
+    return _conv2d_nhwc(x, w, strides, padding, groups, precision), (x, w)
+
+
+def _chunked_conv2d_bwd(strides, padding, groups, precision, residuals, dy):
+    x, w = residuals
+    dx = jax.vjp(lambda v: _conv2d_nhwc(v, w, strides, padding, groups, precision), x)[1](dy)[0]
+    n = x.shape[0]
+    chunk = max(WEIGHT_GRAD_CHUNK, -(-n // 16))
+    dw = None
+    for start in range(0, n, chunk):
+        xc, dyc = x[start : start + chunk], dy[start : start + chunk]
+        part = jax.vjp(lambda v, xc=xc: _conv2d_nhwc(xc, v, strides, padding, groups, precision), w)[1](dyc)[0]
+        dw = part if dw is None else dw + part
+    return dx, dw
+
+
+chunked_conv2d.defvjp(_chunked_conv2d_fwd, _chunked_conv2d_bwd)
+
+
 # --------------------------------------------------------------------------- 3D conv
-CONV3D_IMPLS = ("auto", "xla", "taps")
+CONV3D_IMPLS = ("auto", "xla", "taps", "taps_chunked", "taps_phases", "stacked")
 _CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -71,8 +298,16 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     different order. XLA:CPU runs 3D convolutions several times slower than 2D ones
     (measured 4.4x for a 3x3x3 16->16 conv on 9x32x32 clips, fwd+bwd: BENCHMARKS.md),
     so ``"auto"`` takes the taps form on CPU and leaves GPU/TPU (cuDNN / the TPU
-    convolution unit) to XLA's 3D convolution (``"xla"``). Dilated or non
-    channels-last calls always go to XLA.
+    convolution unit) to XLA's 3D convolution (``"xla"``). ``impl="taps_chunked"`` is
+    taps through ``chunked_conv2d`` (XLA's forward and input gradient, the weight gradient
+    summed over chunks of the batch) for frames of at most ``WEIGHT_GRAD_CHUNK_MAX_PIXELS``
+    pixels, plain taps above; ``"auto"`` takes it on CPU unless
+    ``without_cpu_forms("chunked_weight_grad")``. ``impl="taps_phases"`` does
+    the taps with each spatially strided 2D convolution computed by
+    ``conv(impl="phases")``; ``impl="stacked"`` as one 2D convolution of the taps' frames
+    stacked along the channels (kernel ``[k_h, k_w, k_t C_in, C_out]``). Neither beat
+    plain taps at the tiny video tokenizer's shapes (BENCHMARKS.md), so ``"auto"`` takes
+    neither. Dilated or non channels-last calls always go to XLA.
     """
     if impl not in CONV3D_IMPLS:
         raise ValueError(f"conv3d impl={impl!r}; expected one of {CONV3D_IMPLS}")
@@ -82,7 +317,7 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                             dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     if impl == "auto":
-        impl = "taps" if cpu_forms() else "xla"
+        impl = ("taps_chunked" if cpu_forms("chunked_weight_grad") else "taps") if cpu_forms() else "xla"
     channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
     dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     if (impl == "xla" or lhs.ndim != 5 or dilated or kwargs
@@ -96,12 +331,27 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     b, t, h, w, c = x.shape
     taps, stride_t = rhs.shape[0], window_strides[0]
     frames_out = (t - taps) // stride_t + 1
+    tap_frames = [x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
+                  for dt in range(taps)]
+    if impl == "stacked" and feature_group_count == 1:
+        # One 2D conv over the taps' frames stacked along the channels: kernel
+        # [k_h, k_w, (k_t, C_in), C_out].
+        kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(rhs.shape[1], rhs.shape[2], taps * c, rhs.shape[4])
+        out = conv(jnp.concatenate(tap_frames, axis=-1), kernel, tuple(window_strides[1:]), spatial_padding,
+                   dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
+        return out.reshape((b, frames_out) + out.shape[1:])
     out = None
-    for dt in range(taps):
-        frames = x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
-        y = jax.lax.conv_general_dilated(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=feature_group_count, precision=precision)
+    for dt, frames in enumerate(tap_frames):
+        if impl == "taps_phases":
+            y = conv(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
+                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
+                     precision=precision, impl="phases")
+        elif impl == "taps_chunked" and h * w <= WEIGHT_GRAD_CHUNK_MAX_PIXELS:
+            y = chunked_conv2d(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
+                               precision)
+        else:
+            y = _conv2d_nhwc(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
+                             precision)
         out = y if out is None else out + y
     return out.reshape((b, frames_out) + out.shape[1:])
 
@@ -211,6 +461,7 @@ class CausalConv1d(nnx.Module):
             padding=((0, 0),),
             kernel_dilation=(self.dilation,),
             use_bias=use_bias,
+            conv_general_dilated=conv,
             dtype=dtype,
             param_dtype=param_dtype,
             kernel_init=nnx.with_partitioning(kernel_init, (None, "conv_in", "conv_out")),
@@ -407,17 +658,43 @@ class BlurPool3d(nnx.Module):
         self.taps = tuple(float(t) for t in taps)
         self.downsample_time = downsample_time
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, impl: str = "auto") -> jax.Array:
+        """``impl``: ``"conv"`` (a depthwise 3D convolution), ``"separable"`` (per axis, a
+        weighted sum of strided slices), ``"auto"`` (separable on CPU, where XLA runs the
+        depthwise strided convolution and above all its input gradient in a generic
+        loop, BENCHMARKS.md; the convolution elsewhere)."""
+        if impl not in ("auto", "conv", "separable"):
+            raise ValueError(f"BlurPool3d impl={impl!r}; expected auto, conv or separable")
         channels = x.shape[-1]
         taps = np.asarray(self.taps, np.float32)
         one = np.ones((1,), np.float32)
         kt = taps if self.downsample_time else one
-        kernel = np.einsum("t,h,w->thw", kt, taps, taps)
-        kernel = kernel / kernel.sum()
-        kernel = np.broadcast_to(kernel[..., None, None], kernel.shape + (1, channels))
         # Pad so that stride-1 filtering would keep the size; stride 2 then halves it.
         pad = _same_padding(len(taps), 1)
         strides = (2 if self.downsample_time else 1, 2, 2)
         padding = (pad if self.downsample_time else (0, 0), pad, pad)
+        if impl == "separable" or (impl == "auto" and cpu_forms("separable_blur")):
+            for axis, (t, s, p) in enumerate(zip((kt, taps, taps), strides, padding), start=1):
+                x = _strided_filter(x, t / t.sum(), s, p, axis)
+            return constrain_channels_last(x)
+        kernel = np.einsum("t,h,w->thw", kt, taps, taps)
+        kernel = kernel / kernel.sum()
+        kernel = np.broadcast_to(kernel[..., None, None], kernel.shape + (1, channels))
         y = conv3d(x, jnp.asarray(kernel, x.dtype), strides, padding, feature_group_count=channels)
         return constrain_channels_last(y)
+
+
+def _strided_filter(x: jax.Array, taps: np.ndarray, stride: int, padding: tuple[int, int], axis: int) -> jax.Array:
+    """``y[i] = sum_j taps[j] x_pad[stride i + j]`` along ``axis`` (zero padding ``padding``), as
+    a weighted sum of strided slices: elementwise work, and so is its gradient."""
+    if len(taps) == 1:
+        return x * taps[0] if taps[0] != 1 else x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = padding
+    x = jnp.pad(x, widths)
+    out = (x.shape[axis] - len(taps)) // stride + 1
+    y = None
+    for j, t in enumerate(taps):
+        term = jax.lax.slice_in_dim(x, j, j + stride * (out - 1) + 1, stride, axis) * jnp.asarray(t, x.dtype)
+        y = term if y is None else y + term
+    return y

@@ -28,7 +28,9 @@ so output ``t`` sees inputs ``< (t + 1) s``: latent frame ``t`` depends on sampl
 ``t * hop`` and leave the last ``hop - 1`` samples of every clip unencoded.) The
 transposed conv keeps the first ``T s`` outputs of the full transposed convolution
 (drops ``k - s`` at the end), so output sample ``n`` depends on latent frames
-``<= n // hop`` only.
+``<= n // hop`` only. On CPU the strided, dilated and transposed convolutions (codec
+and discriminator) take ``mmgen.nn.conv``'s phase forms, the same sums computed as
+stride-1 convolutions (``conv``, ``causal_conv_transpose1d``); elsewhere XLA's own.
 
 Lengths and padding. ``hop = prod(strides)`` (320 -> 50 latent frames per second at
 16 kHz). A clip of ``S`` samples is right-padded with zeros to a multiple of ``hop``,
@@ -68,7 +70,8 @@ import numpy as np
 from flax import nnx
 
 from mmgen.errors import UserError
-from mmgen.nn.conv import CausalConv1d, constrain_channels_last
+from mmgen.nn.backend import cpu_forms
+from mmgen.nn.conv import CausalConv1d, causal_conv_transpose1d, constrain_channels_last, conv
 from mmgen.nn.spectral import (
     magnitude,
     multiscale_mel_distance,
@@ -208,7 +211,7 @@ class _StridedCausalConv1d(nnx.Module):
         self.front = kernel - stride
         self.conv = nnx.Conv(
             features_in, features_out, (kernel,), (stride,), padding=((self.front, 0),),
-            dtype=dtype, param_dtype=param_dtype,
+            dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), _CONV1D_NAMES),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), _BIAS_NAMES),
             rngs=rngs,
@@ -240,7 +243,16 @@ class _CausalConvTranspose1d(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return constrain_channels_last(self.conv(x)[:, : x.shape[1] * self.stride])
+        if not cpu_forms("phases"):
+            return constrain_channels_last(self.conv(x)[:, : x.shape[1] * self.stride])
+        # On CPU the same sum as one stride-1 conv to stride x C_out channels (faster
+        # forward and gradients: mmgen.nn.conv.causal_conv_transpose1d).
+        dtype = self.conv.dtype or x.dtype
+        y = causal_conv_transpose1d(x.astype(dtype), self.conv.kernel[...].astype(dtype), self.stride, impl="phases",
+                                    precision=self.conv.precision)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias[...].astype(dtype)
+        return constrain_channels_last(y)
 
 
 class ResidualUnit(nnx.Module):
@@ -470,20 +482,20 @@ class _STFTResolutionDiscriminator(nnx.Module):
         kt, kf = cfg.kernel_size
         c = cfg.channels
 
-        def conv(cin, cout, kernel, strides=(1, 1), dilation=(1, 1)):
+        def layer(cin, cout, kernel, strides=(1, 1), dilation=(1, 1)):
             return nnx.Conv(
                 cin, cout, kernel, strides, padding="SAME", kernel_dilation=dilation,
-                dtype=dtype, param_dtype=param_dtype,
+                dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv,
                 kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), _CONV2D_NAMES),
                 bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), _BIAS_NAMES),
                 rngs=rngs,
             )
 
-        layers = [conv(1, c, (kt, kf))]
-        layers += [conv(c, c, (kt, kf), (1, 2), (d, 1)) for d in cfg.time_dilations]
-        layers += [conv(c, c, (3, 3))]
+        layers = [layer(1, c, (kt, kf))]
+        layers += [layer(c, c, (kt, kf), (1, 2), (d, 1)) for d in cfg.time_dilations]
+        layers += [layer(c, c, (3, 3))]
         self.hidden = nnx.List(layers)
-        self.to_logit = conv(c, 1, (3, 3))
+        self.to_logit = layer(c, 1, (3, 3))
         self.negative_slope = cfg.negative_slope
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:

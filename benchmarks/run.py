@@ -34,6 +34,16 @@ from mmgen.train import optim
 from benchmarks import harness
 
 
+def compiled_flops(compiled) -> float | None:
+    """FLOPs XLA's cost analysis counts in a compiled step (None where the backend has none)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+    except Exception:
+        return None
+
+
 def peak_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()
@@ -137,12 +147,14 @@ def sampling_bench(cfg, batch: int, steps: int, reps: int) -> dict:
 
 
 # ------------------------------------------------------------------ tokenizers
-def tokenizer_step_bench(spec: str, batch: int) -> dict:
+def tokenizer_step_bench(spec: str, batch: int, overrides: tuple[str, ...] = ()) -> dict:
+    """One compiled tokenizer train step of ``spec`` (GAN on from step 0 where the config
+    has one), ready to time; ``overrides`` are ``key=value`` config overrides."""
     from mmgen import config as config_lib
     from mmgen.families import tokenizer as tok
     from mmgen.train import loop
 
-    cfg = config_lib.load_config(spec, [f"batch_size={batch}", "gan.start_step=0"])
+    cfg = config_lib.load_config(spec, [f"batch_size={batch}", "gan.start_step=0", *overrides])
     graphdef, abstract = loop.abstract_state(tok.FAMILY, cfg)
     t0 = time.perf_counter()
     st = jax.jit(lambda: nnx.state(tok.create_state(cfg, nnx.Rngs(0))))()
@@ -167,7 +179,9 @@ def tokenizer_step_bench(spec: str, batch: int) -> dict:
 
     return {"config": spec, "batch": batch, "units": batch, "unit": "clips",
             "flops": tok.flops_per_example(cfg) * batch, "first_compile_s": compile_s,
-            "peak_bytes": peak_bytes(compiled), "call": call}
+            "compiled_flops": compiled_flops(compiled), "peak_bytes": peak_bytes(compiled),
+            "params": sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, st).model, nnx.Param))),
+            "call": call}
 
 
 def _label(name: str) -> str:

@@ -6,7 +6,7 @@
 #   launch/cpu_multiprocess.sh 2 train --config configs/toy.py:tiny --workdir /tmp/mp
 #
 # Env: DEVICES_PER_PROCESS (default 2), PORT (default: a free one), PYTHON (default
-# python), KILL_AFTER (default 30: seconds the survivors of a failed process get
+# python), XLA_FLAGS_EXTRA (appended to each process's XLA_FLAGS), KILL_AFTER (default 30: seconds the survivors of a failed process get
 # before SIGKILL), DRY_RUN=1 (print each process's command instead of running it).
 #
 # Signals: SIGTERM/SIGINT to this script are forwarded to every process, and the
@@ -37,7 +37,8 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   for ((i = 0; i < n; i++)); do
     printf 'MMGEN_COORDINATOR=127.0.0.1:%s MMGEN_NUM_PROCESSES=%s MMGEN_PROCESS_ID=%s JAX_PLATFORMS=cpu' \
       "$port" "$n" "$i"
-    printf ' XLA_FLAGS=--xla_force_host_platform_device_count=%s %s -m mmgen' "$devices" "$python"
+    printf ' XLA_FLAGS=%q %s -m mmgen' "--xla_force_host_platform_device_count=$devices${XLA_FLAGS_EXTRA:+ $XLA_FLAGS_EXTRA}" \
+      "$python"
     printf ' %q' "$@"
     printf '\n'
   done
@@ -57,7 +58,7 @@ trap forward TERM INT
 
 for ((i = 0; i < n; i++)); do
   MMGEN_COORDINATOR="127.0.0.1:$port" MMGEN_NUM_PROCESSES="$n" MMGEN_PROCESS_ID="$i" \
-    JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices" \
+    JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices${XLA_FLAGS_EXTRA:+ $XLA_FLAGS_EXTRA}" \
     "$python" -m mmgen "$@" &
   pids+=($!)
 done

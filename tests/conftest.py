@@ -1,6 +1,10 @@
 """Test-wide settings, and the fixtures more than one test file uses.
 
-8 fake CPU devices so sharding is exercised without hardware. Test files never import
+8 fake CPU devices so sharding is exercised without hardware, and XLA's LLVM backend at
+optimisation level 0 (``TEST_XLA_FLAGS``): the suite compiles far more than it runs, and
+LLVM's optimisation was ~40% of its time (four of the heaviest tests: 260 -> 148 s). Only
+the machine code is less optimised: XLA's HLO passes (fusion, layouts, the SPMD
+partitioner) run as always, so the tests check the program users run. Test files never import
 each other (tests/test_layers.py holds that): a helper two files need lives here as a
 fixture, or, where tests call it with arguments, as a fixture that returns the function.
 The expensive ones are session-scoped, so every file that needs them shares one build:
@@ -10,7 +14,8 @@ The expensive ones are session-scoped, so every file that needs them shares one 
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"  # also given to the processes tests launch
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -237,7 +242,7 @@ def _launch(num_processes, devices_each, *args, timeout=900):
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each))
+    env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices_each), XLA_FLAGS_EXTRA=TEST_XLA_FLAGS)
     env.pop("XLA_FLAGS", None)  # each process is given its own fake devices
     res = subprocess.run(["bash", os.path.join(ROOT, "launch", "cpu_multiprocess.sh"), str(num_processes), *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -69,7 +69,9 @@ def run_tokenizer_across_layouts(launch, losses, spec, data_dir, root):
     loop.run(get_family("tokenizer"), cfg, straight, devices=jax.devices()[:4])
     a, b = losses(multi), losses(straight)
     assert sorted(a) == [1, 2, 3]
-    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=2e-4)
+    # Equal up to float reassociation across layouts, which Adam's first updates amplify
+    # (5.7e-4 seen at step 3); a wrong data position moves the loss by tens of percent.
+    np.testing.assert_allclose([a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)], rtol=2e-3)
     return multi
 
 

@@ -261,6 +261,10 @@ def test_cpu_multiprocess_script_renders_one_command_per_process():
         assert "MMGEN_COORDINATOR=127.0.0.1:999" in words
         assert "XLA_FLAGS=--xla_force_host_platform_device_count=4" in words
         assert words[-len(TRAIN):] == TRAIN
+    extra = render("cpu_multiprocess.sh", "2", *TRAIN, env={"DRY_RUN": "1", "DEVICES_PER_PROCESS": "4",
+                                                            "XLA_FLAGS_EXTRA": "--a=1 --b=2"})
+    for line in extra.stdout.splitlines():
+        assert "XLA_FLAGS=--xla_force_host_platform_device_count=4 --a=1 --b=2" in shlex.split(line)
     assert render("cpu_multiprocess.sh", "x", "train", ok=False).returncode == 2
 
 

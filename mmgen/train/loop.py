@@ -258,7 +258,8 @@ def init_state(family: Family, cfg, mesh, shardings):
     def init():
         return nnx.state(family.create_state(cfg, nnx.Rngs(cfg.seed)))
 
-    return jax.jit(init, out_shardings=shardings)()
+    platform = next(iter(mesh.devices.flat)).platform
+    return jax.jit(init, out_shardings=shardings, compiler_options=runtime.one_shot(platform))()
 
 
 def split_frozen(family: Family, state):

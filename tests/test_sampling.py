@@ -146,6 +146,22 @@ def test_commit_sampling_with_guidance_decodes_everything_and_compiles_once(mode
     assert not np.array_equal(runs[0][0]["video"], runs[1][0]["video"])
 
 
+def test_tasks_over_the_same_modalities_share_one_compile_and_keep_their_own_regions(model):
+    cond = random_tokens(4)
+    before = sampling._decode._cache_size()
+    traces = {task: jax.device_get(sampling.sample(model, task, cond, jax.random.key(0), steps=3, mode="prefix",
+                                                   return_trace=True)[1])
+              for task in ("frame_prediction", "outpainting_central", "inpainting_central")}
+    assert sampling._decode._cache_size() == before + 1  # video only, same shapes: one compile for the three
+    regions = {task: np.asarray(trace["region"]["video"]) for task, trace in traces.items()}
+    for task, region in regions.items():  # the task index, now data, still picks the task's region
+        region_key = jax.random.split(jax.random.key(0))[1]  # as sample() derives it
+        want = tasks.condition_region(jnp.full((B,), tasks.get_task(task).index, jnp.int32), "video", (3, 4, 4),
+                                      region_key)
+        assert np.array_equal(region, np.asarray(want)), task
+    assert not np.array_equal(regions["frame_prediction"], regions["outpainting_central"])
+
+
 def test_bad_sampling_requests_fail_before_compiling(model, small_transformer_config):
     with pytest.raises(ValueError, match="unknown task 'outpaint'.*outpainting_central"):
         sampling.sample(model, "outpaint", {}, jax.random.key(0), batch_size=2)

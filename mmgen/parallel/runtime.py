@@ -26,6 +26,7 @@ from __future__ import annotations
 import flax
 import jax
 
+
 def one_shot(platform: str | None = None) -> dict:
     """``jax.jit``'s ``compiler_options`` for a function run once (``platform``: default JAX's backend)."""
     return {"xla_backend_optimization_level": 0} if (platform or jax.default_backend()) == "cpu" else {}

@@ -65,7 +65,8 @@ def get_config(arg=None):
         "total_steps": 150, "batch_size": 8, "ema_decay": 0.98, "optimizer": {"b1": 0.9},
         "schedule": {"warmup_steps": 15}, **common})
     # The tone's pitch appears between 30 and 40 steps at batch 8 (r 0.07 -> 0.80 against the
-    # clip's height); 50 steps of batch 4 carry it at r 0.65 in ~40 s less (docs/RESULTS.md).
+    # clip's height); 50 steps of batch 4 carry it at r 0.65 in about 50 s less (131 -> 82 s in the
+    # demo; docs/RESULTS.md "Ten minutes").
     c.audio_tokenizer = ml_collections.ConfigDict({
         "total_steps": 50, "batch_size": 4, "ema_decay": 0.98, "optimizer": {"b1": 0.9},
         "schedule": {"warmup_steps": 10}, **common})

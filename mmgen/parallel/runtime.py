@@ -16,9 +16,9 @@ API's loaders (``mmgen.load_tokenizer`` / ``load_generator``), the training loop
 ``one_shot()`` gives the ``compiler_options`` for a function compiled to run once or a
 few times (initialising the state, the finiteness check before a save, an eval's
 pictures): on the CPU, XLA then skips LLVM's optimisation of the generated code, which
-dominated those compiles (the tiny video tokenizer's state initialiser: 9.2 s -> 2.5 s;
-the audio codec's finiteness check 7.4 s -> ~2 s) and buys nothing for one call. XLA's
-own passes still run. Other platforms compile as before.
+dominated those compiles (BENCHMARKS.md "Start-up of a run": the tiny video tokenizer's
+state initialiser 9.2 s -> 2.7 s) and buys nothing for one call. XLA's own passes still
+run. Other platforms compile as before.
 """
 
 from __future__ import annotations

@@ -165,11 +165,16 @@ def _wait_for_prepared(name: str, data_dir: str, poll_s: float = 2.0) -> None:
         time.sleep(poll_s)
 
 
+def split_size(dataset_cfg, split: str) -> int:
+    """Examples in ``split`` (preparing our datasets first when missing)."""
+    _, info = open_dataset(dataset_cfg, split)
+    return int(info.num_examples[split])
+
+
 def eval_epochs(dataset_cfg, split: str, global_batch_size: int) -> int:
     """Passes over ``split`` that give an evaluation at least one whole batch: 1, or more
     (clips repeated) when the split holds fewer clips than a batch, e.g. a few held-out videos."""
-    _, info = open_dataset(dataset_cfg, split)
-    return max(1, -(-int(global_batch_size) // max(1, int(info.num_examples[split]))))
+    return max(1, -(-int(global_batch_size) // max(1, split_size(dataset_cfg, split))))
 
 
 def check_eval_split(dataset_cfg, split: str, every: int) -> None:

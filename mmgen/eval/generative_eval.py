@@ -8,8 +8,9 @@ checkpoint's inference model and its frozen tokenizers:
   elements are masked (fixed seed, no guidance dropout) and the argmax prediction is
   scored on masked *target* elements (the condition region is left out), per modality
   and together; the floor is the **unigram baseline**: always predicting the most
-  frequent token of ``cfg.evaluation.unigram_clips`` training clips (per RVQ level
-  for audio), scored on the same elements (``mmgen.eval.metrics``).
+  frequent token of ``cfg.evaluation.unigram_clips`` training clips (at most the split's
+  distinct clips; per RVQ level for audio), scored on the same elements
+  (``mmgen.eval.metrics``).
 * **Frame prediction PSNR.** MaskGIT samples (``cfg.sampling``) decoded to pixels;
   PSNR (uint8, dB) of the pixel frames after the given ones against the truth, next
   to the **copy-last-frame baseline** (the last given frame held) and to the
@@ -32,7 +33,8 @@ checkpoint's inference model and its frozen tokenizers:
   token probes do not. Per modality, a ridge regression (``HeightProbe``) from a
   clip's quantized latents (the codes its decoder would see, flattened) to the main
   shape's height in every frame is fit on ``cfg.evaluation.probe_clips`` real training
-  clips (its penalty chosen on a held-out quarter of them) and then read out on the
+  clips, at most the split's distinct clips and none below 8 (its penalty chosen on a
+  held-out quarter of them) and then read out on the
   generated tokens: ``audio_to_video`` (probe on the generated video vs the true
   height), ``video_to_audio`` (generated sound vs true height), ``audio_video``
   (generated video vs generated sound), each next to the shuffled pairing and with the
@@ -73,6 +75,7 @@ import numpy as np
 from flax import nnx
 
 from mmgen import fs
+from mmgen.data import pipeline
 from mmgen.data.builders.moving_shapes_av import pitch_to_height
 from mmgen.errors import UserError
 from mmgen.eval import gallery, metrics, reference
@@ -80,6 +83,7 @@ from mmgen.generative import masking
 from mmgen.generative import tasks as tasks_lib
 from mmgen.generative.generator import read_split
 from mmgen.generative.tokens import (
+    clip_dataset_config,
     draw_tasks,
     specs_of,
     task_weights,
@@ -197,11 +201,13 @@ class HeightProbe:
     the height range [0, 1].
     """
 
+    MIN_CLIPS = 8
+
     def __init__(self, features: np.ndarray, heights: np.ndarray,
                  penalties=(1.0, 10.0, 100.0, 1000.0, 10000.0), holdout: float = 0.25):
         features, heights = np.asarray(features, np.float64), np.asarray(heights, np.float64)
-        if len(features) < 8:
-            raise UserError(f"a height probe needs at least 8 clips to fit, got {len(features)}")
+        if len(features) < self.MIN_CLIPS:
+            raise UserError(f"a height probe needs at least {self.MIN_CLIPS} clips to fit, got {len(features)}")
         cut = max(1, int(round(len(features) * (1.0 - holdout))))
         errors = {}
         for penalty in penalties:
@@ -409,9 +415,14 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
         clips = read_split(cfg, split, num, extra_features="main_y")
     except ValueError:  # a dataset without the moving_shapes_av metadata: no audio-visual agreement
         clips = read_split(cfg, split, num)
-    unigram_clips = int(e.get("unigram_clips", 64))
+    # Distinct training clips only: a split read round again would repeat the encoding and put
+    # copies of fitted clips into the held-out quarter that picks a probe's penalty.
+    train_size = pipeline.split_size(clip_dataset_config(cfg), "train")
+    unigram_clips = min(int(e.get("unigram_clips", 64)), train_size)
     both = {"video", "audio"} <= set(generator.tokenizers)
-    probe_clips = int(e.get("probe_clips", 1024)) if both and "main_y" in clips else 0
+    probe_clips = min(int(e.get("probe_clips", 1024)), train_size) if both and "main_y" in clips else 0
+    if probe_clips < HeightProbe.MIN_CLIPS:
+        probe_clips = 0
     train = read_split(cfg, "train", max(unigram_clips, probe_clips), extra_features="main_y" if probe_clips else "")
     chunk = max(1, int(cfg.sampling.batch_size))
     train_tokens = {m: [] for m in generator.tokenizers}
@@ -422,7 +433,7 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
         for m, rows in train_tokens.items():
             rows.append(toks[f"{m}_tokens"])
     train_tokens = {m: np.concatenate(v) for m, v in train_tokens.items()}
-    probes = ({m: HeightProbe(token_features(tok, train_tokens[m]), train["main_y"])
+    probes = ({m: HeightProbe(token_features(tok, train_tokens[m][:probe_clips]), train["main_y"][:probe_clips])
                for m, tok in generator.tokenizers.items()} if probe_clips else {})
     train_tokens = {m: v[:unigram_clips] for m, v in train_tokens.items()}
 

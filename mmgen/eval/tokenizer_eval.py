@@ -125,10 +125,9 @@ def bits_per_token(vocab_size: int, num_levels: int = 1) -> float:
 
 def _split_size(cfg, split: str) -> int:
     try:
-        _, info = pipeline.open_dataset(cfg.dataset, split)
+        return pipeline.split_size(cfg.dataset, split)
     except ValueError as e:  # DatasetNotPreparedError and friends: one line from the data layer
         raise UserError(str(e).splitlines()[0]) from None
-    return int(info.num_examples[split])
 
 
 def _batch_size(num: int, largest: int) -> int:

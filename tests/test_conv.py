@@ -27,6 +27,25 @@ def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, group
                                                                 impl=impl), x, k, impl)
 
 
+def test_the_weight_gradient_is_chunked_only_when_the_batch_is_on_one_device():
+    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules
+
+    x = jnp.zeros((8, 3, 4, 4, 2), jnp.float32)  # 8 x 3 = 24 frames: weight gradient in chunks of 4
+    k = jnp.zeros((3, 3, 3, 2, 2), jnp.float32)
+    padding = ((2, 0), (1, 1), (1, 1))
+
+    def convolutions(mesh_shape):
+        mesh = jax.sharding.AbstractMesh(mesh_shape, ("data", "fsdp", "tensor"))
+        with jax.sharding.use_abstract_mesh(mesh), axis_rules(DEFAULT_RULES):
+            grad = jax.grad(lambda x, k: conv3d(x, k, (1, 1, 1), padding, impl="taps_chunked").sum(), argnums=(0, 1))
+            return jax.jit(grad).lower(x, k).as_text().count("stablehlo.convolution")
+
+    # Per tap: the input gradient and the weight gradient, in 6 chunks on one device (the
+    # forward's value is not needed for the gradient of a sum).
+    assert convolutions((1, 1, 2)) == 3 * (1 + 6)  # a tensor-parallel mesh keeps the batch whole
+    assert convolutions((2, 1, 1)) == convolutions((1, 2, 1)) == 3 * (1 + 1)  # split batch: no chunks
+
+
 def _assert_same_values_and_gradients(fn, x, k, impl):
     """``fn(x, k, impl)`` equals ``fn(x, k, "xla")``, and so do its gradients in ``x`` and ``k``."""
     weights = jnp.asarray(np.random.default_rng(9).normal(size=fn(x, k, "xla").shape), jnp.float32)

@@ -127,6 +127,14 @@ def batch_axes(rules=None) -> tuple[str, ...]:
     return _flat(_rules_dict(active_rules() if rules is None else rules).get("batch"))
 
 
+def batch_split() -> int:
+    """Devices the examples are split over in the mesh in context (``"batch"`` rule): 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return _axis_size(mesh, tuple(a for a in batch_axes() if a in mesh.shape))
+
+
 def _rules_dict(rules) -> dict[str, Any]:
     out = {}
     for logical, mesh_axes in rules:

@@ -43,7 +43,9 @@ def test_the_readme_blocks_run(tokenizers, data_dir, generative_config, write_nu
     rng = np.random.default_rng(0)
     media.write_video(str(tmp_path / "clip.mp4"), rng.integers(0, 256, (9, 32, 32, 3), dtype=np.uint8), fps=8.0,
                       audio=rng.uniform(-0.3, 0.3, 18000).astype(np.float32), sample_rate=16000)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    env = dict(os.environ)  # one CPU device, as a user has; the suite's compile flags (conftest.py)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     bin_dir = os.path.dirname(sys.executable)  # `python` is this interpreter (its virtual environment's)
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     for kind, body in readme_blocks():

@@ -136,6 +136,16 @@ def test_height_probe_reads_heights_that_the_features_carry_and_not_others():
         ge.HeightProbe(carrying[:4], heights[:4])
 
 
+def test_training_clips_are_at_most_the_splits_distinct_clips():
+    e = {"unigram_clips": 64, "probe_clips": 1024}
+    assert ge.training_clips(e, 5000, probes=True) == (64, 1024, "")
+    assert ge.training_clips(e, 16, probes=True) == (16, 16, "")  # not 1024 read round a 16-clip split
+    assert ge.training_clips(e, 16, probes=False) == (16, 0, "")
+    unigram, probe_clips, why = ge.training_clips(e, 7, probes=True)
+    assert (unigram, probe_clips) == (7, 0) and why == "unavailable (the train split has 7 clips; a height probe needs 8)"
+    assert ge.training_clips({}, 100, probes=True) == (64, 100, "")  # the defaults
+
+
 def test_token_features_are_the_codes_the_decoder_sees():
     from flax import nnx
 

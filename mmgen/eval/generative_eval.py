@@ -33,9 +33,9 @@ checkpoint's inference model and its frozen tokenizers:
   token probes do not. Per modality, a ridge regression (``HeightProbe``) from a
   clip's quantized latents (the codes its decoder would see, flattened) to the main
   shape's height in every frame is fit on ``cfg.evaluation.probe_clips`` real training
-  clips, at most the split's distinct clips and none below 8 (its penalty chosen on a
-  held-out quarter of them) and then read out on the
-  generated tokens: ``audio_to_video`` (probe on the generated video vs the true
+  clips, at most the split's distinct clips (its penalty chosen on a held-out quarter of
+  them; a split of fewer than 8 clips gets no probes, ``height_probes`` says so) and then
+  read out on the generated tokens: ``audio_to_video`` (probe on the generated video vs the true
   height), ``video_to_audio`` (generated sound vs true height), ``audio_video``
   (generated video vs generated sound), each next to the shuffled pairing and with the
   paired gain over every other pairing (``mae_gain`` +- ``mae_gain_se``). The probes'
@@ -228,6 +228,23 @@ class HeightProbe:
         return np.clip(a @ self.weights + self.bias, 0.0, 1.0)
 
 
+def training_clips(evaluation, train_size: int, probes: bool) -> tuple[int, int, str]:
+    """``(unigram_clips, probe_clips, why_no_probes)``: how many training clips the unigram
+    baseline and the height probes read (``cfg.evaluation``'s numbers), at most the split's
+    ``train_size`` distinct clips. A split read round again would repeat the encoding and
+    put copies of fitted clips into the held-out quarter that picks a probe's penalty.
+    ``probes``: the run has both modalities and the data its heights; too few clips for a
+    probe give 0 and the reason."""
+    unigram = min(int(evaluation.get("unigram_clips", 64)), train_size)
+    if not probes:
+        return unigram, 0, ""
+    clips = min(int(evaluation.get("probe_clips", 1024)), train_size)
+    if clips < HeightProbe.MIN_CLIPS:
+        return unigram, 0, (f"unavailable (the train split has {train_size} clips; a height probe needs "
+                            f"{HeightProbe.MIN_CLIPS})")
+    return unigram, clips, ""
+
+
 # ---------------------------------------------------------------- token accuracy
 def _prediction_fn(cfg, graphdef):
     """Jitted: argmax predictions, targets, scored elements (masked targets) and log p(target) of one batch."""
@@ -415,14 +432,9 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
         clips = read_split(cfg, split, num, extra_features="main_y")
     except ValueError:  # a dataset without the moving_shapes_av metadata: no audio-visual agreement
         clips = read_split(cfg, split, num)
-    # Distinct training clips only: a split read round again would repeat the encoding and put
-    # copies of fitted clips into the held-out quarter that picks a probe's penalty.
-    train_size = pipeline.split_size(clip_dataset_config(cfg), "train")
-    unigram_clips = min(int(e.get("unigram_clips", 64)), train_size)
     both = {"video", "audio"} <= set(generator.tokenizers)
-    probe_clips = min(int(e.get("probe_clips", 1024)), train_size) if both and "main_y" in clips else 0
-    if probe_clips < HeightProbe.MIN_CLIPS:
-        probe_clips = 0
+    unigram_clips, probe_clips, no_probes = training_clips(
+        e, pipeline.split_size(clip_dataset_config(cfg), "train"), probes=both and "main_y" in clips)
     train = read_split(cfg, "train", max(unigram_clips, probe_clips), extra_features="main_y" if probe_clips else "")
     chunk = max(1, int(cfg.sampling.batch_size))
     train_tokens = {m: [] for m in generator.tokenizers}
@@ -441,6 +453,8 @@ def evaluate(workdir: str, load_generator, split: str = "test", num: int | None 
     result = {"family": "generative", "workdir": fs.normalize(workdir), "step": int(step) if step is not None else getattr(generator, "step", None) or workdir_lib.latest_step(workdir),
               "split": split, "clips": num, "conditioning": cfg.conditioning,
               "mask_ratio": float(e.get("mask_ratio", 0.5)), "sampling_steps": int(cfg.sampling.steps)}
+    if no_probes:
+        result["height_probes"] = no_probes
     result["token_accuracy"] = token_accuracy(generator, clips, train_tokens, trained, result["mask_ratio"])
     av_trained = [t for t in AV_TASKS if t in trained]
     if av_trained and both:

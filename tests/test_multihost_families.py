@@ -120,7 +120,7 @@ def test_generative_samples_on_every_process_resumes_and_its_checkpoint_samples_
     assert sorted(os.listdir(out)) == ["audio_to_video.gallery.json", "audio_to_video.png", "audio_to_video_000.mp4",
                                        "audio_to_video_000_real.mp4", "audio_to_video_001.mp4",
                                        "audio_to_video_001_real.mp4", "audio_to_video_tokens.npz", "index.html"]
-    # ... and evaluates (FVD's I3D is not sharded: tests/test_generative_eval.py covers it).
+    # ... and evaluates (FVD left out: ~13 s of I3D here; test_generative_eval.py and test_pretrained.py cover it).
     launch(1, 4, "eval", "--workdir", multi, "--num", "2", "--no-fvd")
     with open(os.path.join(multi, "eval.json")) as f:
         result = json.load(f)

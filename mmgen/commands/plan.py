@@ -415,12 +415,11 @@ def format_plan(p: Plan) -> str:
 def _check_before_compiling(cfg, num_devices: int) -> None:
     """Mesh and batch mistakes, found without touching JAX devices."""
     from mmgen.parallel import mesh as mesh_lib
-    from mmgen.parallel.sharding import batch_axes
     from mmgen.train import loop
 
     ici, dcn = mesh_lib.mesh_shapes(cfg.mesh, num_devices, num_slices(cfg.mesh))
     sizes = dict(zip(mesh_lib.AXES, (i * d for i, d in zip(ici, dcn))))
-    axes = tuple(a for a in batch_axes(cfg.sharding_rules) if a in sizes)
+    axes = loop.batch_mesh_axes(cfg, sizes)
     loop.batch_divides(cfg, math.prod(sizes[a] for a in axes), f"{num_devices} devices", axes)
 
 

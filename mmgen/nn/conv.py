@@ -342,7 +342,8 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
         return out.reshape((b, frames_out) + out.shape[1:])
     # A batch split over devices is not chunked: each chunk would be a slice across the
-    # split, gathered between devices (an 8-device test step compiled in 64 s instead of 8).
+    # split, moved between devices (an 8-device step of the tiny tokenizer compiled in 15-33 s
+    # instead of ~5 s: BENCHMARKS.md "Chunks of a batch split over devices").
     chunked = impl == "taps_chunked" and h * w <= WEIGHT_GRAD_CHUNK_MAX_PIXELS and batch_split() == 1
     out = None
     for dt, frames in enumerate(tap_frames):

@@ -122,9 +122,11 @@ def _flat(mesh_axes) -> tuple[str, ...]:
     return tuple(mesh_axes)
 
 
-def batch_axes(rules=None) -> tuple[str, ...]:
-    """Mesh axes the ``"batch"`` rule splits examples over (``rules`` or the active ones)."""
-    return _flat(_rules_dict(active_rules() if rules is None else rules).get("batch"))
+def batch_axes(rules=None, mesh_axes=None) -> tuple[str, ...]:
+    """Mesh axes the ``"batch"`` rule splits examples over (``rules`` or the active ones);
+    with ``mesh_axes`` (a mesh's ``shape``, or any collection of axis names) only those it has."""
+    axes = _flat(_rules_dict(active_rules() if rules is None else rules).get("batch"))
+    return axes if mesh_axes is None else tuple(a for a in axes if a in mesh_axes)
 
 
 def batch_split() -> int:
@@ -132,7 +134,7 @@ def batch_split() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    return _axis_size(mesh, tuple(a for a in batch_axes() if a in mesh.shape))
+    return _axis_size(mesh, batch_axes(mesh_axes=mesh.shape))
 
 
 def _rules_dict(rules) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 1, rules=None) -> NamedSharding:
     ``rules``: a config's ``sharding_rules``; default the active ones (``DEFAULT_RULES``:
     ``data`` x ``fsdp``).
     """
-    axes = tuple(a for a in batch_axes(rules) if a in mesh.shape)
+    axes = batch_axes(rules, mesh.shape)
     return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
 
 

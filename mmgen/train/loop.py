@@ -191,7 +191,7 @@ class _Profiler:
 
 def batch_mesh_axes(cfg, axis_sizes: dict) -> tuple[str, ...]:
     """The mesh axes the config's ``"batch"`` rule splits examples over (those the mesh has)."""
-    return tuple(a for a in sharding_lib.batch_axes(cfg.sharding_rules) if a in axis_sizes)
+    return sharding_lib.batch_axes(cfg.sharding_rules, axis_sizes)
 
 
 def check_batch_divides(cfg, mesh) -> None:

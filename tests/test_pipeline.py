@@ -138,6 +138,16 @@ def test_eval_is_deterministic_unshuffled_and_unaugmented(data_dir, stored):
     assert len(list(pipeline.make_iterator(cfg, split="test", global_batch_size=3, seed=0, train=False))) == 2
 
 
+def test_one_clip_batches_keep_every_read_thread_busy_without_a_warning(data_dir, stored, caplog):
+    """grain warns (and idles threads) when fewer reads may be in flight than it has threads:
+    the token cache reads one clip per batch with 4 threads."""
+    cfg = _cfg(data_dir)
+    with caplog.at_level("WARNING"):
+        clips = list(pipeline.make_iterator(cfg, split="test", global_batch_size=1, seed=0, train=False))
+    assert len(clips) == NUM_TEST
+    assert not [r for r in caplog.records if "prefetch_buffer_size" in r.getMessage()]
+
+
 def test_flip_mirrors_video_and_x_coordinates(data_dir, stored):
     cfg = _no_augment(_cfg(data_dir, extra_features="main_x,main_y"))
     cfg.augment.random_flip = True

@@ -522,6 +522,7 @@ def make_iterator(
     source, info = open_dataset(dataset_cfg, split)
     spec = clip_spec(dataset_cfg, info, train=train)
     workers = int(dataset_cfg.get("num_workers", 0))
+    read_threads = int(dataset_cfg.get("read_threads", 4))
     sampler = EpochShuffleSampler(len(source), shuffle=train, seed=seed, num_epochs=num_epochs,
                                   process_count=process_count, local_batch=local_batch if workers == 0 else None)
     operations = [
@@ -538,7 +539,7 @@ def make_iterator(
         worker_count=int(dataset_cfg.get("num_workers", 0)),
         worker_buffer_size=max(1, int(dataset_cfg.get("prefetch", 2))),
         shard_options=grain.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True),
-        read_options=grain.ReadOptions(num_threads=int(dataset_cfg.get("read_threads", 4)),
-                                       prefetch_buffer_size=max(1, 2 * local_batch)),
+        # grain keeps at most prefetch_buffer_size reads in flight, so fewer than num_threads idles threads.
+        read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(1, read_threads, 2 * local_batch)),
     )
     return iter(loader)

@@ -8,7 +8,7 @@ Adam with momentum, short schedules. Change any number from the command line:
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
-About ten minutes on 2 idle cores (607 and 633 s in two runs; docs/RESULTS.md "The demo":
+About ten minutes on 2 idle cores (607, 633 and 575 s in three runs; docs/RESULTS.md "The demo":
 the time per stage, what each reaches, and the schedules measured against this one). The
 transformer gets 300 steps at lr 3e-3 with frame prediction at 3/5 of the batch (at lr
 1e-3 it needs 600 to beat holding the last frame); the audio codec is the C = 16 one

@@ -154,21 +154,30 @@ def _axis_size(mesh: Mesh, mesh_axes) -> int:
     return int(np.prod([mesh.shape[a] for a in mesh_axes]))
 
 
-def logical_to_spec(names, shape, mesh: Mesh, rules) -> P:
-    """PartitionSpec for one array; a mesh axis is used at most once per array."""
+def _claimed_axes(names, shape, mesh, rules, claim_undivided: bool):
+    """Per dimension, left to right: the mesh axes its rule gives it (those of size > 1 that
+    no earlier dimension claimed) and whether they divide it. Axes that do not divide their
+    dimension are claimed only with ``claim_undivided``."""
     rules = _rules_dict(rules)
     used: set[str] = set()
-    spec = []
     for name, dim in zip(names, shape):
-        mesh_axes = rules.get(name) if name is not None else None
-        flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        flat = _flat(rules.get(name)) if name is not None else ()
         flat = tuple(a for a in flat if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-        if not flat or dim % _axis_size(mesh, flat) != 0:
-            spec.append(None)
-            continue
-        used.update(flat)
-        spec.append(flat[0] if len(flat) == 1 else flat)
-    return P(*spec)
+        divides = bool(flat) and dim % _axis_size(mesh, flat) == 0
+        if divides or claim_undivided:
+            used.update(flat)
+        yield flat, divides
+
+
+def _spec_entry(flat: tuple[str, ...]):
+    return flat[0] if len(flat) == 1 else flat
+
+
+def logical_to_spec(names, shape, mesh: Mesh, rules) -> P:
+    """PartitionSpec for one array; a mesh axis is used at most once per array, and a
+    dimension its axes do not divide is whole (leaving the axes to later dimensions)."""
+    return P(*(_spec_entry(flat) if divides else None
+               for flat, divides in _claimed_axes(names, shape, mesh, rules, claim_undivided=False)))
 
 
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules) -> nnx.State:
@@ -202,20 +211,8 @@ def activation_spec(names, shape, mesh, rules) -> P:
     """
     if len(names) != len(shape):
         raise ValueError(f"{len(names)} logical names {tuple(names)} for an activation of shape {tuple(shape)}")
-    rules = _rules_dict(rules)
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(names, shape):
-        flat = _flat(rules.get(name)) if name is not None else ()
-        flat = tuple(a for a in flat if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
-        used.update(flat)
-        if not flat:
-            spec.append(None)
-        elif dim % _axis_size(mesh, flat):
-            spec.append(P.UNCONSTRAINED)
-        else:
-            spec.append(flat[0] if len(flat) == 1 else flat)
-    return P(*spec)
+    return P(*(None if not flat else _spec_entry(flat) if divides else P.UNCONSTRAINED
+               for flat, divides in _claimed_axes(names, shape, mesh, rules, claim_undivided=True)))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -176,6 +176,31 @@ def test_adapter_flops_are_the_frozen_base_forward_and_activation_gradients(smal
     assert adapters.flops_per_example(cfg) == pytest.approx(4 / 6 * dense + attention, rel=1e-12)
 
 
+def test_an_unrolled_layer_loop_has_the_same_parameters_values_and_gradients(model, small_transformer_config):
+    tokens = random_tokens(1)
+    ids = jnp.full((B,), tasks.task_id("audio_video"), jnp.int32)
+
+    def loss(m):
+        out = m(tokens, ids, {"label": jnp.zeros(B, jnp.int32)})
+        return sum(jnp.mean(jnp.square(v)) for v in out.values())
+
+    state = nnx.state(model)
+    results = {}
+    for unroll in (1, 2):  # the fixture has 2 layers: 2 unrolls the loop
+        cfg = small_transformer_config(scan_unroll=unroll)
+        built_graphdef, built_state = nnx.split(nnx.eval_shape(lambda: tr.MaskedTransformer(cfg, rngs=nnx.Rngs(0))))
+        assert jax.tree.structure(built_state) == jax.tree.structure(state)  # checkpoints load either way
+        unrolled = nnx.merge(built_graphdef, state)
+        assert unrolled.blocks.scan_unroll == unroll
+        results[unroll] = nnx.jit(nnx.value_and_grad(loss))(unrolled)
+    (value_1, grads_1), (value_2, grads_2) = results[1], results[2]
+    np.testing.assert_allclose(value_2, value_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_2)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="scan_unroll=0"):
+        tr.MaskedTransformer(small_transformer_config(scan_unroll=0), rngs=nnx.Rngs(0))
+
+
 def test_size_presets():
     b, l, xl = (tr.model_config(s) for s in ("B", "L", "XL"))
     assert (b.depth, b.width, b.mlp_dim, b.num_heads) == (12, 768, 3072, 12)

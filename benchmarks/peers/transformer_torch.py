@@ -22,6 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 
+# PyTorch's OpenMP workers sleep between its steps instead of spinning on the cores the
+# alternating JAX step needs (unset, they slowed mmgen's step by 1.3-1.4x on 2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 
 from benchmarks import harness
@@ -73,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--scan-unroll", type=int, default=1,
+                   help="mmgen's model.scan_unroll (layers per iteration of its layer loop; >= depth unrolls it)")
     args = p.parse_args(argv)
 
     from benchmarks import run
@@ -80,6 +86,7 @@ def main(argv=None) -> int:
 
     runtime.set_flags()
     cfg = run.transformer_config(args.width, args.depth, args.heads, tuple(args.grid), vocab=args.vocab)
+    cfg.scan_unroll = args.scan_unroll
     ours = run.transformer_step_bench(cfg, args.batch)
     seq = ours["seq_len"]
     peer = torch_step(args.width, args.depth, args.heads, seq, args.vocab, args.batch)
@@ -89,7 +96,8 @@ def main(argv=None) -> int:
     th = harness.threads()
     print(f"CPU: {harness.cpu_model()}; {th['usable_cores']} usable cores of {th['machine_cores']}; "
           f"load {th['load_1min']:.1f}; torch threads {th['usable_cores']}")
-    print(f"shape: width {args.width} x {args.depth} layers x {args.heads} heads, seq {seq}, batch {args.batch}, fp32")
+    print(f"shape: width {args.width} x {args.depth} layers x {args.heads} heads, seq {seq}, batch {args.batch}, fp32; "
+          f"mmgen's scan_unroll {args.scan_unroll}")
     print(f"model FLOPs per step (charged to both): {ours['flops'] / 1e9:.1f} GFLOP")
     peak = max(peaks)
     for name, t in (("mmgen", mmgen_t), ("torch", torch_t)):

@@ -117,6 +117,7 @@ def model_config(size: str = "B") -> ml_collections.ConfigDict:
     cfg.param_dtype = "float32"
     cfg.remat_policy = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
     cfg.attention_impl = "auto"  # mmgen.nn.attention.ATTENTION_IMPLS: auto = blockwise on CPU, cuDNN on GPU
+    cfg.scan_unroll = 1  # layers per iteration of the layer loop; >= depth unrolls it (faster steps, longer compiles)
     cfg.num_classes = 10 if size == "tiny" else 101  # UCF-101
     if size == "tiny":
         cfg.video_grid = (3, 4, 4)
@@ -361,6 +362,7 @@ class MaskedTransformer(nnx.Module):
             dropout_rate=self.dropout_rate,
             remat_policy=cfg.remat_policy,
             attention_impl=cfg.get("attention_impl", "auto"),
+            scan_unroll=int(cfg.get("scan_unroll", 1)),
             **kw,
         )
         self.final_norm = make_norm(cfg.norm, width, **kw)

@@ -69,6 +69,11 @@ def ratio_per_round(times_a: Sequence[float], times_b: Sequence[float]) -> dict:
     return summary([b / a for a, b in zip(times_a, times_b)])
 
 
+def ratio_text(ratio: dict) -> str:
+    """A ``ratio_per_round`` result as the tables print it: ``1.23x (1.10-1.31)``."""
+    return f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+
+
 def bracket_readings(step_s: Sequence[float], peak_flops: Sequence[float], flops: float,
                      tolerance: float = DEFAULT_TOLERANCE) -> dict:
     """A row from step times ``t_0..t_{n-1}`` and peak readings ``p_0..p_n`` taken around them.

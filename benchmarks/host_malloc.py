@@ -93,8 +93,7 @@ def main(argv=None) -> int:
                   f"{med['sys_s_per_step']:.2f} | {med['user_s_per_step']:.2f} | {med['peak_rss_mb']:.0f} |")
         ratio = harness.ratio_per_round([r["median_s"] for r in rows["huge pages"]],
                                         [r["median_s"] for r in rows["glibc defaults"]])
-        print(f"huge pages' speed over glibc's defaults, per round: {ratio['median']:.2f}x "
-              f"({ratio['min']:.2f}-{ratio['max']:.2f})")
+        print(f"huge pages' speed over glibc's defaults, per round: {harness.ratio_text(ratio)}")
     return 0
 
 

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
             print(f"  {label:6s}: {s['median']:.3f} s ({s['min']:.3f}-{s['max']:.3f}), "
                   f"{flops / s['median'] / 1e9:.1f} GFLOP/s")
         r = harness.ratio_per_round(times[1], times[0])
-        print(f"  speed-up before/after per round: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}); "
+        print(f"  speed-up before/after per round: {harness.ratio_text(r)}; "
               f"matmul peak readings {min(peaks):.0f}-{max(peaks):.0f} GFLOP/s", flush=True)
 
 

@@ -38,6 +38,7 @@ def test_alternate_interleaves_rounds_after_warming_each_up():
     assert times == [[1.0, 2.0, 3.0], [2.0, 2.0, 9.0]]
     ratio = harness.ratio_per_round(times[0], times[1])  # b / a per round: 2, 1, 3
     assert ratio == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert harness.ratio_text(ratio) == "2.00x (1.00-3.00)"
 
 
 def test_bracketed_divides_each_repetition_by_the_larger_neighbouring_peak():

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     r = harness.ratio_per_round(mmgen_t, peer_t)
     print(f"matmul peak (2048^3 fp32) read {args.reps}x between rounds: {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} "
           f"GFLOP/s (spread {spread:.0%}{', unreliable' if spread > harness.DEFAULT_TOLERANCE else ''})")
-    print(f"mmgen's clips/s over magvit2-pytorch's, per round: {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}), "
+    print(f"mmgen's clips/s over magvit2-pytorch's, per round: {harness.ratio_text(r)}, "
           f"{r['n']} rounds")
     return 0
 

@@ -96,6 +96,8 @@ def test_validate_names_the_mistake_in_one_line(tokenizers, data_dir, generative
          "task 'audio_to_video' has weight 1 but needs"),
         (generative_config(extra=["data_source='random_tokens'", "conditioning='prefx'"]),
          "conditioning='prefx' is not one of commit, prefix"),
+        (generative_config(extra=["data_source='random_tokens'", "model.scan_unroll=0"]),
+         r"config.model.scan_unroll=0 must be an integer of at least 1"),
     ]
     for cfg, message in cases:
         with pytest.raises(UserError, match=message) as info:

@@ -360,11 +360,15 @@ def main(argv=None) -> int:
                "w512 x 4 layers, 4 heads of 128, seq 1026": (transformer_config(512, 4, 4, (4, 16, 16), dtype=dt), 4)}
     heads_major = transformer_config(512, 4, 8, (4, 16, 16), dtype=dt)
     heads_major.attention_impl = "heads_major"  # what "auto" ran on CPU before blockwise
+    unrolled = transformer_config(512, 4, 8, (4, 16, 16), dtype=dt)
+    unrolled.scan_unroll = unrolled.depth  # the layer loop unrolled (model.scan_unroll)
     # Each comparison: (a, b) timed alternately; the ratio is b's step time over a's.
     comparisons = {"heads-major attention vs `jax.nn.dot_product_attention` (w512 x 4, seq 1026)":
                    (("heads-major", (heads_major, 4)), ("dot_product_attention", (before, 4))),
                    "blockwise attention (CPU default) vs heads-major (w512 x 4, seq 1026)":
-                   (("blockwise", configs["w512 x 4 layers, seq 1026"]), ("heads-major", (heads_major, 4)))}
+                   (("blockwise", configs["w512 x 4 layers, seq 1026"]), ("heads-major", (heads_major, 4))),
+                   "unrolled layer loop vs the rolled default (w512 x 4, seq 1026)":
+                   (("unrolled", (unrolled, 4)), ("rolled", configs["w512 x 4 layers, seq 1026"]))}
     if gpu:
         big = {"grid": (5, 16, 16), "vocab": 2**10 * 16, "dtype": dt}
         remat = "dots_with_no_batch_dims_saveable"

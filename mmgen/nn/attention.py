@@ -25,7 +25,8 @@ all-gathered to meet it; with ``tensor > 1`` heads and the MLP's hidden split ov
 ``scan_unroll >= depth`` unrolls it. The parameters and the numbers are the same either way.
 Unrolled, XLA no longer slices each layer's weights out of the stacks or writes each
 layer's saved activations into stacks; on a 2-core CPU that made the w512 x 4 layers
-train step at sequence 1026 1.2-1.3x faster, left the tiny transformer's step as it was,
+train step at sequence 1026 1.20-1.34x faster in a process of its own (1.09x alternating
+with the rolled step in one process), left the tiny transformer's step as it was,
 and compiled a 24-layer one in 16 s instead of 9 (BENCHMARKS.md "Unrolling the layer scan").
 
 Attention runs through ``attention(..., impl=)``, in one of four forms:

@@ -160,3 +160,9 @@ def check_common_keys(cfg: ml_collections.ConfigDict) -> None:
     missing = [k for k in COMMON_KEYS if k not in cfg]
     if missing:
         raise UserError(f"config lacks the common trainer keys {missing}; start from configs/common.py's base_config()")
+
+
+def check_int_at_least(key: str, value, least: int, note: str = "") -> None:
+    """``UserError`` naming ``config.<key>`` unless ``value`` is an integer (not a bool) of at least ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"config.{key}={value!r} must be an integer of at least {least}" + (f" ({note})" if note else ""))

@@ -91,10 +91,8 @@ def validate(cfg) -> None:
                                 (cfg.data_source, DATA_SOURCES, "data_source")):
         if value not in choices:
             raise UserError(f"config.{key}={value!r} is not one of {', '.join(choices)}")
-    unroll = cfg.model.get("scan_unroll", 1)
-    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
-        raise UserError(f"config.model.scan_unroll={unroll!r} must be an integer of at least 1 "
-                        f"(layers per iteration of the layer loop; >= model.depth unrolls it)")
+    config_lib.check_int_at_least("model.scan_unroll", cfg.model.get("scan_unroll", 1), 1,
+                                  "layers per iteration of the layer loop; >= model.depth unrolls it")
     if cfg.data_source == "random_tokens":
         return
     for m in ("video", "audio"):

@@ -118,10 +118,7 @@ def validate(family: Family, cfg) -> None:
         raise UserError(f"config.total_steps={cfg.total_steps} must be at least 1")
     for key, least in (("batch_size", 1), ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 1),
                        ("eval_every", 0), ("eval_batches", 1)):
-        value = cfg.get(key, least)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"config.{key}={value!r} must be an integer of at least {least}"
-                            + (" (0 = never)" if least == 0 else ""))
+        config_lib.check_int_at_least(key, cfg.get(key, least), least, "0 = never" if least == 0 else "")
     profile_window(cfg)  # a bad profile block is one line too
     if cfg.batch_size % jax.process_count():
         raise UserError(f"config.batch_size={cfg.batch_size} does not divide over {jax.process_count()} processes")
@@ -141,8 +138,7 @@ def profile_window(cfg) -> tuple[int, int] | None:
         return None
     start, num = profile.get("start_step", 1), profile.get("num_steps", 0)
     for key, value, least in (("start_step", start, 1), ("num_steps", num, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UserError(f"config.profile.{key}={value!r} must be an integer of at least {least}")
+        config_lib.check_int_at_least(f"profile.{key}", value, least)
     return start, start + num - 1
 
 

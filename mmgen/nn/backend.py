@@ -44,8 +44,9 @@ def platform() -> str:
 # CPU forms that can be switched off one by one (``without_cpu_forms``), so a benchmark can
 # compile a step with and without them in one process: ``mmgen.nn.conv.conv`` and
 # ``causal_conv_transpose1d``'s stride-1 rewrites, ``BlurPool3d``'s separable filter,
-# ``conv3d``'s per-tap convs with the weight gradient summed over batch chunks.
-SWITCHABLE_FORMS = ("phases", "separable_blur", "chunked_weight_grad")
+# ``conv3d``'s per-tap convs with the weight gradient summed over batch chunks, and
+# ``conv3d`` by the hand-written kernels (``mmgen.nn.cpu_kernels``).
+SWITCHABLE_FORMS = ("phases", "separable_blur", "chunked_weight_grad", "conv_kernels")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,8 @@
 * ``BlurPool3d``: StyleGAN's anti-aliased downsampling (binomial ``[1, 3, 3, 1]``
   low-pass, then stride 2) for the discriminator; a fixed filter, no parameters.
 * CPU kernel forms (``impl="auto"`` asks ``mmgen.nn.backend.cpu_forms``; GPU/TPU keep
-  XLA's op): ``conv3d`` as per-tap 2D convs (weight gradient summed over batch chunks
+  XLA's op): ``conv3d`` by mmgen's hand-written kernels (``mmgen.nn.cpu_kernels``), or
+  where they do not apply as per-tap 2D convs (weight gradient summed over batch chunks
   for small frames), ``conv`` / ``causal_conv_transpose1d`` (strided, dilated and
   transposed convs as stride-1 convs of a rearranged input), the blur-pool as strided
   slices. Each gives the same values and gradients as XLA's op (tests/test_conv.py).
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmgen.nn import cpu_kernels
 from mmgen.nn.backend import cpu_forms
 from mmgen.parallel.sharding import batch_split, constrain, logical_param
 
@@ -285,7 +287,7 @@ chunked_conv2d.defvjp(_chunked_conv2d_fwd, _chunked_conv2d_bwd)
 
 
 # --------------------------------------------------------------------------- 3D conv
-CONV3D_IMPLS = ("auto", "xla", "taps", "taps_chunked", "taps_phases", "stacked")
+CONV3D_IMPLS = ("auto", "xla", "taps", "taps_chunked", "kernel", "taps_phases", "stacked")
 _CHANNELS_LAST_3D = ("NDHWC", "DHWIO", "NDHWC")
 
 
@@ -309,6 +311,13 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     stacked along the channels (kernel ``[k_h, k_w, k_t C_in, C_out]``). Neither beat
     plain taps at the tiny video tokenizer's shapes (BENCHMARKS.md), so ``"auto"`` takes
     neither. Dilated or non channels-last calls always go to XLA.
+
+    ``impl="kernel"``: the convolution, its weight gradient and (stride 1) its input
+    gradient by mmgen's CPU kernels (``mmgen.nn.cpu_kernels``, 2-9x XLA's rate at the video
+    tokenizer's shapes: BENCHMARKS.md "Convolution kernels"); a strided convolution's input
+    gradient is the taps form's. ``"auto"`` takes it on CPU for float32, ungrouped
+    convolutions of a batch on one device when the kernels are built, unless
+    ``without_cpu_forms("conv_kernels")``, and ``"taps_chunked"`` otherwise.
     """
     if impl not in CONV3D_IMPLS:
         raise ValueError(f"conv3d impl={impl!r}; expected one of {CONV3D_IMPLS}")
@@ -318,47 +327,116 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                             dimension_numbers=dimension_numbers or _CHANNELS_LAST_3D,
                             feature_group_count=feature_group_count, precision=precision, **kwargs)
     if impl == "auto":
-        impl = ("taps_chunked" if cpu_forms("chunked_weight_grad") else "taps") if cpu_forms() else "xla"
+        if not cpu_forms():
+            impl = "xla"
+        elif cpu_forms("conv_kernels") and _kernels_apply(lhs, rhs, padding, feature_group_count):
+            impl = "kernel"
+        else:
+            impl = "taps_chunked" if cpu_forms("chunked_weight_grad") else "taps"
     channels_last = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST_3D)
     dilated = any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
     if (impl == "xla" or lhs.ndim != 5 or dilated or kwargs
             or (dimension_numbers is not None and
                 jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != channels_last)):
         return xla()
+    if impl == "kernel" and not _kernels_apply(lhs, rhs, padding, feature_group_count):
+        raise ValueError("conv3d impl='kernel' takes float32, ungrouped convolutions with no negative padding of "
+                         "a batch on one device, with mmgen's CPU kernels built (mmgen.nn.cpu_kernels.available())")
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], window_strides, padding)
     (t_front, t_back), spatial_padding = padding[0], tuple(tuple(p) for p in padding[1:])
     x = jnp.pad(lhs, ((0, 0), (t_front, t_back), (0, 0), (0, 0), (0, 0)))
-    b, t, h, w, c = x.shape
-    taps, stride_t = rhs.shape[0], window_strides[0]
-    frames_out = (t - taps) // stride_t + 1
-    tap_frames = [x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
-                  for dt in range(taps)]
     if impl == "stacked" and feature_group_count == 1:
         # One 2D conv over the taps' frames stacked along the channels: kernel
         # [k_h, k_w, (k_t, C_in), C_out].
+        b, t, h, w, c = x.shape
+        taps, stride_t = rhs.shape[0], window_strides[0]
+        frames_out = (t - taps) // stride_t + 1
+        tap_frames = [x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
+                      for dt in range(taps)]
         kernel = jnp.transpose(rhs, (1, 2, 0, 3, 4)).reshape(rhs.shape[1], rhs.shape[2], taps * c, rhs.shape[4])
         out = conv(jnp.concatenate(tap_frames, axis=-1), kernel, tuple(window_strides[1:]), spatial_padding,
                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
         return out.reshape((b, frames_out) + out.shape[1:])
-    # A batch split over devices is not chunked: each chunk would be a slice across the
-    # split, moved between devices (an 8-device step of the tiny tokenizer compiled in 15-33 s
-    # instead of ~5 s: BENCHMARKS.md "Chunks of a batch split over devices").
-    chunked = impl == "taps_chunked" and h * w <= WEIGHT_GRAD_CHUNK_MAX_PIXELS and batch_split() == 1
+    if impl == "kernel":
+        return _kernel_conv3d(x, rhs, tuple(window_strides), spatial_padding, precision)
+    chunked = (impl == "taps_chunked" and x.shape[2] * x.shape[3] <= WEIGHT_GRAD_CHUNK_MAX_PIXELS
+               and batch_split() == 1)
+    form = "phases" if impl == "taps_phases" else "chunked" if chunked else "plain"
+    return _taps(x, rhs, tuple(window_strides), spatial_padding, feature_group_count, precision, form)
+
+
+def _taps(x, rhs, window_strides, spatial_padding, groups, precision, form):
+    """``sum_dt conv2d(x[:, dt::s_t], rhs[dt])`` over the temporal taps of a time-padded
+    ``x [B, T, H, W, C]``; each 2D conv plain (``_conv2d_nhwc``), ``"chunked"``
+    (``chunked_conv2d``) or ``"phases"`` (``conv(impl="phases")``)."""
+    b, t, h, w, c = x.shape
+    taps, stride_t = rhs.shape[0], window_strides[0]
+    frames_out = (t - taps) // stride_t + 1
     out = None
-    for dt, frames in enumerate(tap_frames):
-        if impl == "taps_phases":
-            y = conv(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding,
-                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=feature_group_count,
+    for dt in range(taps):
+        frames = x[:, dt : dt + stride_t * (frames_out - 1) + 1 : stride_t].reshape(b * frames_out, h, w, c)
+        if form == "phases":
+            y = conv(frames, rhs[dt], window_strides[1:], spatial_padding,
+                     dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
                      precision=precision, impl="phases")
-        elif chunked:
-            y = chunked_conv2d(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
-                               precision)
+        elif form == "chunked":
+            y = chunked_conv2d(frames, rhs[dt], window_strides[1:], spatial_padding, groups, precision)
         else:
-            y = _conv2d_nhwc(frames, rhs[dt], tuple(window_strides[1:]), spatial_padding, feature_group_count,
-                             precision)
+            y = _conv2d_nhwc(frames, rhs[dt], window_strides[1:], spatial_padding, groups, precision)
         out = y if out is None else out + y
     return out.reshape((b, frames_out) + out.shape[1:])
+
+
+def _kernels_apply(lhs, rhs, padding, groups) -> bool:
+    """mmgen's CPU convolution kernels take float32, ungrouped convolutions with no negative
+    padding of a batch on one device (the kernel is one opaque call, which the partitioner
+    cannot split)."""
+    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and groups == 1 and batch_split() == 1
+            and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair))
+            and cpu_kernels.available())
+
+
+def _kernel_input_grad(dy, rhs, input_shape):
+    """The input gradient of a stride-1, undilated ``VALID`` convolution as the kernel's
+    convolution of ``dy`` padded by ``K - 1`` on both sides with the kernel flipped in
+    space-time and its channels swapped."""
+    taps = rhs.shape[:3]
+    padded = jnp.pad(dy, ((0, 0),) + tuple((k - 1, k - 1) for k in taps) + ((0, 0),))
+    flipped = jnp.swapaxes(rhs[::-1, ::-1, ::-1], 3, 4)
+    dx = cpu_kernels.conv(padded, flipped)
+    assert dx.shape == input_shape, (dx.shape, input_shape)
+    return dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _kernel_conv3d(x, rhs, window_strides, spatial_padding, precision):
+    """``_taps``' convolution of the time-padded ``x`` by ``cpu_kernels.conv``, its weight
+    gradient by ``cpu_kernels.conv_weight_grad`` and its input gradient by ``cpu_kernels.conv``
+    of the padded output gradient (stride 1), or by the taps form's (strided: the kernel's
+    form would multiply zeros)."""
+    return _kernel_conv3d_fwd(x, rhs, window_strides, spatial_padding, precision)[0]
+
+
+def _kernel_conv3d_fwd(x, rhs, window_strides, spatial_padding, precision):
+    padded = jnp.pad(x, ((0, 0), (0, 0)) + tuple(spatial_padding) + ((0, 0),))
+    return cpu_kernels.conv(padded, rhs, window_strides), (padded, rhs)
+
+
+def _kernel_conv3d_bwd(window_strides, spatial_padding, precision, residuals, dy):
+    padded, rhs = residuals
+    dw = cpu_kernels.conv_weight_grad(padded, dy, rhs.shape[:3], window_strides)
+    (top, bottom), (left, right) = spatial_padding
+    if all(s == 1 for s in window_strides):
+        dx = _kernel_input_grad(dy, rhs, padded.shape)
+        dx = dx[:, :, top : dx.shape[2] - bottom, left : dx.shape[3] - right]
+    else:
+        x = padded[:, :, top : padded.shape[2] - bottom, left : padded.shape[3] - right]
+        dx = jax.vjp(lambda v: _taps(v, rhs, window_strides, spatial_padding, 1, precision, "plain"), x)[1](dy)[0]
+    return dx, dw
+
+
+_kernel_conv3d.defvjp(_kernel_conv3d_fwd, _kernel_conv3d_bwd)
 
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:

@@ -1,0 +1,122 @@
+"""mmgen's hand-written CPU kernels (``mmgen.nn.cpu_kernels``): the convolution built from them
+equals XLA's, values and gradients; the build is cached per host and its absence falls back
+to XLA's forms."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmgen.nn import cpu_kernels
+from mmgen.nn.conv import conv3d
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="mmgen's CPU kernels could not be built here")
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "x_shape,k_shape,strides,padding",
+    [
+        ((2, 5, 8, 7, 16), (3, 3, 3), (1, 1, 1), ((2, 0), (1, 1), (1, 1))),  # causal 3x3x3, odd width
+        ((2, 9, 12, 12, 16), (3, 3, 3), (2, 2, 2), ((2, 0), (0, 1), (0, 1))),  # strided causal downsampling
+        ((1, 5, 10, 9, 8), (3, 3, 3), (1, 2, 2), "SAME", ),  # a padding string, strided in space only
+        ((2, 3, 6, 23, 3), (3, 3, 3), (1, 1, 1), ((2, 0), (1, 1), (1, 1))),  # RGB in; 23 = 16 + 4 + 2 + 1 positions
+        ((1, 4, 5, 6, 20), (1, 1, 1), (1, 1, 1), ((0, 0), (0, 0), (0, 0))),  # 1x1x1; 20 = 16 + 4 input channels
+        ((1, 3, 5, 5, 4), (1, 3, 3), (1, 1, 1), ((0, 0), (2, 1), (0, 2))),  # uneven padding, one temporal tap
+    ],
+)
+@pytest.mark.parametrize("c_out", [16, 3, 32, 64, 48])
+def test_the_kernel_convolution_equals_xla_values_and_gradients(x_shape, k_shape, strides, padding, c_out):
+    x = _normal(0, x_shape)
+    k = _normal(1, k_shape + (x_shape[-1], c_out)) * 0.3
+    weights = _normal(2, conv3d(x, k, strides, padding, impl="xla").shape)
+
+    def loss(impl, x, k):
+        return jnp.sum(jnp.sin(conv3d(x, k, strides, padding, impl=impl)) * weights)
+
+    value_kernel, grads_kernel = jax.jit(jax.value_and_grad(lambda *a: loss("kernel", *a), (0, 1)))(x, k)
+    value_xla, grads_xla = jax.jit(jax.value_and_grad(lambda *a: loss("xla", *a), (0, 1)))(x, k)
+    np.testing.assert_allclose(value_kernel, value_xla, rtol=1e-4, atol=1e-3)
+    for a, b in zip(grads_kernel, grads_xla):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_the_kernels_take_dilations_and_the_weight_gradient_does_not_depend_on_the_threads():
+    x = _normal(3, (2, 9, 11, 12, 16))
+    k = _normal(4, (2, 3, 3, 16, 32))
+    strides, dilations = (1, 2, 1), (3, 1, 2)
+    numbers = ("NDHWC", "DHWIO", "NDHWC")
+    y = jax.lax.conv_general_dilated(x, k, strides, "VALID", rhs_dilation=dilations, dimension_numbers=numbers)
+    np.testing.assert_allclose(cpu_kernels.conv(x, k, strides, dilations), y, rtol=1e-4, atol=1e-4)
+    dy = _normal(5, y.shape)
+    _, pullback = jax.vjp(lambda w: jax.lax.conv_general_dilated(x, w, strides, "VALID", rhs_dilation=dilations,
+                                                                 dimension_numbers=numbers), k)
+    dw = jax.jit(cpu_kernels.conv_weight_grad, static_argnums=(2, 3, 4))
+    first = dw(x, dy, k.shape[:3], strides, dilations)
+    np.testing.assert_allclose(first, pullback(dy)[0], rtol=1e-4, atol=1e-3)
+    # The chunks are summed in a fixed order, whichever thread computed each.
+    for _ in range(3):
+        np.testing.assert_array_equal(dw(x, dy, k.shape[:3], strides, dilations), first)
+
+
+def test_the_kernels_refuse_other_dtypes_and_mismatched_shapes():
+    with pytest.raises(TypeError, match="float32"):
+        cpu_kernels.conv(jnp.zeros((1, 3, 3, 3, 16), jnp.bfloat16), jnp.zeros((1, 1, 1, 16, 16), jnp.bfloat16))
+    call = jax.ffi.ffi_call(cpu_kernels.CONV, jax.ShapeDtypeStruct((1, 3, 3, 3, 16), jnp.float32))
+    with pytest.raises(Exception, match="beyond the padded input"):
+        call(jnp.zeros((1, 3, 3, 3, 16)), jnp.zeros((3, 3, 3, 16, 16)),
+             **cpu_kernels._geometry((1, 1, 1), (1, 1, 1))).block_until_ready()
+
+
+def test_auto_takes_the_kernels_for_one_device_and_the_taps_for_a_split_batch():
+    from mmgen.nn.backend import without_cpu_forms
+    from mmgen.parallel.sharding import DEFAULT_RULES, axis_rules
+
+    x = jnp.zeros((4, 3, 8, 8, 16), jnp.float32)
+    k = jnp.zeros((3, 3, 3, 16, 16), jnp.float32)
+
+    def hlo(mesh_shape=None):
+        grad = jax.jit(jax.grad(lambda x, k: conv3d(x, k, (1, 1, 1), ((2, 0), (1, 1), (1, 1))).sum(), (0, 1)))
+        if mesh_shape is None:
+            return grad.lower(x, k).as_text()
+        mesh = jax.sharding.AbstractMesh(mesh_shape, ("data", "fsdp", "tensor"))
+        with jax.sharding.use_abstract_mesh(mesh), axis_rules(DEFAULT_RULES):
+            return grad.lower(x, k).as_text()
+
+    assert cpu_kernels.CONV_WEIGHT_GRAD in hlo() and cpu_kernels.CONV in hlo()
+    assert "mmgen_conv" not in hlo((2, 1, 1)) and "stablehlo.convolution" in hlo((2, 1, 1))
+    assert cpu_kernels.CONV in hlo((1, 1, 2))  # tensor-parallel: the batch stays whole
+    with without_cpu_forms("conv_kernels"):
+        assert "mmgen_conv" not in hlo()
+    with pytest.raises(ValueError, match="impl='kernel' takes float32"):
+        conv3d(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), (1, 1, 1), "SAME", impl="kernel")
+
+
+def test_the_build_is_cached_per_host_and_without_a_compiler_the_layers_keep_xla(tmp_path):
+    env = dict(os.environ, MMGEN_KERNEL_CACHE=str(tmp_path / "cache"))
+    built = subprocess.run([sys.executable, "-c", "from mmgen.nn import cpu_kernels; print(cpu_kernels.build())"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert os.path.dirname(built) == str(tmp_path / "cache") and built.endswith(".so")
+    assert os.listdir(tmp_path / "cache") == [os.path.basename(built)]  # no partial file left behind
+    # Without a compiler (and an empty cache), or switched off, the layers keep XLA's forms.
+    probe = ("import logging; logging.basicConfig(); import jax.numpy as jnp; "
+             "from mmgen.nn import cpu_kernels, conv; print(cpu_kernels.available()); "
+             "x = jnp.zeros((1, 3, 4, 4, 16)); k = jnp.zeros((3, 3, 3, 16, 16)); "
+             "print(conv.conv3d(x, k, (1, 1, 1), 'SAME').shape)")
+    for extra in ({"CXX": "/bin/false", "MMGEN_KERNEL_CACHE": str(tmp_path / "empty")}, {"MMGEN_CPU_KERNELS": "0"}):
+        out = subprocess.run([sys.executable, "-c", probe], env=dict(env, **extra), capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.split("\n")[:2] == ["False", "(1, 3, 4, 4, 16)"]
+        if "CXX" in extra:
+            assert "false failed" in out.stderr and out.stderr.count("unavailable") == 1
+    rebuilt = subprocess.run([sys.executable, "-c", "from mmgen.nn import cpu_kernels; print(cpu_kernels.build())"],
+                             env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert rebuilt == built

@@ -49,31 +49,37 @@ def test_the_kernel_convolution_equals_xla_values_and_gradients(x_shape, k_shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-def test_the_kernels_take_dilations_and_the_weight_gradient_does_not_depend_on_the_threads():
+@pytest.mark.parametrize("padding", [((0, 0), (0, 0), (0, 0)), ((2, 1), (3, 0), (1, 4)), ((-1, 2), (1, -2), (0, 3))])
+def test_the_kernels_take_dilations_and_padding_and_the_weight_gradient_does_not_depend_on_the_threads(padding):
     x = _normal(3, (2, 9, 11, 12, 16))
     k = _normal(4, (2, 3, 3, 16, 32))
     strides, dilations = (1, 2, 1), (3, 1, 2)
-    numbers = ("NDHWC", "DHWIO", "NDHWC")
-    y = jax.lax.conv_general_dilated(x, k, strides, "VALID", rhs_dilation=dilations, dimension_numbers=numbers)
-    np.testing.assert_allclose(cpu_kernels.conv(x, k, strides, dilations), y, rtol=1e-4, atol=1e-4)
+
+    def xla(x, k):
+        return jax.lax.conv_general_dilated(x, k, strides, padding, rhs_dilation=dilations,
+                                            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+    y = xla(x, k)
+    np.testing.assert_allclose(cpu_kernels.conv(x, k, strides, dilations, padding), y, rtol=1e-4, atol=1e-4)
     dy = _normal(5, y.shape)
-    _, pullback = jax.vjp(lambda w: jax.lax.conv_general_dilated(x, w, strides, "VALID", rhs_dilation=dilations,
-                                                                 dimension_numbers=numbers), k)
-    dw = jax.jit(cpu_kernels.conv_weight_grad, static_argnums=(2, 3, 4))
-    first = dw(x, dy, k.shape[:3], strides, dilations)
-    np.testing.assert_allclose(first, pullback(dy)[0], rtol=1e-4, atol=1e-3)
+    dw = jax.jit(cpu_kernels.conv_weight_grad, static_argnums=(2, 3, 4, 5))
+    first = dw(x, dy, k.shape[:3], strides, dilations, padding)
+    np.testing.assert_allclose(first, jax.vjp(lambda w: xla(x, w), k)[1](dy)[0], rtol=1e-4, atol=1e-3)
     # The chunks are summed in a fixed order, whichever thread computed each.
     for _ in range(3):
-        np.testing.assert_array_equal(dw(x, dy, k.shape[:3], strides, dilations), first)
+        np.testing.assert_array_equal(dw(x, dy, k.shape[:3], strides, dilations, padding), first)
 
 
 def test_the_kernels_refuse_other_dtypes_and_mismatched_shapes():
     with pytest.raises(TypeError, match="float32"):
         cpu_kernels.conv(jnp.zeros((1, 3, 3, 3, 16), jnp.bfloat16), jnp.zeros((1, 1, 1, 16, 16), jnp.bfloat16))
+    with pytest.raises(ValueError, match="does not match the output"):
+        cpu_kernels.conv_weight_grad(jnp.zeros((1, 3, 5, 5, 16)), jnp.zeros((1, 3, 5, 5, 16)), (3, 3, 3))
+    # The kernel checks the geometry it is handed too (an output larger than the padded input).
     call = jax.ffi.ffi_call(cpu_kernels.CONV, jax.ShapeDtypeStruct((1, 3, 3, 3, 16), jnp.float32))
-    with pytest.raises(Exception, match="beyond the padded input"):
+    with pytest.raises(Exception, match="output's size does not match"):
         call(jnp.zeros((1, 3, 3, 3, 16)), jnp.zeros((3, 3, 3, 16, 16)),
-             **cpu_kernels._geometry((1, 1, 1), (1, 1, 1))).block_until_ready()
+             **cpu_kernels._geometry((1, 1, 1), (1, 1, 1), cpu_kernels.NO_PADDING)).block_until_ready()
 
 
 def test_auto_takes_the_kernels_for_one_device_and_the_taps_for_a_split_batch():
@@ -120,3 +126,14 @@ def test_the_build_is_cached_per_host_and_without_a_compiler_the_layers_keep_xla
     rebuilt = subprocess.run([sys.executable, "-c", "from mmgen.nn import cpu_kernels; print(cpu_kernels.build())"],
                              env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert rebuilt == built
+
+
+def test_the_tokenizers_flops_count_the_convolutions_the_kernels_compute():
+    from mmgen import config as config_lib
+    from mmgen.families import tokenizer as tok
+    from mmgen.nn.backend import without_cpu_forms
+
+    cfg = config_lib.load_config("configs/tokenizer/video.py:tiny", [])
+    with without_cpu_forms("conv_kernels"):
+        on_xla = tok.flops_per_example(cfg)
+    assert tok.flops_per_example(cfg) == pytest.approx(on_xla) and on_xla > 1e9

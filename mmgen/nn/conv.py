@@ -344,6 +344,8 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
                          "a batch on one device, with mmgen's CPU kernels built (mmgen.nn.cpu_kernels.available())")
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], window_strides, padding)
+    if impl == "kernel":
+        return _kernel_conv3d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
     (t_front, t_back), spatial_padding = padding[0], tuple(tuple(p) for p in padding[1:])
     x = jnp.pad(lhs, ((0, 0), (t_front, t_back), (0, 0), (0, 0), (0, 0)))
     if impl == "stacked" and feature_group_count == 1:
@@ -358,8 +360,6 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
         out = conv(jnp.concatenate(tap_frames, axis=-1), kernel, tuple(window_strides[1:]), spatial_padding,
                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
         return out.reshape((b, frames_out) + out.shape[1:])
-    if impl == "kernel":
-        return _kernel_conv3d(x, rhs, tuple(window_strides), spatial_padding, precision)
     chunked = (impl == "taps_chunked" and x.shape[2] * x.shape[3] <= WEIGHT_GRAD_CHUNK_MAX_PIXELS
                and batch_split() == 1)
     form = "phases" if impl == "taps_phases" else "chunked" if chunked else "plain"
@@ -397,43 +397,39 @@ def _kernels_apply(lhs, rhs, padding, groups) -> bool:
             and cpu_kernels.available())
 
 
-def _kernel_input_grad(dy, rhs, input_shape):
-    """The input gradient of a stride-1, undilated ``VALID`` convolution as the kernel's
-    convolution of ``dy`` padded by ``K - 1`` on both sides with the kernel flipped in
-    space-time and its channels swapped."""
-    taps = rhs.shape[:3]
-    padded = jnp.pad(dy, ((0, 0),) + tuple((k - 1, k - 1) for k in taps) + ((0, 0),))
-    flipped = jnp.swapaxes(rhs[::-1, ::-1, ::-1], 3, 4)
-    dx = cpu_kernels.conv(padded, flipped)
-    assert dx.shape == input_shape, (dx.shape, input_shape)
-    return dx
+def _kernel_input_grad(dy, rhs, padding):
+    """The input gradient of a stride-1, undilated convolution with ``padding`` (a pair per
+    axis): the kernel's convolution of ``dy`` padded by ``K - 1 - low`` in front and
+    ``K - 1 - high`` behind (negative: cropped), with the kernel flipped in space-time and its
+    channels swapped. Only the unpadded input's positions are computed."""
+    widths = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(rhs.shape[:3], padding))
+    return cpu_kernels.conv(dy, jnp.swapaxes(rhs[::-1, ::-1, ::-1], 3, 4), padding=widths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _kernel_conv3d(x, rhs, window_strides, spatial_padding, precision):
-    """``_taps``' convolution of the time-padded ``x`` by ``cpu_kernels.conv``, its weight
-    gradient by ``cpu_kernels.conv_weight_grad`` and its input gradient by ``cpu_kernels.conv``
-    of the padded output gradient (stride 1), or by the taps form's (strided: the kernel's
-    form would multiply zeros)."""
-    return _kernel_conv3d_fwd(x, rhs, window_strides, spatial_padding, precision)[0]
+def _kernel_conv3d(lhs, rhs, window_strides, padding, precision):
+    """``conv3d`` of ``lhs`` with ``padding`` (three pairs) by ``cpu_kernels.conv``, its
+    weight gradient by ``cpu_kernels.conv_weight_grad`` and its input gradient by
+    ``cpu_kernels.conv`` of the output gradient (stride 1), or by the taps form's (strided:
+    the kernel's form would multiply zeros). The padding is never written out."""
+    return cpu_kernels.conv(lhs, rhs, window_strides, padding=padding)
 
 
-def _kernel_conv3d_fwd(x, rhs, window_strides, spatial_padding, precision):
-    padded = jnp.pad(x, ((0, 0), (0, 0)) + tuple(spatial_padding) + ((0, 0),))
-    return cpu_kernels.conv(padded, rhs, window_strides), (padded, rhs)
+def _kernel_conv3d_fwd(lhs, rhs, window_strides, padding, precision):
+    return cpu_kernels.conv(lhs, rhs, window_strides, padding=padding), (lhs, rhs)
 
 
-def _kernel_conv3d_bwd(window_strides, spatial_padding, precision, residuals, dy):
-    padded, rhs = residuals
-    dw = cpu_kernels.conv_weight_grad(padded, dy, rhs.shape[:3], window_strides)
-    (top, bottom), (left, right) = spatial_padding
+def _kernel_conv3d_bwd(window_strides, padding, precision, residuals, dy):
+    lhs, rhs = residuals
+    dw = cpu_kernels.conv_weight_grad(lhs, dy, rhs.shape[:3], window_strides, padding=padding)
     if all(s == 1 for s in window_strides):
-        dx = _kernel_input_grad(dy, rhs, padded.shape)
-        dx = dx[:, :, top : dx.shape[2] - bottom, left : dx.shape[3] - right]
-    else:
-        x = padded[:, :, top : padded.shape[2] - bottom, left : padded.shape[3] - right]
-        dx = jax.vjp(lambda v: _taps(v, rhs, window_strides, spatial_padding, 1, precision, "plain"), x)[1](dy)[0]
-    return dx, dw
+        return _kernel_input_grad(dy, rhs, padding), dw
+
+    def taps(v):
+        time_padded = jnp.pad(v, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+        return _taps(time_padded, rhs, window_strides, padding[1:], 1, precision, "plain")
+
+    return jax.vjp(taps, lhs)[1](dy)[0], dw
 
 
 _kernel_conv3d.defvjp(_kernel_conv3d_fwd, _kernel_conv3d_bwd)
@@ -492,12 +488,15 @@ class CausalConv3d(nnx.Module):
         self.temporal_padding = temporal_padding
         kt, kh, kw = self.kernel_size
         _, sh, sw = self.stride
+        # Zero temporal padding is the convolution's own (the CPU kernels never write it out);
+        # "edge" padding repeats frame 0 before the convolution.
+        front = kt - 1 if temporal_padding == "constant" else 0
         self.conv = nnx.Conv(
             features_in,
             features_out,
             self.kernel_size,
             self.stride,
-            padding=((0, 0), _same_padding(kh, sh), _same_padding(kw, sw)),
+            padding=((front, 0), _same_padding(kh, sh), _same_padding(kw, sw)),
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -508,7 +507,8 @@ class CausalConv3d(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = _pad_time_front(x, self.kernel_size[0] - 1, self.temporal_padding)
+        if self.temporal_padding == "edge":
+            x = _pad_time_front(x, self.kernel_size[0] - 1, "edge")
         return constrain_channels_last(self.conv(x))
 
 

@@ -1,14 +1,16 @@
 // mmgen's hand-written CPU kernels, called from JAX through XLA's FFI (mmgen/nn/cpu_kernels.py
 // compiles this file with the host's C++ compiler on first use and registers the handlers).
 //
-// Both kernels work on a channels-last 3D convolution of an already padded input, with
-// strides (s) and dilations (d), float32, C_out a multiple of 16:
+// Both kernels work on a channels-last 3D convolution with strides s, dilations d and zero
+// padding (lo before, hi after each axis; a negative lo crops), float32, C_out a multiple of
+// 16. With p = the input padded,
 //
-//   MmgenConv:            y[n, t, y, x, o] = sum_{a, b, c, i} x[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] w[a, b, c, i, o]
-//   MmgenConvWeightGrad: dw[a, b, c, i, o] = sum_{n, t, y, x} x[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] dy[n, t, y, x, o]
+//   MmgenConv:            y[n, t, y, x, o] = sum_{a, b, c, i} p[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] w[a, b, c, i, o]
+//   MmgenConvWeightGrad: dw[a, b, c, i, o] = sum_{n, t, y, x} p[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] dy[n, t, y, x, o]
 //
-// x [N, T, H, W, C_in], w and dw [K_t, K_h, K_w, C_in, C_out], y and dy [N, T', H', W', C_out].
-// The input gradient is MmgenConv of the padded dy with the flipped kernel (cpu_kernels.py).
+// x [N, T, H, W, C_in] (unpadded: the padding is never written out, taps that fall on it are
+// skipped), w and dw [K_t, K_h, K_w, C_in, C_out], y and dy [N, T', H', W', C_out]. The input
+// gradient is MmgenConv of dy with the kernel flipped and other padding (cpu_kernels.py).
 //
 // XLA:CPU runs these as convolutions at 10-100 GFLOP/s on two cores (the weight gradient
 // slowest: its batch is the contracted dimension, and XLA first copies both operands into a
@@ -28,6 +30,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
+#include <variant>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,25 +45,57 @@ typedef float Vec __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 
 struct Geometry {
-  int64_t n, t, h, w, c_in;  // padded input
+  int64_t n, t, h, w, c_in;  // the unpadded input
   int64_t t_out, h_out, w_out, c_out;
   int64_t k_t, k_h, k_w;
   int64_t stride_t, stride_h, stride_w;
   int64_t dilation_t, dilation_h, dilation_w;
+  int64_t pad_t, pad_h, pad_w;  // padding before each axis (lo); after it is implied by the sizes
 };
+
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+int64_t CeilDiv(int64_t a, int64_t b) { return -FloorDiv(-a, b); }
+
+// The output positions x in [begin, end) whose input column x s + first lies in [0, size).
+std::pair<int64_t, int64_t> Inside(int64_t first, int64_t stride, int64_t size, int64_t out) {
+  const int64_t begin = std::max<int64_t>(0, CeilDiv(-first, stride));
+  const int64_t end = std::min<int64_t>(out, FloorDiv(size - 1 - first, stride) + 1);
+  return {begin, std::max(begin, end)};
+}
+
+// The input rows an output row (n, t, y) reads: for each tap (a, b) whose frame and row are
+// inside the input, where that row starts, and the offset of tap (a, b, 0) in the kernel.
+struct TapRow {
+  const float* x;
+  int64_t tap;
+};
+
+void TapRows(const float* x, const Geometry& g, int64_t r, std::vector<TapRow>& rows) {
+  rows.clear();
+  const int64_t y = r % g.h_out, t = (r / g.h_out) % g.t_out, n = r / (g.h_out * g.t_out);
+  for (int64_t a = 0; a < g.k_t; ++a) {
+    const int64_t frame = t * g.stride_t + a * g.dilation_t - g.pad_t;
+    if (frame < 0 || frame >= g.t) continue;
+    for (int64_t b = 0; b < g.k_h; ++b) {
+      const int64_t row = y * g.stride_h + b * g.dilation_h - g.pad_h;
+      if (row < 0 || row >= g.h) continue;
+      rows.push_back({x + ((n * g.t + frame) * g.h + row) * g.w * g.c_in, (a * g.k_h + b) * g.k_w});
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Weight gradient: for each output row (n, t, y) and tap (a, b, c), a small matrix product
-// dw[a, b, c] += x_row^T dy_row of [C_in, W'] x [W', C_out].
+// dw[a, b, c] += x_row^T dy_row of [C_in, W'] x [W', C_out] over the positions inside the input.
 
 // acc[i][j] (input channel i of the block, output channels 16 j ... 16 j + 15) += sum_x x_row[x, i] dy_row[x, j].
 template <int kIn, int kOutVecs>
-inline void WeightGradBlock(const float* x_row, int64_t x_step, const float* dy_row, int64_t c_out, int64_t w_out,
-                  float* dw_block) {
+inline void WeightGradBlock(const float* x_row, int64_t x_step, const float* dy_row, int64_t c_out,
+                            int64_t positions, float* dw_block) {
   Vec acc[kIn][kOutVecs];
   for (int i = 0; i < kIn; ++i)
     for (int j = 0; j < kOutVecs; ++j) std::memcpy(&acc[i][j], dw_block + i * c_out + j * kLanes, sizeof(Vec));
-  for (int64_t x = 0; x < w_out; ++x) {
+  for (int64_t x = 0; x < positions; ++x) {
     Vec d[kOutVecs];
     for (int j = 0; j < kOutVecs; ++j) std::memcpy(&d[j], dy_row + x * c_out + j * kLanes, sizeof(Vec));
     const float* xv = x_row + x * x_step;
@@ -75,14 +111,16 @@ inline void WeightGradBlock(const float* x_row, int64_t x_step, const float* dy_
 // One tap of one output row: 16 accumulator registers, (16 / kOutVecs) input channels by
 // kOutVecs vectors of output channels at a time.
 template <int kOutVecs>
-void WeightGradRowTap(const float* x_row, int64_t x_step, const float* dy_row, const Geometry& g, float* dw_tap) {
+void WeightGradRowTap(const float* x_row, const float* dy_row, int64_t positions, const Geometry& g,
+                      float* dw_tap) {
   constexpr int kIn = 16 / kOutVecs;
+  const int64_t x_step = g.stride_w * g.c_in;
   for (int64_t o = 0; o < g.c_out; o += kLanes * kOutVecs) {
     int64_t i = 0;
     for (; i + kIn <= g.c_in; i += kIn)
-      WeightGradBlock<kIn, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, g.w_out, dw_tap + i * g.c_out + o);
+      WeightGradBlock<kIn, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
     for (; i < g.c_in; ++i)
-      WeightGradBlock<1, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, g.w_out, dw_tap + i * g.c_out + o);
+      WeightGradBlock<1, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
   }
 }
 
@@ -90,26 +128,98 @@ void WeightGradRowTap(const float* x_row, int64_t x_step, const float* dy_row, c
 void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t first, int64_t last, float* dw) {
   const int64_t vecs = g.c_out / kLanes;
   const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
-  const int64_t tap_size = g.c_in * g.c_out, x_step = g.stride_w * g.c_in;
+  const int64_t tap_size = g.c_in * g.c_out;
+  std::vector<TapRow> rows;
   for (int64_t r = first; r < last; ++r) {
-    const int64_t y = r % g.h_out, t = (r / g.h_out) % g.t_out, n = r / (g.h_out * g.t_out);
+    TapRows(x, g, r, rows);
     const float* dy_row = dy + r * g.w_out * g.c_out;
-    for (int64_t a = 0; a < g.k_t; ++a) {
-      for (int64_t b = 0; b < g.k_h; ++b) {
-        const int64_t frame = n * g.t + t * g.stride_t + a * g.dilation_t;
-        const int64_t row = y * g.stride_h + b * g.dilation_h;
-        const float* x_base = x + (frame * g.h + row) * g.w * g.c_in;
-        for (int64_t c = 0; c < g.k_w; ++c) {
-          const float* x_row = x_base + c * g.dilation_w * g.c_in;
-          float* dw_tap = dw + ((a * g.k_h + b) * g.k_w + c) * tap_size;
-          if (out_vecs == 4) WeightGradRowTap<4>(x_row, x_step, dy_row, g, dw_tap);
-          else if (out_vecs == 2) WeightGradRowTap<2>(x_row, x_step, dy_row, g, dw_tap);
-          else WeightGradRowTap<1>(x_row, x_step, dy_row, g, dw_tap);
-        }
+    for (const TapRow& row : rows) {
+      for (int64_t c = 0; c < g.k_w; ++c) {
+        const int64_t column = c * g.dilation_w - g.pad_w;  // of output position 0
+        const auto [begin, end] = Inside(column, g.stride_w, g.w, g.w_out);
+        if (begin == end) continue;
+        const float* x_row = row.x + (begin * g.stride_w + column) * g.c_in;
+        const float* dy_part = dy_row + begin * g.c_out;
+        float* dw_tap = dw + (row.tap + c) * tap_size;
+        if (out_vecs == 4) WeightGradRowTap<4>(x_row, dy_part, end - begin, g, dw_tap);
+        else if (out_vecs == 2) WeightGradRowTap<2>(x_row, dy_part, end - begin, g, dw_tap);
+        else WeightGradRowTap<1>(x_row, dy_part, end - begin, g, dw_tap);
       }
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: each output row in blocks of kPos positions by kOutVecs vectors of output channels
+// (16 accumulator registers), one weight vector times a broadcast input value per multiply-add.
+// Blocks whose every tap is inside the input run unchecked; the positions near the row's ends
+// (kEdge) skip the taps that fall on the padding one position at a time.
+
+template <int kPos, int kOutVecs, bool kEdge>
+inline void ConvBlock(const std::vector<TapRow>& rows, const float* w, const Geometry& g, int64_t x0, int64_t o0,
+                      float* y_row) {
+  static_assert(!kEdge || kPos == 1, "edge positions go one at a time");
+  Vec acc[kPos][kOutVecs];
+  for (int p = 0; p < kPos; ++p)
+    for (int j = 0; j < kOutVecs; ++j) acc[p][j] = Vec{};
+  const int64_t pos_step = g.stride_w * g.c_in, tap_size = g.c_in * g.c_out;
+  for (const TapRow& row : rows) {
+    for (int64_t c = 0; c < g.k_w; ++c) {
+      const int64_t column = x0 * g.stride_w + c * g.dilation_w - g.pad_w;
+      if (kEdge && (column < 0 || column >= g.w)) continue;
+      const float* xs = row.x + column * g.c_in;
+      const float* ws = w + (row.tap + c) * tap_size + o0;
+      for (int64_t i = 0; i < g.c_in; ++i) {
+        Vec wv[kOutVecs];
+        for (int j = 0; j < kOutVecs; ++j) std::memcpy(&wv[j], ws + i * g.c_out + j * kLanes, sizeof(Vec));
+        for (int p = 0; p < kPos; ++p) {
+          const float v = xs[p * pos_step + i];
+          for (int j = 0; j < kOutVecs; ++j) acc[p][j] += v * wv[j];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < kPos; ++p)
+    for (int j = 0; j < kOutVecs; ++j) std::memcpy(y_row + (x0 + p) * g.c_out + o0 + j * kLanes, &acc[p][j], sizeof(Vec));
+}
+
+// One output row: the edges one position at a time, the inside in blocks of 16 / kOutVecs
+// positions, then of 8, 4, 2 and 1.
+template <int kOutVecs>
+void ConvRow(const std::vector<TapRow>& rows, const float* w, const Geometry& g, float* y_row) {
+  constexpr int kPos = 16 / kOutVecs;
+  // Positions whose first and last taps are both inside the input.
+  const int64_t last_tap = (g.k_w - 1) * g.dilation_w;
+  int64_t begin = std::max<int64_t>(0, CeilDiv(g.pad_w, g.stride_w));
+  int64_t end = std::min<int64_t>(g.w_out, FloorDiv(g.w - 1 + g.pad_w - last_tap, g.stride_w) + 1);
+  if (end < begin) begin = end = 0;
+  for (int64_t o = 0; o < g.c_out; o += kLanes * kOutVecs) {
+    for (int64_t x = 0; x < begin; ++x) ConvBlock<1, kOutVecs, true>(rows, w, g, x, o, y_row);
+    int64_t x = begin;
+    for (; x + kPos <= end; x += kPos) ConvBlock<kPos, kOutVecs, false>(rows, w, g, x, o, y_row);
+    if constexpr (kPos >= 8) { if (x + 8 <= end) { ConvBlock<8, kOutVecs, false>(rows, w, g, x, o, y_row); x += 8; } }
+    if constexpr (kPos >= 4) { if (x + 4 <= end) { ConvBlock<4, kOutVecs, false>(rows, w, g, x, o, y_row); x += 4; } }
+    if constexpr (kPos >= 2) { if (x + 2 <= end) { ConvBlock<2, kOutVecs, false>(rows, w, g, x, o, y_row); x += 2; } }
+    for (; x < end; ++x) ConvBlock<1, kOutVecs, false>(rows, w, g, x, o, y_row);
+    for (x = std::max(end, begin); x < g.w_out; ++x) ConvBlock<1, kOutVecs, true>(rows, w, g, x, o, y_row);
+  }
+}
+
+void ConvRows(const float* x, const float* w, const Geometry& g, int64_t first, int64_t last, float* y) {
+  const int64_t vecs = g.c_out / kLanes;
+  const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
+  std::vector<TapRow> rows;
+  for (int64_t r = first; r < last; ++r) {
+    TapRows(x, g, r, rows);
+    float* y_row = y + r * g.w_out * g.c_out;
+    if (out_vecs == 4) ConvRow<4>(rows, w, g, y_row);
+    else if (out_vecs == 2) ConvRow<2>(rows, w, g, y_row);
+    else ConvRow<1>(rows, w, g, y_row);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads.
 
 // Runs rows(chunk, first, last) over chunks of chunk_rows rows on the calling thread and the
 // thread pool's. A task that starts after every chunk is claimed returns at once (the
@@ -156,28 +266,43 @@ void RunChunks(ffi::ThreadPool& pool, int64_t total, int64_t chunk_rows,
   work->finished.wait(lock, [&] { return work->done.load() == work->count; });
 }
 
-std::optional<ffi::Error> CheckGeometry(const Geometry& g, const char* name) {
-  if (g.c_out % kLanes != 0)
-    return ffi::Error::InvalidArgument(std::string(name) + ": C_out is not a multiple of 16");
-  if (g.t_out > 0 && g.h_out > 0 && g.w_out > 0 &&
-      ((g.t_out - 1) * g.stride_t + (g.k_t - 1) * g.dilation_t >= g.t ||
-       (g.h_out - 1) * g.stride_h + (g.k_h - 1) * g.dilation_h >= g.h ||
-       (g.w_out - 1) * g.stride_w + (g.k_w - 1) * g.dilation_w >= g.w))
-    return ffi::Error::InvalidArgument(std::string(name) + ": the output reads beyond the padded input");
-  return std::nullopt;
+// ---------------------------------------------------------------------------------------------
+// The FFI handlers.
+
+// The geometry of x [N, T, H, W, C_in], the kernel's [K_t, K_h, K_w, C_in, C_out] and the
+// output's [N, T', H', W', C_out], checked: the output must cover exactly the padded input.
+std::variant<Geometry, ffi::Error> MakeGeometry(const char* name, ffi::Span<const int64_t> x,
+                                                ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> out,
+                                                ffi::Span<const int64_t> strides, ffi::Span<const int64_t> dilations,
+                                                ffi::Span<const int64_t> padding) {
+  const std::string where(name);
+  if (x.size() != 5 || kernel.size() != 5 || out.size() != 5)
+    return ffi::Error::InvalidArgument(where + ": the input, the kernel and the output must have 5 dimensions");
+  if (strides.size() != 3 || dilations.size() != 3 || padding.size() != 6)
+    return ffi::Error::InvalidArgument(where + ": 3 strides, 3 dilations and 6 paddings expected");
+  const Geometry g{x[0], x[1], x[2], x[3], x[4], out[1], out[2], out[3], out[4], kernel[0], kernel[1], kernel[2],
+                   strides[0], strides[1], strides[2], dilations[0], dilations[1], dilations[2],
+                   padding[0], padding[2], padding[4]};
+  if (out[0] != g.n || kernel[3] != g.c_in || kernel[4] != g.c_out)
+    return ffi::Error::InvalidArgument(where + ": the shapes of the input, the kernel and the output do not match");
+  if (g.c_out % kLanes != 0) return ffi::Error::InvalidArgument(where + ": C_out is not a multiple of 16");
+  const int64_t sizes[3] = {g.t, g.h, g.w}, outs[3] = {g.t_out, g.h_out, g.w_out}, taps[3] = {g.k_t, g.k_h, g.k_w};
+  for (int a = 0; a < 3; ++a) {
+    if (strides[a] < 1 || dilations[a] < 1) return ffi::Error::InvalidArgument(where + ": strides and dilations must be >= 1");
+    const int64_t padded = sizes[a] + padding[2 * a] + padding[2 * a + 1], span = (taps[a] - 1) * dilations[a] + 1;
+    if (outs[a] != (padded >= span ? (padded - span) / strides[a] + 1 : 0))
+      return ffi::Error::InvalidArgument(where + ": the output's size does not match the padded input's");
+  }
+  return g;
 }
 
 ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                              ffi::ResultBuffer<ffi::F32> dw, int64_t stride_t, int64_t stride_h,
-                              int64_t stride_w, int64_t dilation_t, int64_t dilation_h, int64_t dilation_w) {
-  const auto xs = x.dimensions(), ds = dy.dimensions(), ws = dw->dimensions();
-  if (xs.size() != 5 || ds.size() != 5 || ws.size() != 5)
-    return ffi::Error::InvalidArgument("ConvWeightGrad: x, dy and dw must have 5 dimensions");
-  const Geometry g{xs[0], xs[1], xs[2], xs[3], xs[4], ds[1], ds[2], ds[3], ds[4], ws[0], ws[1], ws[2],
-                   stride_t, stride_h, stride_w, dilation_t, dilation_h, dilation_w};
-  if (ds[0] != g.n || ws[3] != g.c_in || ws[4] != g.c_out)
-    return ffi::Error::InvalidArgument("ConvWeightGrad: the shapes of x, dy and dw do not match");
-  if (auto error = CheckGeometry(g, "ConvWeightGrad")) return *error;
+                              ffi::ResultBuffer<ffi::F32> dw, ffi::Span<const int64_t> strides,
+                              ffi::Span<const int64_t> dilations, ffi::Span<const int64_t> padding) {
+  auto made = MakeGeometry("ConvWeightGrad", x.dimensions(), dw->dimensions(), dy.dimensions(), strides, dilations,
+                           padding);
+  if (auto* error = std::get_if<ffi::Error>(&made)) return std::move(*error);
+  const Geometry g = std::get<Geometry>(made);
   const int64_t size = g.k_t * g.k_h * g.k_w * g.c_in * g.c_out, total = g.n * g.t_out * g.h_out;
   float* out = dw->typed_data();
   std::fill(out, out + size, 0.0f);
@@ -196,82 +321,12 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   return ffi::Error::Success();
 }
 
-// ---------------------------------------------------------------------------------------------
-// Conv: the forward of the same convolution,
-//
-//   y[n, t, y, x, o] = sum_{a, b, c, i} x[n, t st + a dt, y sh + b dh, x sw + c dw, i] w[a, b, c, i, o]
-//
-// x [N, T, H, W, C_in] padded, w [K_t, K_h, K_w, C_in, C_out], y [N, T', H', W', C_out],
-// float32, C_out a multiple of 16. Each output row is computed in blocks of kPos positions by
-// kOutVecs vectors of output channels (16 accumulator registers), one weight vector times a
-// broadcast input value per multiply-add; rows are independent, split over the thread pool.
-
-template <int kPos, int kOutVecs>
-inline void ConvBlock(const float* x_row, const float* w, const Geometry& g, int64_t x0, int64_t o0,
-                      float* y_row) {
-  Vec acc[kPos][kOutVecs];
-  for (int p = 0; p < kPos; ++p)
-    for (int j = 0; j < kOutVecs; ++j) acc[p][j] = Vec{};
-  const int64_t frame_step = g.dilation_t * g.h * g.w * g.c_in, row_step = g.dilation_h * g.w * g.c_in;
-  const int64_t pos_step = g.stride_w * g.c_in;
-  for (int64_t a = 0; a < g.k_t; ++a) {
-    for (int64_t b = 0; b < g.k_h; ++b) {
-      for (int64_t c = 0; c < g.k_w; ++c) {
-        const float* xs = x_row + a * frame_step + b * row_step + (x0 * g.stride_w + c * g.dilation_w) * g.c_in;
-        const float* ws = w + ((a * g.k_h + b) * g.k_w + c) * g.c_in * g.c_out + o0;
-        for (int64_t i = 0; i < g.c_in; ++i) {
-          Vec wv[kOutVecs];
-          for (int j = 0; j < kOutVecs; ++j) std::memcpy(&wv[j], ws + i * g.c_out + j * kLanes, sizeof(Vec));
-          for (int p = 0; p < kPos; ++p) {
-            const float v = xs[p * pos_step + i];
-            for (int j = 0; j < kOutVecs; ++j) acc[p][j] += v * wv[j];
-          }
-        }
-      }
-    }
-  }
-  for (int p = 0; p < kPos; ++p)
-    for (int j = 0; j < kOutVecs; ++j) std::memcpy(y_row + (x0 + p) * g.c_out + o0 + j * kLanes, &acc[p][j], sizeof(Vec));
-}
-
-// Positions [x0, w_out) of one row, in blocks of 16 / kOutVecs, then halves of that.
-template <int kOutVecs>
-void ConvRow(const float* x_row, const float* w, const Geometry& g, float* y_row) {
-  constexpr int kPos = 16 / kOutVecs;
-  for (int64_t o = 0; o < g.c_out; o += kLanes * kOutVecs) {
-    int64_t x = 0;
-    for (; x + kPos <= g.w_out; x += kPos) ConvBlock<kPos, kOutVecs>(x_row, w, g, x, o, y_row);
-    if constexpr (kPos >= 8) { if (x + 8 <= g.w_out) { ConvBlock<8, kOutVecs>(x_row, w, g, x, o, y_row); x += 8; } }
-    if constexpr (kPos >= 4) { if (x + 4 <= g.w_out) { ConvBlock<4, kOutVecs>(x_row, w, g, x, o, y_row); x += 4; } }
-    if constexpr (kPos >= 2) { if (x + 2 <= g.w_out) { ConvBlock<2, kOutVecs>(x_row, w, g, x, o, y_row); x += 2; } }
-    for (; x < g.w_out; ++x) ConvBlock<1, kOutVecs>(x_row, w, g, x, o, y_row);
-  }
-}
-
-void ConvRows(const float* x, const float* w, const Geometry& g, int64_t first, int64_t last, float* y) {
-  const int64_t vecs = g.c_out / kLanes;
-  const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
-  for (int64_t r = first; r < last; ++r) {
-    const int64_t row = r % g.h_out, t = (r / g.h_out) % g.t_out, n = r / (g.h_out * g.t_out);
-    const float* x_row = x + ((n * g.t + t * g.stride_t) * g.h + row * g.stride_h) * g.w * g.c_in;
-    float* y_row = y + r * g.w_out * g.c_out;
-    if (out_vecs == 4) ConvRow<4>(x_row, w, g, y_row);
-    else if (out_vecs == 2) ConvRow<2>(x_row, w, g, y_row);
-    else ConvRow<1>(x_row, w, g, y_row);
-  }
-}
-
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y, int64_t stride_t, int64_t stride_h, int64_t stride_w,
-                    int64_t dilation_t, int64_t dilation_h, int64_t dilation_w) {
-  const auto xs = x.dimensions(), ws = w.dimensions(), ys = y->dimensions();
-  if (xs.size() != 5 || ws.size() != 5 || ys.size() != 5)
-    return ffi::Error::InvalidArgument("Conv: x, w and y must have 5 dimensions");
-  const Geometry g{xs[0], xs[1], xs[2], xs[3], xs[4], ys[1], ys[2], ys[3], ys[4], ws[0], ws[1], ws[2],
-             stride_t, stride_h, stride_w, dilation_t, dilation_h, dilation_w};
-  if (ys[0] != g.n || ws[3] != g.c_in || ws[4] != g.c_out)
-    return ffi::Error::InvalidArgument("Conv: the shapes of x, w and y do not match");
-  if (auto error = CheckGeometry(g, "Conv")) return *error;
+                    ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+                    ffi::Span<const int64_t> dilations, ffi::Span<const int64_t> padding) {
+  auto made = MakeGeometry("Conv", x.dimensions(), w.dimensions(), y->dimensions(), strides, dilations, padding);
+  if (auto* error = std::get_if<ffi::Error>(&made)) return std::move(*error);
+  const Geometry g = std::get<Geometry>(made);
   const int64_t total = g.n * g.t_out * g.h_out;
   if (total == 0 || g.w_out == 0) return ffi::Error::Success();
   const float* xd = x.typed_data();
@@ -284,28 +339,22 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConvWeightGrad, ConvWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_t")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("dilation_t")
-                                  .Attr<int64_t>("dilation_h")
-                                  .Attr<int64_t>("dilation_w"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConv, ConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride_t")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("dilation_t")
-                                  .Attr<int64_t>("dilation_h")
-                                  .Attr<int64_t>("dilation_w"));
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilations")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConvWeightGrad, ConvWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("strides")
+                                  .Attr<ffi::Span<const int64_t>>("dilations")
+                                  .Attr<ffi::Span<const int64_t>>("padding"));

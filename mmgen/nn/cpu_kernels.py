@@ -129,46 +129,63 @@ def _check_float32(*arrays) -> None:
         raise TypeError(f"mmgen's CPU kernels take float32, got {[str(a.dtype) for a in arrays]}")
 
 
-def _geometry(strides, dilations) -> dict:
-    (st, sh, sw), (dt, dh, dw) = strides, dilations
-    return dict(stride_t=np.int64(st), stride_h=np.int64(sh), stride_w=np.int64(sw),
-                dilation_t=np.int64(dt), dilation_h=np.int64(dh), dilation_w=np.int64(dw))
+Pairs = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+NO_PADDING: Pairs = ((0, 0), (0, 0), (0, 0))
 
 
-def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int, int] = (1, 1, 1),
-         dilations: tuple[int, int, int] = (1, 1, 1)) -> jax.Array:
-    """``y [N, T', H', W', C_out]``, the ``VALID`` channels-last 3D convolution of the padded
-    ``x [N, T, H, W, C_in]`` with ``w [K_t, K_h, K_w, C_in, C_out]``:
-    ``y[n, t, y, x] = sum x[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w] w[a, b, c]``.
+def _geometry(strides, dilations, padding) -> dict:
+    return dict(strides=np.asarray(strides, np.int64), dilations=np.asarray(dilations, np.int64),
+                padding=np.asarray(padding, np.int64).reshape(6))
 
-    float32 only, on CPU, after ``available()``. ``C_out`` is padded with zero channels to a
-    multiple of 16 for the kernel and the padding sliced off. No gradient of its own.
+
+def output_shape(x_shape, kernel_shape, strides, dilations, padding) -> tuple[int, int, int]:
+    """``(T', H', W')`` of the convolution of an input of ``x_shape`` (``[N, T, H, W, C]``)."""
+    out = []
+    for a in range(3):
+        padded = x_shape[1 + a] + padding[a][0] + padding[a][1]
+        span = (kernel_shape[a] - 1) * dilations[a] + 1
+        out.append((padded - span) // strides[a] + 1 if padded >= span else 0)
+    return tuple(out)
+
+
+def _pad_channels(a: jax.Array) -> jax.Array:
+    """``a`` with zero channels appended to its last axis up to a multiple of 16."""
+    extra = -a.shape[-1] % LANES
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)]) if extra else a
+
+
+def conv(x: jax.Array, w: jax.Array, strides=(1, 1, 1), dilations=(1, 1, 1), padding: Pairs = NO_PADDING) -> jax.Array:
+    """``y [N, T', H', W', C_out]``, the channels-last 3D convolution of ``x [N, T, H, W, C_in]``
+    zero-padded by ``padding`` (a ``(low, high)`` pair per axis; a negative one crops) with
+    ``w [K_t, K_h, K_w, C_in, C_out]``:
+    ``y[n, t, y, x] = sum padded[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w] w[a, b, c]``.
+
+    float32 only, on CPU, after ``available()``. The padding is never written out; ``C_out`` is
+    padded with zero channels to a multiple of 16 for the kernel and sliced off. No gradient of
+    its own.
     """
     _check_float32(x, w)
-    c_out = w.shape[-1]
-    padded = -(-c_out // LANES) * LANES
-    if padded != c_out:
-        w = jnp.pad(w, [(0, 0)] * 4 + [(0, padded - c_out)])
-    out = tuple((x.shape[1 + a] - (w.shape[a] - 1) * dilations[a] - 1) // strides[a] + 1 for a in range(3))
-    call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct((x.shape[0],) + out + (padded,), jnp.float32))
-    return call(x, w, **_geometry(strides, dilations))[..., :c_out]
+    out = (x.shape[0],) + output_shape(x.shape, w.shape, strides, dilations, padding) + (w.shape[-1],)
+    w = _pad_channels(w)
+    call = jax.ffi.ffi_call(CONV, jax.ShapeDtypeStruct(out[:-1] + (w.shape[-1],), jnp.float32))
+    return call(x, w, **_geometry(strides, dilations, padding))[..., : out[-1]]
 
 
-def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int, int],
-                     strides: tuple[int, int, int] = (1, 1, 1),
-                     dilations: tuple[int, int, int] = (1, 1, 1)) -> jax.Array:
-    """``dw [K_t, K_h, K_w, C_in, C_out]`` of a ``VALID`` channels-last 3D convolution of the
-    padded ``x [N, T, H, W, C_in]`` whose output gradient is ``dy [N, T', H', W', C_out]``:
-    ``dw[a, b, c] = sum x[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w]^T dy[n, t, y, x]``.
+def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int, int], strides=(1, 1, 1),
+                     dilations=(1, 1, 1), padding: Pairs = NO_PADDING) -> jax.Array:
+    """``dw [K_t, K_h, K_w, C_in, C_out]``, the weight gradient of ``conv(x, w, strides,
+    dilations, padding)`` whose output gradient is ``dy [N, T', H', W', C_out]``:
+    ``dw[a, b, c] = sum padded[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w]^T dy[n, t, y, x]``.
 
     float32 only, on CPU, after ``available()``. ``C_out`` is padded with zero channels to a
     multiple of 16 for the kernel and the padding sliced off.
     """
     _check_float32(x, dy)
-    c_in, c_out = x.shape[-1], dy.shape[-1]
-    padded = -(-c_out // LANES) * LANES
-    if padded != c_out:
-        dy = jnp.pad(dy, [(0, 0)] * 4 + [(0, padded - c_out)])
-    shape = tuple(int(k) for k in kernel_size) + (c_in, padded)
+    expected = output_shape(x.shape, kernel_size, strides, dilations, padding)
+    if dy.shape[1:4] != expected or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"conv_weight_grad: dy {dy.shape} does not match the output {expected} of x {x.shape}")
+    c_out = dy.shape[-1]
+    dy = _pad_channels(dy)
+    shape = tuple(int(k) for k in kernel_size) + (x.shape[-1], dy.shape[-1])
     call = jax.ffi.ffi_call(CONV_WEIGHT_GRAD, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return call(x, dy, **_geometry(strides, dilations))[..., :c_out]
+    return call(x, dy, **_geometry(strides, dilations, padding))[..., :c_out]

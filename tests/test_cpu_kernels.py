@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mmgen.nn import cpu_kernels
-from mmgen.nn.conv import conv3d
+from mmgen.nn.conv import causal_conv_transpose1d, conv, conv3d
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="mmgen's CPU kernels could not be built here")
 
@@ -32,7 +32,7 @@ def _normal(seed, shape):
         ((1, 3, 5, 5, 4), (1, 3, 3), (1, 1, 1), ((0, 0), (2, 1), (0, 2))),  # uneven padding, one temporal tap
     ],
 )
-@pytest.mark.parametrize("c_out", [16, 3, 32, 64, 48])
+@pytest.mark.parametrize("c_out", [16, 3, 8, 24, 32, 64, 48])
 def test_the_kernel_convolution_equals_xla_values_and_gradients(x_shape, k_shape, strides, padding, c_out):
     x = _normal(0, x_shape)
     k = _normal(1, k_shape + (x_shape[-1], c_out)) * 0.3
@@ -47,6 +47,37 @@ def test_the_kernel_convolution_equals_xla_values_and_gradients(x_shape, k_shape
     for a, b in zip(grads_kernel, grads_xla):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "x_shape,k_shape,strides,padding,dilation",
+    [
+        ((2, 37, 16), (4, 16, 32), (2,), "VALID", None),  # the codec's strided conv, odd length
+        ((2, 40, 3), (16, 3, 16), (8,), ((8, 0),), None),  # kernel 2s, causal front padding
+        ((2, 41, 16), (7, 16, 16), (1,), ((18, 0),), (3,)),  # the residual units' dilated conv
+        ((2, 33, 16), (1, 16, 1), (1,), "VALID", None),  # 1x1 to one channel (the waveform)
+        ((2, 11, 13, 16), (3, 9, 16, 32), (1, 2), "SAME", (2, 1)),  # STFT discriminator
+        ((2, 12, 9, 16), (3, 2, 16, 16), (1, 1), "SAME", (4, 3)),  # dilated along both axes
+    ],
+)
+def test_kernel_1d_and_2d_convolutions_equal_xla_values_and_gradients(x_shape, k_shape, strides, padding, dilation):
+    x = _normal(6, x_shape)
+    k = _normal(7, k_shape) * 0.3
+
+    def loss(impl, x, k):
+        y = conv(x, k, strides, padding, rhs_dilation=dilation, impl=impl)
+        return jnp.sum(jnp.sin(y) * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
+
+    value_kernel, grads_kernel = jax.value_and_grad(lambda *a: loss("kernel", *a), (0, 1))(x, k)
+    value_xla, grads_xla = jax.value_and_grad(lambda *a: loss("xla", *a), (0, 1))(x, k)
+    np.testing.assert_allclose(value_kernel, value_xla, rtol=1e-4, atol=1e-3)
+    for a, b in zip(grads_kernel, grads_xla):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+    # The codec's decoder: a transposed conv's phases form is a stride-1 conv, the kernel's on CPU.
+    if x_shape[1:] == (37, 16):
+        up = jax.jit(lambda x, k: causal_conv_transpose1d(x, k, 2))
+        assert cpu_kernels.CONV in up.lower(x, k).as_text()
+        np.testing.assert_allclose(up(x, k), causal_conv_transpose1d(x, k, 2, impl="xla"), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("padding", [((0, 0), (0, 0), (0, 0)), ((2, 1), (3, 0), (1, 4)), ((-1, 2), (1, -2), (0, 3))])

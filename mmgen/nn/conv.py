@@ -65,7 +65,7 @@ def constrain_channels_last(x: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- strided / dilated convs
-CONV_IMPLS = ("auto", "xla", "phases")
+CONV_IMPLS = ("auto", "xla", "phases", "kernel")
 
 
 def _channels_last_numbers(ndim: int) -> tuple[str, str, str] | None:
@@ -181,15 +181,33 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
     strides = tuple(int(s) for s in window_strides)
     dilations = tuple(int(d) for d in rhs_dilation) if rhs_dilation is not None else (1,) * n_space
     channels_last = _channels_last_numbers(lhs.ndim) if 1 <= n_space <= 3 else None
+    unsupported = (channels_last is None or kwargs or feature_group_count != 1
+                   or any(d != 1 for d in (lhs_dilation or ()))
+                   or any(s != 1 and d != 1 for s, d in zip(strides, dilations))
+                   or (dimension_numbers is not None
+                       and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                       != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, channels_last)))
     if impl == "auto":
-        impl = "phases" if cpu_forms("phases") else "xla"
-    if (impl == "xla" or channels_last is None or kwargs or feature_group_count != 1
-            or any(d != 1 for d in (lhs_dilation or ()))
-            or any(s != 1 and d != 1 for s, d in zip(strides, dilations))
-            or all(s == 1 for s in strides) and all(d == 1 for d in dilations)
-            or (dimension_numbers is not None
-                and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, channels_last))):
+        if cpu_forms("conv_kernels") and not unsupported and _kernels_apply(lhs, rhs, padding, 1):
+            impl = "kernel"
+        else:
+            impl = "phases" if cpu_forms("phases") else "xla"
+    if impl == "kernel":
+        if unsupported or not _kernels_apply(lhs, rhs, padding, feature_group_count):
+            raise ValueError("conv impl='kernel' takes float32, ungrouped, channels-last convolutions (no axis both "
+                             "strided and dilated, no lhs_dilation) of a batch on one device, with mmgen's CPU "
+                             "kernels built (mmgen.nn.cpu_kernels.available())")
+        if isinstance(padding, str):
+            dilated_kernel = tuple((k - 1) * d + 1 for k, d in zip(rhs.shape[:n_space], dilations))
+            padding = jax.lax.padtype_to_pads(lhs.shape[1:-1], dilated_kernel, strides, padding)
+        # As a 3D convolution with unit leading axes.
+        unit = 3 - n_space
+        x5 = lhs.reshape(lhs.shape[:1] + (1,) * unit + lhs.shape[1:])
+        w5 = rhs.reshape((1,) * unit + rhs.shape)
+        pads = ((0, 0),) * unit + tuple(tuple(int(p) for p in pair) for pair in padding)
+        y = _kernel_conv(x5, w5, (1,) * unit + strides, (1,) * unit + dilations, pads, precision, n_space)
+        return y.reshape(y.shape[:1] + y.shape[1 + unit :])
+    if (impl == "xla" or unsupported or all(s == 1 for s in strides) and all(d == 1 for d in dilations)):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                                             rhs_dilation=rhs_dilation,
                                             dimension_numbers=dimension_numbers or channels_last,
@@ -236,8 +254,7 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
     # w_pad[s p + u] = kernel[s p + u - (s q - K)]; phase r takes u = s - 1 - r.
     w = jnp.pad(kernel, ((stride * q - taps, 0), (0, 0), (0, 0))).reshape(q, stride, c_in, c_out)[:, ::-1]
     w = jnp.transpose(w, (0, 2, 1, 3)).reshape(q, c_in, stride * c_out)
-    y = jax.lax.conv_general_dilated(jnp.pad(x, ((0, 0), (q - 1, 0), (0, 0))), w, (1,), "VALID",
-                                     dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
+    y = conv(x, w, (1,), ((q - 1, 0),), dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
     return y.reshape(b, t * stride, c_out)
 
 
@@ -345,7 +362,8 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:4], rhs.shape[:3], window_strides, padding)
     if impl == "kernel":
-        return _kernel_conv3d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
+        return _kernel_conv(lhs, rhs, tuple(window_strides), (1, 1, 1), tuple(tuple(p) for p in padding),
+                            precision, 3)
     (t_front, t_back), spatial_padding = padding[0], tuple(tuple(p) for p in padding[1:])
     x = jnp.pad(lhs, ((0, 0), (t_front, t_back), (0, 0), (0, 0), (0, 0)))
     if impl == "stacked" and feature_group_count == 1:
@@ -397,42 +415,49 @@ def _kernels_apply(lhs, rhs, padding, groups) -> bool:
             and cpu_kernels.available())
 
 
-def _kernel_input_grad(dy, rhs, padding):
-    """The input gradient of a stride-1, undilated convolution with ``padding`` (a pair per
-    axis): the kernel's convolution of ``dy`` padded by ``K - 1 - low`` in front and
-    ``K - 1 - high`` behind (negative: cropped), with the kernel flipped in space-time and its
-    channels swapped. Only the unpadded input's positions are computed."""
-    widths = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(rhs.shape[:3], padding))
-    return cpu_kernels.conv(dy, jnp.swapaxes(rhs[::-1, ::-1, ::-1], 3, 4), padding=widths)
+def _kernel_input_grad(dy, rhs, dilations, padding):
+    """The input gradient of a stride-1 convolution with ``dilations`` and ``padding`` (a pair
+    per axis): the kernel's convolution of ``dy`` padded by ``(K - 1) d - low`` in front and
+    ``(K - 1) d - high`` behind (negative: cropped), with the kernel flipped in space-time and
+    its channels swapped. Only the unpadded input's positions are computed."""
+    widths = tuple(((k - 1) * d - lo, (k - 1) * d - hi) for k, d, (lo, hi) in zip(rhs.shape[:3], dilations, padding))
+    return cpu_kernels.conv(dy, jnp.swapaxes(rhs[::-1, ::-1, ::-1], 3, 4), dilations=dilations, padding=widths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _kernel_conv3d(lhs, rhs, window_strides, padding, precision):
-    """``conv3d`` of ``lhs`` with ``padding`` (three pairs) by ``cpu_kernels.conv``, its
-    weight gradient by ``cpu_kernels.conv_weight_grad`` and its input gradient by
-    ``cpu_kernels.conv`` of the output gradient (stride 1), or by the taps form's (strided:
-    the kernel's form would multiply zeros). The padding is never written out."""
-    return cpu_kernels.conv(lhs, rhs, window_strides, padding=padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _kernel_conv(lhs, rhs, strides, dilations, padding, precision, n_space):
+    """The channels-last convolution of ``lhs [N, T, H, W, C]`` with ``padding`` (three pairs)
+    by ``cpu_kernels.conv``, its weight gradient by ``cpu_kernels.conv_weight_grad``, and its
+    input gradient by ``cpu_kernels.conv`` of the output gradient where every stride is 1.
+    A strided convolution's input gradient (the kernel's form would multiply zeros) is the
+    taps form's for a 3D convolution (``n_space`` 3), the phases form's for a 1D or 2D one
+    (given as 3D with unit leading axes). The padding is never written out."""
+    return cpu_kernels.conv(lhs, rhs, strides, dilations, padding)
 
 
-def _kernel_conv3d_fwd(lhs, rhs, window_strides, padding, precision):
-    return cpu_kernels.conv(lhs, rhs, window_strides, padding=padding), (lhs, rhs)
+def _kernel_conv_fwd(lhs, rhs, strides, dilations, padding, precision, n_space):
+    return cpu_kernels.conv(lhs, rhs, strides, dilations, padding), (lhs, rhs)
 
 
-def _kernel_conv3d_bwd(window_strides, padding, precision, residuals, dy):
+def _kernel_conv_bwd(strides, dilations, padding, precision, n_space, residuals, dy):
     lhs, rhs = residuals
-    dw = cpu_kernels.conv_weight_grad(lhs, dy, rhs.shape[:3], window_strides, padding=padding)
-    if all(s == 1 for s in window_strides):
-        return _kernel_input_grad(dy, rhs, padding), dw
+    dw = cpu_kernels.conv_weight_grad(lhs, dy, rhs.shape[:3], strides, dilations, padding)
+    if all(s == 1 for s in strides):
+        return _kernel_input_grad(dy, rhs, dilations, padding), dw
+    if n_space == 3:
+        def strided(v):
+            time_padded = jnp.pad(v, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
+            return _taps(time_padded, rhs, strides, padding[1:], 1, precision, "plain")
+    else:
+        def strided(v):
+            keep = slice(3 - n_space, 3)
+            y = conv(v.reshape(v.shape[:1] + v.shape[4 - n_space :]), rhs.reshape(rhs.shape[3 - n_space :]),
+                     strides[keep], padding[keep], rhs_dilation=dilations[keep], precision=precision, impl="phases")
+            return y.reshape(dy.shape)
+    return jax.vjp(strided, lhs)[1](dy)[0], dw
 
-    def taps(v):
-        time_padded = jnp.pad(v, ((0, 0), padding[0], (0, 0), (0, 0), (0, 0)))
-        return _taps(time_padded, rhs, window_strides, padding[1:], 1, precision, "plain")
 
-    return jax.vjp(taps, lhs)[1](dy)[0], dw
-
-
-_kernel_conv3d.defvjp(_kernel_conv3d_fwd, _kernel_conv3d_bwd)
+_kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
 
 
 def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:

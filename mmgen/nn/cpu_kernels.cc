@@ -3,7 +3,7 @@
 //
 // Both kernels work on a channels-last 3D convolution with strides s, dilations d and zero
 // padding (lo before, hi after each axis; a negative lo crops), float32, C_out a multiple of
-// 16. With p = the input padded,
+// 8. With p = the input padded,
 //
 //   MmgenConv:            y[n, t, y, x, o] = sum_{a, b, c, i} p[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] w[a, b, c, i, o]
 //   MmgenConvWeightGrad: dw[a, b, c, i, o] = sum_{n, t, y, x} p[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w, i] dy[n, t, y, x, o]
@@ -40,9 +40,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 floats: one AVX-512 register, or two AVX2 / four SSE registers on older CPUs.
-typedef float Vec __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+// Vectors of output channels: 16 floats (one AVX-512 register, or two AVX2 / four SSE
+// registers on older CPUs) where C_out is a multiple of 16, else 8.
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+template <typename V>
+constexpr int kLanes = sizeof(V) / sizeof(float);
 
 struct Geometry {
   int64_t n, t, h, w, c_in;  // the unpadded input
@@ -89,15 +92,16 @@ void TapRows(const float* x, const Geometry& g, int64_t r, std::vector<TapRow>& 
 // dw[a, b, c] += x_row^T dy_row of [C_in, W'] x [W', C_out] over the positions inside the input.
 
 // acc[i][j] (input channel i of the block, output channels 16 j ... 16 j + 15) += sum_x x_row[x, i] dy_row[x, j].
-template <int kIn, int kOutVecs>
+template <typename V, int kIn, int kOutVecs>
 inline void WeightGradBlock(const float* x_row, int64_t x_step, const float* dy_row, int64_t c_out,
                             int64_t positions, float* dw_block) {
-  Vec acc[kIn][kOutVecs];
+  constexpr int kL = kLanes<V>;
+  V acc[kIn][kOutVecs];
   for (int i = 0; i < kIn; ++i)
-    for (int j = 0; j < kOutVecs; ++j) std::memcpy(&acc[i][j], dw_block + i * c_out + j * kLanes, sizeof(Vec));
+    for (int j = 0; j < kOutVecs; ++j) std::memcpy(&acc[i][j], dw_block + i * c_out + j * kL, sizeof(V));
   for (int64_t x = 0; x < positions; ++x) {
-    Vec d[kOutVecs];
-    for (int j = 0; j < kOutVecs; ++j) std::memcpy(&d[j], dy_row + x * c_out + j * kLanes, sizeof(Vec));
+    V d[kOutVecs];
+    for (int j = 0; j < kOutVecs; ++j) std::memcpy(&d[j], dy_row + x * c_out + j * kL, sizeof(V));
     const float* xv = x_row + x * x_step;
     for (int i = 0; i < kIn; ++i) {
       const float b = xv[i];
@@ -105,28 +109,48 @@ inline void WeightGradBlock(const float* x_row, int64_t x_step, const float* dy_
     }
   }
   for (int i = 0; i < kIn; ++i)
-    for (int j = 0; j < kOutVecs; ++j) std::memcpy(dw_block + i * c_out + j * kLanes, &acc[i][j], sizeof(Vec));
+    for (int j = 0; j < kOutVecs; ++j) std::memcpy(dw_block + i * c_out + j * kL, &acc[i][j], sizeof(V));
 }
 
 // One tap of one output row: 16 accumulator registers, (16 / kOutVecs) input channels by
 // kOutVecs vectors of output channels at a time.
-template <int kOutVecs>
+template <typename V, int kOutVecs>
 void WeightGradRowTap(const float* x_row, const float* dy_row, int64_t positions, const Geometry& g,
                       float* dw_tap) {
   constexpr int kIn = 16 / kOutVecs;
   const int64_t x_step = g.stride_w * g.c_in;
-  for (int64_t o = 0; o < g.c_out; o += kLanes * kOutVecs) {
+  for (int64_t o = 0; o < g.c_out; o += kLanes<V> * kOutVecs) {
     int64_t i = 0;
     for (; i + kIn <= g.c_in; i += kIn)
-      WeightGradBlock<kIn, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+      WeightGradBlock<V, kIn, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+    // The remaining input channels in blocks of 8, 4, 2 and 1 (fewer than kIn).
+    if constexpr (kIn > 8) {
+      if (i + 8 <= g.c_in) {
+        WeightGradBlock<V, 8, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+        i += 8;
+      }
+    }
+    if constexpr (kIn > 4) {
+      if (i + 4 <= g.c_in) {
+        WeightGradBlock<V, 4, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+        i += 4;
+      }
+    }
+    if constexpr (kIn > 2) {
+      if (i + 2 <= g.c_in) {
+        WeightGradBlock<V, 2, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+        i += 2;
+      }
+    }
     for (; i < g.c_in; ++i)
-      WeightGradBlock<1, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
+      WeightGradBlock<V, 1, kOutVecs>(x_row + i, x_step, dy_row + o, g.c_out, positions, dw_tap + i * g.c_out + o);
   }
 }
 
 // Adds rows [first, last) of dy (row r = (n T' + t) H' + y) into dw.
+template <typename V>
 void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t first, int64_t last, float* dw) {
-  const int64_t vecs = g.c_out / kLanes;
+  const int64_t vecs = g.c_out / kLanes<V>;
   const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
   const int64_t tap_size = g.c_in * g.c_out;
   std::vector<TapRow> rows;
@@ -141,9 +165,9 @@ void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t 
         const float* x_row = row.x + (begin * g.stride_w + column) * g.c_in;
         const float* dy_part = dy_row + begin * g.c_out;
         float* dw_tap = dw + (row.tap + c) * tap_size;
-        if (out_vecs == 4) WeightGradRowTap<4>(x_row, dy_part, end - begin, g, dw_tap);
-        else if (out_vecs == 2) WeightGradRowTap<2>(x_row, dy_part, end - begin, g, dw_tap);
-        else WeightGradRowTap<1>(x_row, dy_part, end - begin, g, dw_tap);
+        if (out_vecs == 4) WeightGradRowTap<V, 4>(x_row, dy_part, end - begin, g, dw_tap);
+        else if (out_vecs == 2) WeightGradRowTap<V, 2>(x_row, dy_part, end - begin, g, dw_tap);
+        else WeightGradRowTap<V, 1>(x_row, dy_part, end - begin, g, dw_tap);
       }
     }
   }
@@ -151,17 +175,18 @@ void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t 
 
 // ---------------------------------------------------------------------------------------------
 // Forward: each output row in blocks of kPos positions by kOutVecs vectors of output channels
-// (16 accumulator registers), one weight vector times a broadcast input value per multiply-add.
+// (16 accumulators), one weight vector times a broadcast input value per multiply-add.
 // Blocks whose every tap is inside the input run unchecked; the positions near the row's ends
 // (kEdge) skip the taps that fall on the padding one position at a time.
 
-template <int kPos, int kOutVecs, bool kEdge>
+template <typename V, int kPos, int kOutVecs, bool kEdge>
 inline void ConvBlock(const std::vector<TapRow>& rows, const float* w, const Geometry& g, int64_t x0, int64_t o0,
                       float* y_row) {
   static_assert(!kEdge || kPos == 1, "edge positions go one at a time");
-  Vec acc[kPos][kOutVecs];
+  constexpr int kL = kLanes<V>;
+  V acc[kPos][kOutVecs];
   for (int p = 0; p < kPos; ++p)
-    for (int j = 0; j < kOutVecs; ++j) acc[p][j] = Vec{};
+    for (int j = 0; j < kOutVecs; ++j) acc[p][j] = V{};
   const int64_t pos_step = g.stride_w * g.c_in, tap_size = g.c_in * g.c_out;
   for (const TapRow& row : rows) {
     for (int64_t c = 0; c < g.k_w; ++c) {
@@ -170,8 +195,8 @@ inline void ConvBlock(const std::vector<TapRow>& rows, const float* w, const Geo
       const float* xs = row.x + column * g.c_in;
       const float* ws = w + (row.tap + c) * tap_size + o0;
       for (int64_t i = 0; i < g.c_in; ++i) {
-        Vec wv[kOutVecs];
-        for (int j = 0; j < kOutVecs; ++j) std::memcpy(&wv[j], ws + i * g.c_out + j * kLanes, sizeof(Vec));
+        V wv[kOutVecs];
+        for (int j = 0; j < kOutVecs; ++j) std::memcpy(&wv[j], ws + i * g.c_out + j * kL, sizeof(V));
         for (int p = 0; p < kPos; ++p) {
           const float v = xs[p * pos_step + i];
           for (int j = 0; j < kOutVecs; ++j) acc[p][j] += v * wv[j];
@@ -180,12 +205,12 @@ inline void ConvBlock(const std::vector<TapRow>& rows, const float* w, const Geo
     }
   }
   for (int p = 0; p < kPos; ++p)
-    for (int j = 0; j < kOutVecs; ++j) std::memcpy(y_row + (x0 + p) * g.c_out + o0 + j * kLanes, &acc[p][j], sizeof(Vec));
+    for (int j = 0; j < kOutVecs; ++j) std::memcpy(y_row + (x0 + p) * g.c_out + o0 + j * kL, &acc[p][j], sizeof(V));
 }
 
 // One output row: the edges one position at a time, the inside in blocks of 16 / kOutVecs
 // positions, then of 8, 4, 2 and 1.
-template <int kOutVecs>
+template <typename V, int kOutVecs>
 void ConvRow(const std::vector<TapRow>& rows, const float* w, const Geometry& g, float* y_row) {
   constexpr int kPos = 16 / kOutVecs;
   // Positions whose first and last taps are both inside the input.
@@ -193,28 +218,29 @@ void ConvRow(const std::vector<TapRow>& rows, const float* w, const Geometry& g,
   int64_t begin = std::max<int64_t>(0, CeilDiv(g.pad_w, g.stride_w));
   int64_t end = std::min<int64_t>(g.w_out, FloorDiv(g.w - 1 + g.pad_w - last_tap, g.stride_w) + 1);
   if (end < begin) begin = end = 0;
-  for (int64_t o = 0; o < g.c_out; o += kLanes * kOutVecs) {
-    for (int64_t x = 0; x < begin; ++x) ConvBlock<1, kOutVecs, true>(rows, w, g, x, o, y_row);
+  for (int64_t o = 0; o < g.c_out; o += kLanes<V> * kOutVecs) {
+    for (int64_t x = 0; x < begin; ++x) ConvBlock<V, 1, kOutVecs, true>(rows, w, g, x, o, y_row);
     int64_t x = begin;
-    for (; x + kPos <= end; x += kPos) ConvBlock<kPos, kOutVecs, false>(rows, w, g, x, o, y_row);
-    if constexpr (kPos >= 8) { if (x + 8 <= end) { ConvBlock<8, kOutVecs, false>(rows, w, g, x, o, y_row); x += 8; } }
-    if constexpr (kPos >= 4) { if (x + 4 <= end) { ConvBlock<4, kOutVecs, false>(rows, w, g, x, o, y_row); x += 4; } }
-    if constexpr (kPos >= 2) { if (x + 2 <= end) { ConvBlock<2, kOutVecs, false>(rows, w, g, x, o, y_row); x += 2; } }
-    for (; x < end; ++x) ConvBlock<1, kOutVecs, false>(rows, w, g, x, o, y_row);
-    for (x = std::max(end, begin); x < g.w_out; ++x) ConvBlock<1, kOutVecs, true>(rows, w, g, x, o, y_row);
+    for (; x + kPos <= end; x += kPos) ConvBlock<V, kPos, kOutVecs, false>(rows, w, g, x, o, y_row);
+    if constexpr (kPos >= 8) { if (x + 8 <= end) { ConvBlock<V, 8, kOutVecs, false>(rows, w, g, x, o, y_row); x += 8; } }
+    if constexpr (kPos >= 4) { if (x + 4 <= end) { ConvBlock<V, 4, kOutVecs, false>(rows, w, g, x, o, y_row); x += 4; } }
+    if constexpr (kPos >= 2) { if (x + 2 <= end) { ConvBlock<V, 2, kOutVecs, false>(rows, w, g, x, o, y_row); x += 2; } }
+    for (; x < end; ++x) ConvBlock<V, 1, kOutVecs, false>(rows, w, g, x, o, y_row);
+    for (x = std::max(end, begin); x < g.w_out; ++x) ConvBlock<V, 1, kOutVecs, true>(rows, w, g, x, o, y_row);
   }
 }
 
+template <typename V>
 void ConvRows(const float* x, const float* w, const Geometry& g, int64_t first, int64_t last, float* y) {
-  const int64_t vecs = g.c_out / kLanes;
+  const int64_t vecs = g.c_out / kLanes<V>;
   const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
   std::vector<TapRow> rows;
   for (int64_t r = first; r < last; ++r) {
     TapRows(x, g, r, rows);
     float* y_row = y + r * g.w_out * g.c_out;
-    if (out_vecs == 4) ConvRow<4>(rows, w, g, y_row);
-    else if (out_vecs == 2) ConvRow<2>(rows, w, g, y_row);
-    else ConvRow<1>(rows, w, g, y_row);
+    if (out_vecs == 4) ConvRow<V, 4>(rows, w, g, y_row);
+    else if (out_vecs == 2) ConvRow<V, 2>(rows, w, g, y_row);
+    else ConvRow<V, 1>(rows, w, g, y_row);
   }
 }
 
@@ -285,7 +311,7 @@ std::variant<Geometry, ffi::Error> MakeGeometry(const char* name, ffi::Span<cons
                    padding[0], padding[2], padding[4]};
   if (out[0] != g.n || kernel[3] != g.c_in || kernel[4] != g.c_out)
     return ffi::Error::InvalidArgument(where + ": the shapes of the input, the kernel and the output do not match");
-  if (g.c_out % kLanes != 0) return ffi::Error::InvalidArgument(where + ": C_out is not a multiple of 16");
+  if (g.c_out % 8 != 0) return ffi::Error::InvalidArgument(where + ": C_out is not a multiple of 8");
   const int64_t sizes[3] = {g.t, g.h, g.w}, outs[3] = {g.t_out, g.h_out, g.w_out}, taps[3] = {g.k_t, g.k_h, g.k_w};
   for (int a = 0; a < 3; ++a) {
     if (strides[a] < 1 || dilations[a] < 1) return ffi::Error::InvalidArgument(where + ": strides and dilations must be >= 1");
@@ -314,7 +340,8 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* dyd = dy.typed_data();
   RunChunks(pool, total, chunk_rows, [&](int64_t chunk, int64_t first, int64_t last) {
     partial[chunk].assign(size, 0.0f);
-    WeightGradRows(xd, dyd, g, first, last, partial[chunk].data());
+    if (g.c_out % 16 == 0) WeightGradRows<Vec16>(xd, dyd, g, first, last, partial[chunk].data());
+    else WeightGradRows<Vec8>(xd, dyd, g, first, last, partial[chunk].data());
   });
   for (const std::vector<float>& part : partial)
     for (int64_t i = 0; i < size; ++i) out[i] += part[i];
@@ -333,7 +360,10 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
   RunChunks(pool, total, ChunkRows(pool, total, total),
-            [&](int64_t, int64_t first, int64_t last) { ConvRows(xd, wd, g, first, last, yd); });
+            [&](int64_t, int64_t first, int64_t last) {
+              if (g.c_out % 16 == 0) ConvRows<Vec16>(xd, wd, g, first, last, yd);
+              else ConvRows<Vec8>(xd, wd, g, first, last, yd);
+            });
   return ffi::Error::Success();
 }
 

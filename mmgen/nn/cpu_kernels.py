@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 CONV = "mmgen_conv"
 CONV_WEIGHT_GRAD = "mmgen_conv_weight_grad"
-LANES = 16  # the kernels' vector of output channels: C_out is padded to a multiple of it
+LANES = 8  # the kernels' narrower vector of output channels: C_out is padded to a multiple of it
 
 _lock = threading.Lock()
 _available: bool | None = None
@@ -149,7 +149,7 @@ def output_shape(x_shape, kernel_shape, strides, dilations, padding) -> tuple[in
 
 
 def _pad_channels(a: jax.Array) -> jax.Array:
-    """``a`` with zero channels appended to its last axis up to a multiple of 16."""
+    """``a`` with zero channels appended to its last axis up to a multiple of ``LANES``."""
     extra = -a.shape[-1] % LANES
     return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, extra)]) if extra else a
 
@@ -161,7 +161,7 @@ def conv(x: jax.Array, w: jax.Array, strides=(1, 1, 1), dilations=(1, 1, 1), pad
     ``y[n, t, y, x] = sum padded[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w] w[a, b, c]``.
 
     float32 only, on CPU, after ``available()``. The padding is never written out; ``C_out`` is
-    padded with zero channels to a multiple of 16 for the kernel and sliced off. No gradient of
+    padded with zero channels to a multiple of 8 for the kernel and sliced off. No gradient of
     its own.
     """
     _check_float32(x, w)
@@ -178,7 +178,7 @@ def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int, i
     ``dw[a, b, c] = sum padded[n, t s_t + a d_t, y s_h + b d_h, x s_w + c d_w]^T dy[n, t, y, x]``.
 
     float32 only, on CPU, after ``available()``. ``C_out`` is padded with zero channels to a
-    multiple of 16 for the kernel and the padding sliced off.
+    multiple of 8 for the kernel and the padding sliced off.
     """
     _check_float32(x, dy)
     expected = output_shape(x.shape, kernel_size, strides, dilations, padding)

@@ -28,6 +28,8 @@ from flax import nnx
 import mmgen
 from mmgen.generative import masking, sampling, tasks
 from mmgen.generative import transformer as tr
+from mmgen.nn import cpu_kernels
+from mmgen.nn.backend import without_cpu_forms
 from mmgen.parallel import runtime
 from mmgen.train import optim
 
@@ -362,13 +364,27 @@ def main(argv=None) -> int:
     heads_major.attention_impl = "heads_major"  # what "auto" ran on CPU before blockwise
     unrolled = transformer_config(512, 4, 8, (4, 16, 16), dtype=dt)
     unrolled.scan_unroll = unrolled.depth  # the layer loop unrolled (model.scan_unroll)
-    # Each comparison: (a, b) timed alternately; the ratio is b's step time over a's.
+    # Each comparison: (a, b) timed alternately; the ratio is b's step time over a's. Each side
+    # is a name and a function that builds its compiled step.
+    def step(cfg, batch):
+        return lambda: transformer_step_bench(cfg, batch)
+
+    def xla_convolutions(spec):  # the tokenizer step with the CPU kernels switched off
+        def build():
+            with without_cpu_forms("conv_kernels"):
+                return tokenizer_step_bench(spec, 8)
+        return build
+
     comparisons = {"heads-major attention vs `jax.nn.dot_product_attention` (w512 x 4, seq 1026)":
-                   (("heads-major", (heads_major, 4)), ("dot_product_attention", (before, 4))),
+                   (("heads-major", step(heads_major, 4)), ("dot_product_attention", step(before, 4))),
                    "blockwise attention (CPU default) vs heads-major (w512 x 4, seq 1026)":
-                   (("blockwise", configs["w512 x 4 layers, seq 1026"]), ("heads-major", (heads_major, 4))),
+                   (("blockwise", step(*configs["w512 x 4 layers, seq 1026"])), ("heads-major", step(heads_major, 4))),
                    "unrolled layer loop vs the rolled default (w512 x 4, seq 1026)":
-                   (("unrolled", (unrolled, 4)), ("rolled", configs["w512 x 4 layers, seq 1026"]))}
+                   (("unrolled", step(unrolled, 4)), ("rolled", step(*configs["w512 x 4 layers, seq 1026"])))}
+    if not args.skip_tokenizers and cpu_kernels.available():
+        for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
+            comparisons[f"CPU convolution kernels (the default) vs XLA's forms ({spec}, batch 8)"] = (
+                ("kernels", lambda spec=spec: tokenizer_step_bench(spec, 8)), ("XLA's forms", xla_convolutions(spec)))
     if gpu:
         big = {"grid": (5, 16, 16), "vocab": 2**10 * 16, "dtype": dt}
         remat = "dots_with_no_batch_dims_saveable"
@@ -380,8 +396,8 @@ def main(argv=None) -> int:
                    "L (1024x24)": (transformer_config(1024, 24, 16, remat=remat, **big), 32),
                    "L, no remat": (transformer_config(1024, 24, 16, remat="none", **big), 32),
                    "L, batch 64": (transformer_config(1024, 24, 16, remat=remat, **big), 64)}
-        comparisons = {"L: cuDNN attention vs attention in XLA": (("cuDNN", configs["L (1024x24)"]),
-                                                                  ("XLA", (xla_attention, 32)))}
+        comparisons = {"L: cuDNN attention vs attention in XLA": (("cuDNN", step(*configs["L (1024x24)"])),
+                                                                  ("XLA", step(xla_attention, 32)))}
     if args.quick:
         configs = dict(list(configs.items())[:1])
         comparisons = {}
@@ -397,11 +413,11 @@ def main(argv=None) -> int:
                   f"{'' if t['reliable'] else ', unreliable'}), compile {t['first_compile_s']:.1f} s", flush=True)
         save_partial()
     results["comparisons"] = {}
-    for name, ((a_name, (a_cfg, a_batch)), (b_name, (b_cfg, b_batch))) in comparisons.items():
+    for name, ((a_name, build_a), (b_name, build_b)) in comparisons.items():
         print(f"comparison {name} ...", flush=True)
 
         def compare():
-            a, b = transformer_step_bench(a_cfg, a_batch), transformer_step_bench(b_cfg, b_batch)
+            a, b = build_a(), build_b()
             a_t, b_t = harness.alternate([a["call"], b["call"]], reps)
             return {"a": a_name, "b": b_name, "a_s": harness.summary(a_t), "b_s": harness.summary(b_t),
                     "ratio": harness.ratio_per_round(a_t, b_t)}

@@ -168,3 +168,40 @@ def test_the_tokenizers_flops_count_the_convolutions_the_kernels_compute():
     with without_cpu_forms("conv_kernels"):
         on_xla = tok.flops_per_example(cfg)
     assert tok.flops_per_example(cfg) == pytest.approx(on_xla) and on_xla > 1e9
+
+
+@pytest.mark.parametrize("shape,groups,reduce_axes", [
+    ((2, 3, 5, 7, 16), 4, (-3, -2)),  # frames of 35 positions x 16 channels
+    ((2, 3, 5, 7, 24), 3, (-3, -2)),  # 24 channels: 840 per frame, not a multiple of 16 (a scalar tail)
+    ((1, 2, 4, 4, 8), 2, (-3, -2)),
+    ((2, 4, 6, 6, 32), 8, (-3, -2)),
+    ((3, 50, 16), 4, (-2,)),  # a 1D signal's GroupNorm
+])
+def test_the_fused_group_norm_swish_equals_xla_values_and_gradients(shape, groups, reduce_axes):
+    from flax import nnx
+
+    from mmgen.nn.backend import without_cpu_forms
+    from mmgen.nn.conv import GroupNorm
+
+    norm = nnx.eval_shape(lambda: GroupNorm(shape[-1], groups, reduce_axes=reduce_axes))
+    graph, state = nnx.split(norm)
+    c = shape[-1]
+    state = jax.tree.map(lambda a: _normal(8 + a.ndim, a.shape) * 0.5 + (1.0 if a.shape == (c,) else 0.0), state)
+    x = _normal(10, shape) * 2.0 + 0.7
+    weights = _normal(11, shape)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graph, state).swish(x) * weights)
+
+    fused = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    assert cpu_kernels.GROUP_NORM_SWISH in fused.lower(state, x).as_text()
+    with without_cpu_forms("conv_kernels"):
+        reference = jax.jit(jax.value_and_grad(loss, (0, 1)))
+        assert cpu_kernels.GROUP_NORM_SWISH not in reference.lower(state, x).as_text()
+        (value_xla, grads_xla) = reference(state, x)
+    value, grads = fused(state, x)
+    np.testing.assert_allclose(value, value_xla, rtol=1e-5, atol=1e-3)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nnx.merge(graph, state).swish(x), jax.nn.swish(nnx.merge(graph, state)(x)),
+                               rtol=1e-5, atol=1e-5)

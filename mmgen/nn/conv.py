@@ -621,6 +621,24 @@ def _group_normalize_bwd(num_groups, reduce_axes, epsilon, residuals, dy):
 _group_normalize.defvjp(_group_normalize_fwd, _group_normalize_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _kernel_group_norm_swish(x, scale, bias, num_groups, slab_dims, epsilon):
+    return cpu_kernels.group_norm_swish(x, scale, bias, num_groups, slab_dims, epsilon)[0]
+
+
+def _kernel_group_norm_swish_fwd(x, scale, bias, num_groups, slab_dims, epsilon):
+    y, mean, inv_std = cpu_kernels.group_norm_swish(x, scale, bias, num_groups, slab_dims, epsilon)
+    return y, (x, scale, bias, mean, inv_std)
+
+
+def _kernel_group_norm_swish_bwd(num_groups, slab_dims, epsilon, residuals, dy):
+    x, scale, bias, mean, inv_std = residuals
+    return cpu_kernels.group_norm_swish_grad(x, dy, scale, bias, mean, inv_std, num_groups, slab_dims)
+
+
+_kernel_group_norm_swish.defvjp(_kernel_group_norm_swish_fwd, _kernel_group_norm_swish_bwd)
+
+
 class GroupNorm(nnx.Module):
     """Group normalisation per sample and per frame, in float32.
 
@@ -666,6 +684,22 @@ class GroupNorm(nnx.Module):
         if self.use_affine:
             y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+    def swish(self, x: jax.Array) -> jax.Array:
+        """``nnx.swish(self(x))``. On CPU, for float32 with the affine transform over the axes
+        just before the channels, one fused kernel forward and one backward
+        (``mmgen.nn.cpu_kernels.group_norm_swish``: each frame read once forward, twice
+        backward, where XLA's forms make 5-8 passes), unless
+        ``without_cpu_forms("conv_kernels")``; the same values and gradients."""
+        slab_dims = len(self.reduce_axes) + 1
+        fused = (cpu_forms("conv_kernels") and self.use_affine and x.dtype == jnp.float32
+                 and self.dtype == jnp.float32 and self.scale[...].dtype == jnp.float32
+                 and sorted(self.reduce_axes) == list(range(-slab_dims, -1)) and batch_split() == 1
+                 and cpu_kernels.available())
+        if not fused:
+            return nnx.swish(self(x))
+        return _kernel_group_norm_swish(x, self.scale[...], self.bias[...], self.num_groups, slab_dims,
+                                        float(self.epsilon))
 
 
 def causal_upsample_time(cond: jax.Array, frames: int) -> jax.Array:

@@ -21,6 +21,7 @@
 // own and adds the chunks' sums in chunk order, so its result does not depend on which thread
 // took which chunk (it does on the number of threads, as the chunks do).
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -293,6 +294,175 @@ void RunChunks(ffi::ThreadPool& pool, int64_t total, int64_t chunk_rows,
 }
 
 // ---------------------------------------------------------------------------------------------
+// GroupNorm + swish: y = swish(xhat scale + bias), xhat = (x - mean) / sqrt(var + eps), the
+// statistics per slab (a sample's frame: S positions x C channels, contiguous) and group of
+// C / G channels. Each slab is read from memory once forward (its 3 passes run from cache)
+// and twice backward; XLA's forms make 5-8 passes over memory for the same.
+
+// exp for a vector: 2^k e^r with k = round(x log2 e), |r| <= ln 2 / 2, e^r by a degree-6
+// polynomial (relative error ~2e-7); x clamped to [-87, 88].
+inline Vec16 Exp(Vec16 x) {
+  typedef int32_t Int16 __attribute__((vector_size(64)));
+  x = x < -87.0f ? Vec16{} - 87.0f : x;
+  x = x > 88.0f ? Vec16{} + 88.0f : x;
+  const Vec16 magic = Vec16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec16 k = (x * 1.44269504f + magic) - magic;
+  const Vec16 r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
+  Vec16 p = Vec16{} + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const Int16 bits = (__builtin_convertvector(k, Int16) + 127) << 23;
+  Vec16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline Vec16 Load(const float* p) { Vec16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void Store(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// A slab is walked as 16-float vectors; vector k holds channels (16 k + lane) % C, so the
+// per-channel parameters repeat every `period` = lcm(C, 16) / 16 vectors. The tail of a slab
+// whose size is not a multiple of 16 goes element by element.
+struct Slabs {
+  int64_t count, size, c, groups, period;
+  float eps;
+  int64_t Channel(int64_t k, int lane) const { return (k % period * 16 + lane) % c; }
+};
+
+// Per-channel values laid out as the period's vectors.
+void Spread(const Slabs& sl, const float* per_channel, float* spread) {
+  for (int64_t i = 0; i < sl.period * 16; ++i) spread[i] = per_channel[i % sl.c];
+}
+
+// Per-channel sums of the period's vector accumulators (plus the scalar tail's) per group.
+void GroupSums(const Slabs& sl, const float* spread_sums, const float* tail_sums, float* per_channel,
+               float* per_group) {
+  std::fill(per_channel, per_channel + sl.c, 0.0f);
+  for (int64_t i = 0; i < sl.period * 16; ++i) per_channel[i % sl.c] += spread_sums[i];
+  for (int64_t ch = 0; ch < sl.c; ++ch) per_channel[ch] += tail_sums[ch];
+  const int64_t width = sl.c / sl.groups;
+  for (int64_t g = 0; g < sl.groups; ++g) {
+    per_group[g] = 0.0f;
+    for (int64_t ch = g * width; ch < (g + 1) * width; ++ch) per_group[g] += per_channel[ch];
+  }
+}
+
+inline float Sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
+
+// Forward of slab b: y, and the group means and inverse standard deviations.
+void GroupNormSwishSlab(const Slabs& sl, const float* x, const float* scale, const float* bias, float* y,
+                        float* mean_out, float* inv_out) {
+  const int64_t vecs = sl.size / 16, tail = vecs * 16, width = sl.c / sl.groups;
+  const float count = static_cast<float>(sl.size / sl.c * width);
+  std::vector<float> acc(sl.period * 16), tail_acc(sl.c), channel(sl.c), group(sl.groups);
+  std::vector<float> mean_c(sl.c), p_mean(sl.period * 16), p_mul(sl.period * 16), p_add(sl.period * 16);
+  for (int pass = 0; pass < 2; ++pass) {  // 0: means; 1: variances about them
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(tail_acc.begin(), tail_acc.end(), 0.0f);
+    for (int64_t k = 0; k < vecs; ++k) {
+      const int64_t j = k % sl.period * 16;
+      Vec16 v = Load(x + k * 16);
+      if (pass == 1) v = v - Load(p_mean.data() + j), v = v * v;
+      Store(acc.data() + j, Load(acc.data() + j) + v);
+    }
+    for (int64_t e = tail; e < sl.size; ++e) {
+      const float v = pass == 0 ? x[e] : x[e] - mean_c[e % sl.c];
+      tail_acc[e % sl.c] += pass == 0 ? v : v * v;
+    }
+    GroupSums(sl, acc.data(), tail_acc.data(), channel.data(), group.data());
+    for (int64_t g = 0; g < sl.groups; ++g) {
+      if (pass == 0) mean_out[g] = group[g] / count;
+      else inv_out[g] = 1.0f / std::sqrt(group[g] / count + sl.eps);
+    }
+    for (int64_t ch = 0; ch < sl.c; ++ch) mean_c[ch] = mean_out[ch / width];
+    Spread(sl, mean_c.data(), p_mean.data());
+  }
+  // y = swish(x * mul + add): mul = inv scale, add = bias - mean inv scale, per channel.
+  std::vector<float> mul_c(sl.c), add_c(sl.c);
+  for (int64_t ch = 0; ch < sl.c; ++ch) {
+    const float inv = inv_out[ch / width];
+    mul_c[ch] = inv * scale[ch];
+    add_c[ch] = bias[ch] - mean_c[ch] * inv * scale[ch];
+  }
+  Spread(sl, mul_c.data(), p_mul.data());
+  Spread(sl, add_c.data(), p_add.data());
+  for (int64_t k = 0; k < vecs; ++k) {
+    const int64_t j = k % sl.period * 16;
+    const Vec16 z = Load(x + k * 16) * Load(p_mul.data() + j) + Load(p_add.data() + j);
+    Store(y + k * 16, z / (1.0f + Exp(-z)));
+  }
+  for (int64_t e = tail; e < sl.size; ++e) {
+    const float z = x[e] * mul_c[e % sl.c] + add_c[e % sl.c];
+    y[e] = z * Sigmoid(z);
+  }
+}
+
+// Backward of slab b: dx, and its terms of dscale and dbias (added into d_scale, d_bias).
+void GroupNormSwishGradSlab(const Slabs& sl, const float* x, const float* dy, const float* scale,
+                            const float* bias, const float* mean, const float* inv, float* dx, float* d_scale,
+                            float* d_bias, std::vector<float>& dxhat) {
+  const int64_t vecs = sl.size / 16, tail = vecs * 16, width = sl.c / sl.groups, n = sl.period * 16;
+  const float count = static_cast<float>(sl.size / sl.c * width);
+  std::vector<float> mean_c(sl.c), inv_c(sl.c), p_mean(n), p_inv(n), p_scale(n), p_bias(n);
+  for (int64_t ch = 0; ch < sl.c; ++ch) mean_c[ch] = mean[ch / width], inv_c[ch] = inv[ch / width];
+  Spread(sl, mean_c.data(), p_mean.data());
+  Spread(sl, inv_c.data(), p_inv.data());
+  Spread(sl, scale, p_scale.data());
+  Spread(sl, bias, p_bias.data());
+  // Sums per channel: dscale (dz xhat), dbias (dz), dxhat, dxhat xhat.
+  std::vector<float> sums[4], tails[4];
+  for (int i = 0; i < 4; ++i) sums[i].assign(n, 0.0f), tails[i].assign(sl.c, 0.0f);
+  dxhat.resize(sl.size);
+  for (int64_t k = 0; k < vecs; ++k) {
+    const int64_t j = k % sl.period * 16;
+    const Vec16 xhat = (Load(x + k * 16) - Load(p_mean.data() + j)) * Load(p_inv.data() + j);
+    const Vec16 z = xhat * Load(p_scale.data() + j) + Load(p_bias.data() + j);
+    const Vec16 sig = 1.0f / (1.0f + Exp(-z));
+    const Vec16 dz = Load(dy + k * 16) * sig * (1.0f + z * (1.0f - sig));
+    const Vec16 dxh = dz * Load(p_scale.data() + j);
+    Store(dxhat.data() + k * 16, dxh);
+    const Vec16 terms[4] = {dz * xhat, dz, dxh, dxh * xhat};
+    for (int i = 0; i < 4; ++i) Store(sums[i].data() + j, Load(sums[i].data() + j) + terms[i]);
+  }
+  for (int64_t e = tail; e < sl.size; ++e) {
+    const int64_t ch = e % sl.c;
+    const float xhat = (x[e] - mean_c[ch]) * inv_c[ch], z = xhat * scale[ch] + bias[ch], sig = Sigmoid(z);
+    const float dz = dy[e] * sig * (1.0f + z * (1.0f - sig)), dxh = dz * scale[ch];
+    dxhat[e] = dxh;
+    tails[0][ch] += dz * xhat, tails[1][ch] += dz, tails[2][ch] += dxh, tails[3][ch] += dxh * xhat;
+  }
+  std::vector<float> channel(sl.c), m1(sl.groups), m2(sl.groups), unused(sl.groups);
+  GroupSums(sl, sums[0].data(), tails[0].data(), channel.data(), unused.data());
+  for (int64_t ch = 0; ch < sl.c; ++ch) d_scale[ch] += channel[ch];
+  GroupSums(sl, sums[1].data(), tails[1].data(), channel.data(), unused.data());
+  for (int64_t ch = 0; ch < sl.c; ++ch) d_bias[ch] += channel[ch];
+  GroupSums(sl, sums[2].data(), tails[2].data(), channel.data(), m1.data());
+  GroupSums(sl, sums[3].data(), tails[3].data(), channel.data(), m2.data());
+  // dx = inv (dxhat - E[dxhat] - xhat E[dxhat xhat]), the expectations over the group.
+  std::vector<float> m1_c(sl.c), m2_c(sl.c), p_m1(n), p_m2(n);
+  for (int64_t ch = 0; ch < sl.c; ++ch) m1_c[ch] = m1[ch / width] / count, m2_c[ch] = m2[ch / width] / count;
+  Spread(sl, m1_c.data(), p_m1.data());
+  Spread(sl, m2_c.data(), p_m2.data());
+  for (int64_t k = 0; k < vecs; ++k) {
+    const int64_t j = k % sl.period * 16;
+    const Vec16 xhat = (Load(x + k * 16) - Load(p_mean.data() + j)) * Load(p_inv.data() + j);
+    Store(dx + k * 16, Load(p_inv.data() + j) *
+                           (Load(dxhat.data() + k * 16) - Load(p_m1.data() + j) - xhat * Load(p_m2.data() + j)));
+  }
+  for (int64_t e = tail; e < sl.size; ++e) {
+    const int64_t ch = e % sl.c;
+    const float xhat = (x[e] - mean_c[ch]) * inv_c[ch];
+    dx[e] = inv_c[ch] * (dxhat[e] - m1_c[ch] - xhat * m2_c[ch]);
+  }
+}
+
+int64_t Gcd(int64_t a, int64_t b) { return b == 0 ? a : Gcd(b, a % b); }
+
+// ---------------------------------------------------------------------------------------------
 // The FFI handlers.
 
 // The geometry of x [N, T, H, W, C_in], the kernel's [K_t, K_h, K_w, C_in, C_out] and the
@@ -367,6 +537,64 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+std::variant<Slabs, ffi::Error> MakeSlabs(const char* name, ffi::Span<const int64_t> x, int64_t slab_dims,
+                                          int64_t groups, float eps) {
+  const std::string where(name);
+  if (slab_dims < 1 || static_cast<int64_t>(x.size()) < slab_dims + 1)
+    return ffi::Error::InvalidArgument(where + ": x has fewer axes than a slab's");
+  int64_t count = 1, size = 1;
+  for (size_t a = 0; a < x.size(); ++a) (static_cast<int64_t>(a) < static_cast<int64_t>(x.size()) - slab_dims ? count : size) *= x[a];
+  const int64_t c = x[x.size() - 1];
+  if (groups < 1 || c % groups != 0) return ffi::Error::InvalidArgument(where + ": the channels do not split into the groups");
+  return Slabs{count, size, c, groups, c / Gcd(c, 16), eps};
+}
+
+ffi::Error GroupNormSwishImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                              ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y,
+                              ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> inv, int64_t slab_dims,
+                              int64_t groups, float epsilon) {
+  auto made = MakeSlabs("GroupNormSwish", x.dimensions(), slab_dims, groups, epsilon);
+  if (auto* error = std::get_if<ffi::Error>(&made)) return std::move(*error);
+  const Slabs sl = std::get<Slabs>(made);
+  const float *xd = x.typed_data(), *sd = scale.typed_data(), *bd = bias.typed_data();
+  float *yd = y->typed_data(), *md = mean->typed_data(), *id = inv->typed_data();
+  RunChunks(pool, sl.count, ChunkRows(pool, sl.count, sl.count), [&](int64_t, int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      GroupNormSwishSlab(sl, xd + b * sl.size, sd, bd, yd + b * sl.size, md + b * sl.groups, id + b * sl.groups);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupNormSwishGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                  ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                                  ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> inv,
+                                  ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_scale,
+                                  ffi::ResultBuffer<ffi::F32> d_bias, int64_t slab_dims, int64_t groups) {
+  auto made = MakeSlabs("GroupNormSwishGrad", x.dimensions(), slab_dims, groups, 0.0f);
+  if (auto* error = std::get_if<ffi::Error>(&made)) return std::move(*error);
+  const Slabs sl = std::get<Slabs>(made);
+  const float *xd = x.typed_data(), *dyd = dy.typed_data(), *sd = scale.typed_data(), *bd = bias.typed_data();
+  const float *md = mean.typed_data(), *id = inv.typed_data();
+  float* dxd = dx->typed_data();
+  const int64_t chunk_rows = ChunkRows(pool, sl.count, sl.count);
+  const int64_t chunks = (sl.count + chunk_rows - 1) / chunk_rows;
+  std::vector<std::vector<float>> partial(chunks);  // per chunk: dscale then dbias
+  RunChunks(pool, sl.count, chunk_rows, [&](int64_t chunk, int64_t first, int64_t last) {
+    std::vector<float>& sums = partial[chunk];
+    sums.assign(2 * sl.c, 0.0f);
+    std::vector<float> dxhat;
+    for (int64_t b = first; b < last; ++b)
+      GroupNormSwishGradSlab(sl, xd + b * sl.size, dyd + b * sl.size, sd, bd, md + b * sl.groups,
+                             id + b * sl.groups, dxd + b * sl.size, sums.data(), sums.data() + sl.c, dxhat);
+  });
+  float *ds = d_scale->typed_data(), *db = d_bias->typed_data();
+  std::fill(ds, ds + sl.c, 0.0f);
+  std::fill(db, db + sl.c, 0.0f);
+  for (const std::vector<float>& sums : partial)
+    for (int64_t ch = 0; ch < sl.c; ++ch) ds[ch] += sums[ch], db[ch] += sums[sl.c + ch];
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConv, ConvImpl,
@@ -388,3 +616,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConvWeightGrad, ConvWeightGradImpl,
                                   .Attr<ffi::Span<const int64_t>>("strides")
                                   .Attr<ffi::Span<const int64_t>>("dilations")
                                   .Attr<ffi::Span<const int64_t>>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenGroupNormSwish, GroupNormSwishImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("slab_dims")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<float>("epsilon"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenGroupNormSwishGrad, GroupNormSwishGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("slab_dims")
+                                  .Attr<int64_t>("groups"));

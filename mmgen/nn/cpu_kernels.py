@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 CONV = "mmgen_conv"
 CONV_WEIGHT_GRAD = "mmgen_conv_weight_grad"
+GROUP_NORM_SWISH = "mmgen_group_norm_swish"
+GROUP_NORM_SWISH_GRAD = "mmgen_group_norm_swish_grad"
 LANES = 8  # the kernels' narrower vector of output channels: C_out is padded to a multiple of it
 
 _lock = threading.Lock()
@@ -121,6 +123,9 @@ def _register() -> bool:
         return False
     jax.ffi.register_ffi_target(CONV, jax.ffi.pycapsule(library.MmgenConv), platform="cpu")
     jax.ffi.register_ffi_target(CONV_WEIGHT_GRAD, jax.ffi.pycapsule(library.MmgenConvWeightGrad), platform="cpu")
+    jax.ffi.register_ffi_target(GROUP_NORM_SWISH, jax.ffi.pycapsule(library.MmgenGroupNormSwish), platform="cpu")
+    jax.ffi.register_ffi_target(GROUP_NORM_SWISH_GRAD, jax.ffi.pycapsule(library.MmgenGroupNormSwishGrad),
+                                platform="cpu")
     return True
 
 
@@ -189,3 +194,26 @@ def conv_weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int, i
     shape = tuple(int(k) for k in kernel_size) + (x.shape[-1], dy.shape[-1])
     call = jax.ffi.ffi_call(CONV_WEIGHT_GRAD, jax.ShapeDtypeStruct(shape, jnp.float32))
     return call(x, dy, **_geometry(strides, dilations, padding))[..., :c_out]
+
+
+def group_norm_swish(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, slab_dims: int,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``y = swish(xhat scale + bias)`` with ``xhat`` ``x [..., C]`` normalised per slab (its
+    last ``slab_dims`` axes, the channels included: e.g. 3 for a frame ``[H, W, C]``) and group
+    of ``C / num_groups`` channels; also the ``mean`` and ``inv_std`` per slab and group
+    (``[count, num_groups]``) for ``group_norm_swish_grad``. float32, after ``available()``."""
+    _check_float32(x, scale, bias)
+    count = int(np.prod(x.shape[: x.ndim - slab_dims]))
+    stats = jax.ShapeDtypeStruct((count, num_groups), jnp.float32)
+    call = jax.ffi.ffi_call(GROUP_NORM_SWISH, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats))
+    return call(x, scale, bias, slab_dims=np.int64(slab_dims), groups=np.int64(num_groups),
+                epsilon=np.float32(epsilon))
+
+
+def group_norm_swish_grad(x, dy, scale, bias, mean, inv_std, num_groups: int, slab_dims: int):
+    """``(dx, dscale, dbias)`` of ``group_norm_swish`` for the output gradient ``dy``."""
+    _check_float32(x, dy, scale, bias, mean, inv_std)
+    shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+              jax.ShapeDtypeStruct(bias.shape, jnp.float32))
+    call = jax.ffi.ffi_call(GROUP_NORM_SWISH_GRAD, shapes)
+    return call(x, dy, scale, bias, mean, inv_std, slab_dims=np.int64(slab_dims), groups=np.int64(num_groups))

@@ -99,8 +99,8 @@ class ResidualBlock(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(nnx.swish(self.norm1(x)))
-        h = self.conv2(nnx.swish(self.norm2(h)))
+        h = self.conv1(self.norm1.swish(x))
+        h = self.conv2(self.norm2.swish(h))
         return constrain_channels_last((x if self.skip is None else self.skip(x)) + h)
 
 
@@ -183,7 +183,7 @@ class Decoder(nnx.Module):
                 x = _run_block(block, x, self.remat)
             if i < len(self.upsamples):
                 x = self.upsamples[i](x)
-        return self.conv_out(nnx.swish(self.norm_out(x)))
+        return self.conv_out(self.norm_out.swish(x))
 
 
 class VideoTokenizer(nnx.Module):

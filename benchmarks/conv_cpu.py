@@ -15,7 +15,10 @@ XLA:CPU's own lowering; for 3D shapes XLA's 3D convolution), ``taps`` (3D as one
 conv per temporal tap, ``mmgen.nn.conv.conv3d``), ``phases`` / ``taps_phases`` (strided,
 dilated and causal transposed convs as stride-1 convs of a rearranged input,
 ``mmgen.nn.conv.conv``, ``causal_conv_transpose1d``), ``separable`` (the blur-pool as
-strided slices, ``mmgen.nn.conv.BlurPool3d``; its filter is fixed, no weight gradient). All
+strided slices, ``mmgen.nn.conv.BlurPool3d``; its filter is fixed, no weight gradient),
+``kernel`` (mmgen's hand-written CPU kernels, ``mmgen.nn.cpu_kernels``: what ``"auto"``
+takes on one CPU device where they are built; the transposed convs' phases form with
+the kernel's stride-1 convolution). All
 forms and passes of one shape alternate call by call (``benchmarks.harness.alternate``),
 so a drifting machine falls on all of them alike; each cell is the median of ``--reps``
 calls, as GFLOP/s of the convolution's useful FLOPs ``2 * |y| * K * C_in / groups``
@@ -44,35 +47,35 @@ B = 8
 TRANSPOSED = "causal transposed"  # padding of the rows for causal_conv_transpose1d
 VIDEO = [
     ("video causal 3x3x3 16->16, 9x32x32", (B, 11, 32, 32, 16), (3, 3, 3, 16, 16), (1, 1, 1),
-     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked")),
+     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked", "kernel")),
     ("video downsample 3x3x3 /2 16->16, 9x32x32", (B, 11, 32, 32, 16), (3, 3, 3, 16, 16), (2, 2, 2),
-     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked")),
+     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked", "kernel")),
     ("video causal 3x3x3 32->32, 5x16x16", (B, 7, 16, 16, 32), (3, 3, 3, 32, 32), (1, 1, 1),
-     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked")),
+     ((0, 0), (1, 1), (1, 1)), None, 1, ("xla", "taps", "taps_chunked", "stacked", "kernel")),
     ("video downsample 3x3x3 /2 32->32, 5x16x16", (B, 7, 16, 16, 32), (3, 3, 3, 32, 32), (2, 2, 2),
-     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked")),
+     ((0, 0), (0, 1), (0, 1)), None, 1, ("xla", "taps", "taps_chunked", "taps_phases", "stacked", "kernel")),
     ("disc. blur-pool 4x4x4 /2 depthwise 16, 9x32x32", (B, 9, 32, 32, 16), (4, 4, 4, 1, 16), (2, 2, 2),
      ((1, 2), (1, 2), (1, 2)), None, 16, ("xla", "taps", "separable")),
 ]
 AUDIO = [
-    ("codec residual k7 dil 3, 4 ch, 18240", (B, 18258, 4), (7, 4, 4), (1,), ((0, 0),), (3,), 1, ("xla", "phases")),
-    ("codec residual k7 dil 9, 8 ch, 9120", (B, 9174, 8), (7, 8, 8), (1,), ((0, 0),), (9,), 1, ("xla", "phases")),
-    ("codec residual k7 dil 9, 32 ch, 456", (B, 510, 32), (7, 32, 32), (1,), ((0, 0),), (9,), 1, ("xla", "phases")),
-    ("codec down k4 /2 4->8, 18240", (B, 18242, 4), (4, 4, 8), (2,), ((0, 0),), None, 1, ("xla", "phases")),
-    ("codec down k8 /4 8->16, 9120", (B, 9124, 8), (8, 8, 16), (4,), ((0, 0),), None, 1, ("xla", "phases")),
-    ("codec down k16 /8 32->64, 456", (B, 464, 32), (16, 32, 64), (8,), ((0, 0),), None, 1, ("xla", "phases")),
-    ("codec up transposed k4 x2 8->4, 9120", (B, 9120, 8), (4, 8, 4), (2,), TRANSPOSED, None, 1, ("xla", "phases")),
-    ("codec up transposed k8 x4 16->8, 2280", (B, 2280, 16), (8, 16, 8), (4,), TRANSPOSED, None, 1, ("xla", "phases")),
+    ("codec residual k7 dil 3, 4 ch, 18240", (B, 18258, 4), (7, 4, 4), (1,), ((0, 0),), (3,), 1, ("xla", "phases", "kernel")),
+    ("codec residual k7 dil 9, 8 ch, 9120", (B, 9174, 8), (7, 8, 8), (1,), ((0, 0),), (9,), 1, ("xla", "phases", "kernel")),
+    ("codec residual k7 dil 9, 32 ch, 456", (B, 510, 32), (7, 32, 32), (1,), ((0, 0),), (9,), 1, ("xla", "phases", "kernel")),
+    ("codec down k4 /2 4->8, 18240", (B, 18242, 4), (4, 4, 8), (2,), ((0, 0),), None, 1, ("xla", "phases", "kernel")),
+    ("codec down k8 /4 8->16, 9120", (B, 9124, 8), (8, 8, 16), (4,), ((0, 0),), None, 1, ("xla", "phases", "kernel")),
+    ("codec down k16 /8 32->64, 456", (B, 464, 32), (16, 32, 64), (8,), ((0, 0),), None, 1, ("xla", "phases", "kernel")),
+    ("codec up transposed k4 x2 8->4, 9120", (B, 9120, 8), (4, 8, 4), (2,), TRANSPOSED, None, 1, ("xla", "phases", "kernel")),
+    ("codec up transposed k8 x4 16->8, 2280", (B, 2280, 16), (8, 16, 8), (4,), TRANSPOSED, None, 1, ("xla", "phases", "kernel")),
     ("codec up transposed k16 x8 64->32, 57", (B, 57, 64), (16, 64, 32), (8,), TRANSPOSED, None, 1,
-     ("xla", "phases")),
+     ("xla", "phases", "kernel")),
     ("STFT-D 512 (3,9) /(1,2) dil (1,1) 8->8, 141x257", (B, 141, 257, 8), (3, 9, 8, 8), (1, 2), "SAME", (1, 1), 1,
-     ("xla", "phases")),
+     ("xla", "phases", "kernel")),
     ("STFT-D 512 (3,9) /(1,2) dil (2,1) 8->8, 141x129", (B, 141, 129, 8), (3, 9, 8, 8), (1, 2), "SAME", (2, 1), 1,
-     ("xla", "phases")),
+     ("xla", "phases", "kernel")),
     ("STFT-D 512 (3,9) /(1,2) dil (4,1) 8->8, 141x65", (B, 141, 65, 8), (3, 9, 8, 8), (1, 2), "SAME", (4, 1), 1,
-     ("xla", "phases")),
+     ("xla", "phases", "kernel")),
     ("STFT-D 128 (3,9) /(1,2) dil (1,1) 8->8, 563x65", (B, 563, 65, 8), (3, 9, 8, 8), (1, 2), "SAME", (1, 1), 1,
-     ("xla", "phases")),
+     ("xla", "phases", "kernel")),
 ]
 
 
@@ -82,7 +85,7 @@ def _conv_fn(form: str, strides, padding, dilation, groups):
     if form == "separable":  # the blur-pool's fixed binomial filter (the kernel is not an input)
         blur = BlurPool3d(downsample_time=strides[0] == 2)
         return lambda x, k: blur(x, impl="separable")
-    if form in ("taps", "taps_chunked", "taps_phases", "stacked") or (form == "xla" and len(strides) == 3):
+    if form in ("taps", "taps_chunked", "taps_phases", "stacked") or (form in ("xla", "kernel") and len(strides) == 3):
         return lambda x, k: conv3d(x, k, strides, padding, feature_group_count=groups, impl=form)
     return lambda x, k: conv(x, k, strides, padding, rhs_dilation=dilation, feature_group_count=groups, impl=form)
 

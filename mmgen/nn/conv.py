@@ -173,6 +173,13 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
     takes ``"phases"`` on CPU and XLA's op elsewhere. Calls with ``lhs_dilation``,
     feature groups, an axis both strided and dilated, or a layout other than
     channels-last always go to XLA.
+
+    ``impl="kernel"``: mmgen's CPU kernels (``mmgen.nn.cpu_kernels``) on the call as a 3D
+    convolution with unit leading axes: the forward, the weight gradient and (stride 1)
+    the input gradient; a strided convolution's input gradient is the phases form's.
+    ``"auto"`` takes it on CPU for float32, ungrouped calls of a batch on one device with
+    the kernels built, unless ``without_cpu_forms("conv_kernels")``; ``"phases"``
+    otherwise.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl={impl!r}; expected one of {CONV_IMPLS}")
@@ -236,13 +243,18 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
     so forward, input and weight gradient are stride-1 convolutions. ``"xla"`` is
     ``lax.conv_transpose`` (a convolution with ``lhs_dilation``, which XLA:CPU runs in a
     generic loop, its weight gradient at 2-3 GFLOP/s: BENCHMARKS.md); ``"auto"`` takes
-    ``"phases"`` on CPU.
+    ``"phases"`` on CPU, its stride-1 convolution by ``conv``'s ``"auto"`` (the CPU
+    kernels where they apply). ``"kernel"``: the phases form with the CPU kernels' stride-1
+    convolution; ``"phases"``: with XLA's.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"causal_conv_transpose1d impl={impl!r}; expected one of {CONV_IMPLS}")
     taps, c_in, c_out = kernel.shape
     if taps < stride:
         raise ValueError(f"causal transposed conv kernel {taps} < stride {stride}")
+    # The phases form's stride-1 convolution: XLA's for "phases", the CPU kernel's for
+    # "kernel", whichever conv's "auto" takes for "auto".
+    inner = {"phases": "xla", "kernel": "kernel"}.get(impl, "auto")
     if impl == "auto":
         impl = "phases" if cpu_forms("phases") else "xla"
     b, t, _ = x.shape
@@ -254,7 +266,7 @@ def causal_conv_transpose1d(x: jax.Array, kernel: jax.Array, stride: int, *, imp
     # w_pad[s p + u] = kernel[s p + u - (s q - K)]; phase r takes u = s - 1 - r.
     w = jnp.pad(kernel, ((stride * q - taps, 0), (0, 0), (0, 0))).reshape(q, stride, c_in, c_out)[:, ::-1]
     w = jnp.transpose(w, (0, 2, 1, 3)).reshape(q, c_in, stride * c_out)
-    y = conv(x, w, (1,), ((q - 1, 0),), dimension_numbers=("NWC", "WIO", "NWC"), precision=precision)
+    y = conv(x, w, (1,), ((q - 1, 0),), dimension_numbers=("NWC", "WIO", "NWC"), precision=precision, impl=inner)
     return y.reshape(b, t * stride, c_out)
 
 

@@ -8,10 +8,11 @@ Adam with momentum, short schedules. Change any number from the command line:
 
     python -m mmgen demo --workdir runs/demo --config.video_tokenizer.total_steps=600
 
-About ten minutes on 2 idle cores (607, 633 and 575 s in three runs; docs/RESULTS.md "The demo":
-the time per stage, what each reaches, and the schedules measured against this one). The
-transformer gets 300 steps at lr 3e-3 with frame prediction at 3/5 of the batch (at lr
-1e-3 it needs 600 to beat holding the last frame); the audio codec is the C = 16 one
+About six minutes on 2 idle cores with mmgen's CPU kernels (378 s; 607, 633 and 575 s with
+300 transformer steps before them; docs/RESULTS.md "The demo": the time per stage, what each
+reaches, and the schedules measured against this one). The transformer gets 500 steps at lr
+3e-3 with frame prediction at 3/5 of the batch (300 steps beat holding the last frame by
++0.1-0.2 dB, 1-2 standard errors; 500 by +0.5, 5); the audio codec is the C = 16 one
 (``channels=16``), which carries the tone's pitch within 50 steps of batch 4 where the
 tiny preset's C = 4 does not in 100 of batch 8.
 The data is the demo's variant of ``moving_shapes_av/tiny`` (``DATA``: one large shape on
@@ -75,7 +76,7 @@ def get_config(arg=None):
     # for prefix conditioning for the tasks with a partial condition (frame prediction);
     # COMMIT and prefix score alike at this scale (docs/RESULTS.md "Ablations at demo scale").
     c.generative = ml_collections.ConfigDict({
-        "total_steps": 300, "batch_size": 16, "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 30},
+        "total_steps": 500, "batch_size": 16, "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 30},
         "sampling": {"eval_tasks": ""},
         "data_source": "token_cache", "conditioning": "prefix",
         "task_weights": {name: TASKS.get(name, 0.0) for name in TASK_NAMES}, **common})

@@ -371,3 +371,29 @@ def check_gallery():
     """``check_gallery(out_dir)``: asserts ``index.html`` names every sample file there and only
     files that exist; returns the page's ``{"videos", "audios", "images", "links"}`` sources."""
     return _check_gallery
+
+
+# ------------------------------------------------------------------ kernel forms (test_conv.py, test_cpu_kernels.py)
+def _same_values_and_gradients(fn, x, k, impl):
+    """``fn(x, k, impl)`` equals ``fn(x, k, "xla")``, and so do its gradients in ``x`` and ``k``."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = jnp.asarray(np.random.default_rng(9).normal(size=fn(x, k, "xla").shape), jnp.float32)
+
+    def loss(impl, x, k):
+        y = fn(x, k, impl)
+        return jnp.sum(jnp.sin(y) * weights), y
+
+    (_, y_form), g_form = jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1), has_aux=True)(x, k)
+    (_, y_xla), g_xla = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1), has_aux=True)(x, k)
+    assert y_form.shape == y_xla.shape
+    np.testing.assert_allclose(y_form, y_xla, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_form, g_xla):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture(scope="session")
+def same_values_and_gradients():
+    return _same_values_and_gradients

@@ -19,11 +19,11 @@ from mmgen.nn.conv import BlurPool3d, CausalConv3d, causal_conv_transpose1d, con
     ],
 )
 @pytest.mark.parametrize("impl", ["taps", "taps_chunked", "taps_phases", "stacked"])
-def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, groups, impl):
+def test_taps_equals_xla_3d_convolution_and_its_gradient(strides, padding, groups, impl, same_values_and_gradients):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 5, 8, 7, 4)), jnp.float32)  # frames of 56 <= 256 pixels: chunked
     k = jnp.asarray(rng.normal(size=(3, 3, 3, 4 // groups, 6 if groups == 1 else 4)), jnp.float32)
-    _assert_same_values_and_gradients(lambda x, k, impl: conv3d(x, k, strides, padding, feature_group_count=groups,
+    same_values_and_gradients(lambda x, k, impl: conv3d(x, k, strides, padding, feature_group_count=groups,
                                                                 impl=impl), x, k, impl)
 
 
@@ -46,23 +46,6 @@ def test_the_weight_gradient_is_chunked_only_when_the_batch_is_on_one_device():
     assert convolutions((2, 1, 1)) == convolutions((1, 2, 1)) == 3 * (1 + 1)  # split batch: no chunks
 
 
-def _assert_same_values_and_gradients(fn, x, k, impl):
-    """``fn(x, k, impl)`` equals ``fn(x, k, "xla")``, and so do its gradients in ``x`` and ``k``."""
-    weights = jnp.asarray(np.random.default_rng(9).normal(size=fn(x, k, "xla").shape), jnp.float32)
-
-    def loss(impl, x, k):
-        y = fn(x, k, impl)
-        return jnp.sum(jnp.sin(y) * weights), y
-
-    (_, y_form), g_form = jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1), has_aux=True)(x, k)
-    (_, y_xla), g_xla = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1), has_aux=True)(x, k)
-    assert y_form.shape == y_xla.shape
-    np.testing.assert_allclose(y_form, y_xla, rtol=1e-4, atol=1e-4)
-    for a, b in zip(g_form, g_xla):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
-
-
 @pytest.mark.parametrize(
     "x_shape,k_shape,strides,padding,dilation",
     [
@@ -78,20 +61,20 @@ def _assert_same_values_and_gradients(fn, x, k, impl):
         ((1, 5, 8, 7, 2), (3, 3, 3, 2, 3), (2, 2, 2), "SAME", None),  # 3D
     ],
 )
-def test_phases_equal_xla_convolution_and_its_gradients(x_shape, k_shape, strides, padding, dilation):
+def test_phases_equal_xla_convolution_and_its_gradients(x_shape, k_shape, strides, padding, dilation, same_values_and_gradients):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
     k = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
-    _assert_same_values_and_gradients(
+    same_values_and_gradients(
         lambda x, k, impl: conv(x, k, strides, padding, rhs_dilation=dilation, impl=impl), x, k, "phases")
 
 
 @pytest.mark.parametrize("length,taps,stride", [(5, 4, 2), (3, 16, 8), (4, 10, 5), (6, 3, 3), (4, 5, 2)])
-def test_causal_transposed_conv_phases_equal_xla_and_their_gradients(length, taps, stride):
+def test_causal_transposed_conv_phases_equal_xla_and_their_gradients(length, taps, stride, same_values_and_gradients):
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(2, length, 3)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(taps, 3, 4)), jnp.float32)
-    _assert_same_values_and_gradients(
+    same_values_and_gradients(
         lambda x, k, impl: causal_conv_transpose1d(x, k, stride, impl=impl), x, k, "phases")
     # The kept outputs are the first T s of the full transposed convolution.
     full = jax.lax.conv_transpose(x, k, (stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"))

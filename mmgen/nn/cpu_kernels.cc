@@ -597,25 +597,20 @@ ffi::Error GroupNormSwishGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilations")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+// Both convolution kernels: two float32 inputs, one output, the geometry as attributes.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("dilations")
+      .Attr<ffi::Span<const int64_t>>("padding");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConvWeightGrad, ConvWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("dilations")
-                                  .Attr<ffi::Span<const int64_t>>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConv, ConvImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenConvWeightGrad, ConvWeightGradImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MmgenGroupNormSwish, GroupNormSwishImpl,
                               ffi::Ffi::Bind()

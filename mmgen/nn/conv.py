@@ -343,7 +343,7 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
 
     ``impl="kernel"``: the convolution, its weight gradient and (stride 1) its input
     gradient by mmgen's CPU kernels (``mmgen.nn.cpu_kernels``, 2-9x XLA's rate at the video
-    tokenizer's shapes: BENCHMARKS.md "Convolution kernels"); a strided convolution's input
+    tokenizer's shapes: BENCHMARKS.md "Hand-written CPU kernels"); a strided convolution's input
     gradient is the taps form's. ``"auto"`` takes it on CPU for float32, ungrouped
     convolutions of a batch on one device when the kernels are built, unless
     ``without_cpu_forms("conv_kernels")``, and ``"taps_chunked"`` otherwise.
@@ -390,6 +390,9 @@ def conv3d(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=No
         out = conv(jnp.concatenate(tap_frames, axis=-1), kernel, tuple(window_strides[1:]), spatial_padding,
                    dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision, impl="xla")
         return out.reshape((b, frames_out) + out.shape[1:])
+    # A batch split over devices is not chunked: each chunk would be a slice across the
+    # split, moved between devices (an 8-device step of the tiny tokenizer compiled in 15-33 s
+    # instead of ~5 s: BENCHMARKS.md "Chunks of a batch split over devices").
     chunked = (impl == "taps_chunked" and x.shape[2] * x.shape[3] <= WEIGHT_GRAD_CHUNK_MAX_PIXELS
                and batch_split() == 1)
     form = "phases" if impl == "taps_phases" else "chunked" if chunked else "plain"

@@ -2,10 +2,16 @@
 
 XLA:CPU leaves the tokenizers' convolutions far below the machine's speed: the video
 tokenizer's 3D convolutions ran at 16-100 GFLOP/s on two cores (as per-tap 2D convolutions)
-and their weight gradients at 10-45, where the same sums as register-blocked multiply-adds
-run at 120-210 (BENCHMARKS.md "Convolution kernels"). ``conv`` and ``conv_weight_grad``
-are the two kernels; ``mmgen.nn.conv.conv3d`` builds a convolution with its gradients from
-them.
+and their weight gradients at 10-85, where the same sums as register-blocked multiply-adds
+run at 80-210 (BENCHMARKS.md "Hand-written CPU kernels"). Three kernels:
+
+* ``conv``: a channels-last 3D convolution with strides, dilations and zero padding (never
+  written out); ``mmgen.nn.conv.conv3d`` / ``conv`` build a convolution with its gradients
+  from it and ``conv_weight_grad`` (1D and 2D convolutions as 3D with unit axes);
+* ``conv_weight_grad``: that convolution's weight gradient;
+* ``group_norm_swish`` / ``group_norm_swish_grad``: ``swish(GroupNorm(x))`` with the affine
+  transform, forward and backward (``mmgen.nn.conv.GroupNorm.swish``).
+
 The kernels here are compiled from ``cpu_kernels.cc`` with the host's C++ compiler
 (``$CXX``, else ``c++`` / ``g++`` / ``clang++``; ``-O3 -march=native``) the first time a
 CPU computation asks for one, against the FFI headers that ship with jaxlib, and cached

@@ -369,9 +369,9 @@ def main(argv=None) -> int:
     def step(cfg, batch):
         return lambda: transformer_step_bench(cfg, batch)
 
-    def xla_convolutions(spec):  # the tokenizer step with the CPU kernels switched off
+    def tokenizer_step(spec, *switched_off):  # the tokenizer step, without the CPU forms named
         def build():
-            with without_cpu_forms("conv_kernels"):
+            with without_cpu_forms(*switched_off):
                 return tokenizer_step_bench(spec, 8)
         return build
 
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
     if not args.skip_tokenizers and cpu_kernels.available():
         for spec in ("configs/tokenizer/video.py:tiny", "configs/tokenizer/audio.py:tiny"):
             comparisons[f"CPU convolution kernels (the default) vs XLA's forms ({spec}, batch 8)"] = (
-                ("kernels", lambda spec=spec: tokenizer_step_bench(spec, 8)), ("XLA's forms", xla_convolutions(spec)))
+                ("kernels", tokenizer_step(spec)), ("XLA's forms", tokenizer_step(spec, "conv_kernels")))
     if gpu:
         big = {"grid": (5, 16, 16), "vocab": 2**10 * 16, "dtype": dt}
         remat = "dots_with_no_batch_dims_saveable"

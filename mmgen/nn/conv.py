@@ -194,13 +194,13 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
                    or (dimension_numbers is not None
                        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                        != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, channels_last)))
+    # Asked only where the kernels could run (so a GPU or TPU host never builds them).
+    wanted = impl == "kernel" or (impl == "auto" and cpu_forms("conv_kernels"))
+    kernels = wanted and not unsupported and _kernels_apply(lhs, rhs, padding, feature_group_count)
     if impl == "auto":
-        if cpu_forms("conv_kernels") and not unsupported and _kernels_apply(lhs, rhs, padding, 1):
-            impl = "kernel"
-        else:
-            impl = "phases" if cpu_forms("phases") else "xla"
+        impl = "kernel" if kernels else "phases" if cpu_forms("phases") else "xla"
     if impl == "kernel":
-        if unsupported or not _kernels_apply(lhs, rhs, padding, feature_group_count):
+        if not kernels:
             raise ValueError("conv impl='kernel' takes float32, ungrouped, channels-last convolutions (no axis both "
                              "strided and dilated, no lhs_dilation) of a batch on one device, with mmgen's CPU "
                              "kernels built (mmgen.nn.cpu_kernels.available())")
@@ -421,13 +421,17 @@ def _taps(x, rhs, window_strides, spatial_padding, groups, precision, form):
     return out.reshape((b, frames_out) + out.shape[1:])
 
 
+def _kernels_take(*arrays) -> bool:
+    """mmgen's CPU kernels take float32 operands of a batch on one device (a kernel is one
+    opaque call, which the partitioner cannot split), once they are built."""
+    return all(a.dtype == jnp.float32 for a in arrays) and batch_split() == 1 and cpu_kernels.available()
+
+
 def _kernels_apply(lhs, rhs, padding, groups) -> bool:
-    """mmgen's CPU convolution kernels take float32, ungrouped convolutions with no negative
-    padding of a batch on one device (the kernel is one opaque call, which the partitioner
-    cannot split)."""
-    return (lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32 and groups == 1 and batch_split() == 1
-            and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair))
-            and cpu_kernels.available())
+    """The convolution kernels take ungrouped convolutions with no negative padding (and
+    what ``_kernels_take`` asks of every kernel)."""
+    return (groups == 1 and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair))
+            and _kernels_take(lhs, rhs))
 
 
 def _kernel_input_grad(dy, rhs, dilations, padding):
@@ -707,10 +711,9 @@ class GroupNorm(nnx.Module):
         backward, where XLA's forms make 5-8 passes), unless
         ``without_cpu_forms("conv_kernels")``; the same values and gradients."""
         slab_dims = len(self.reduce_axes) + 1
-        fused = (cpu_forms("conv_kernels") and self.use_affine and x.dtype == jnp.float32
-                 and self.dtype == jnp.float32 and self.scale[...].dtype == jnp.float32
-                 and sorted(self.reduce_axes) == list(range(-slab_dims, -1)) and batch_split() == 1
-                 and cpu_kernels.available())
+        fused = (cpu_forms("conv_kernels") and self.use_affine and self.dtype == jnp.float32
+                 and sorted(self.reduce_axes) == list(range(-slab_dims, -1))
+                 and _kernels_take(x, self.scale[...], self.bias[...]))
         if not fused:
             return nnx.swish(self(x))
         return _kernel_group_norm_swish(x, self.scale[...], self.bias[...], self.num_groups, slab_dims,

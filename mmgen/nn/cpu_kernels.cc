@@ -31,6 +31,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -47,6 +48,20 @@ typedef float Vec16 __attribute__((vector_size(64)));
 typedef float Vec8 __attribute__((vector_size(32)));
 template <typename V>
 constexpr int kLanes = sizeof(V) / sizeof(float);
+
+// Calls f(V{}, std::integral_constant<int, kOutVecs>{}) with the vector type and the number
+// of output-channel vectors per block (4, 2 or 1: the most that divide them) that C_out takes.
+template <typename F>
+void WithOutVectors(int64_t c_out, F&& f) {
+  auto with = [&](auto vector) {
+    const int64_t vecs = c_out / kLanes<decltype(vector)>;
+    if (vecs % 4 == 0) f(vector, std::integral_constant<int, 4>{});
+    else if (vecs % 2 == 0) f(vector, std::integral_constant<int, 2>{});
+    else f(vector, std::integral_constant<int, 1>{});
+  };
+  if (c_out % 16 == 0) with(Vec16{});
+  else with(Vec8{});
+}
 
 struct Geometry {
   int64_t n, t, h, w, c_in;  // the unpadded input
@@ -149,10 +164,8 @@ void WeightGradRowTap(const float* x_row, const float* dy_row, int64_t positions
 }
 
 // Adds rows [first, last) of dy (row r = (n T' + t) H' + y) into dw.
-template <typename V>
+template <typename V, int kOutVecs>
 void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t first, int64_t last, float* dw) {
-  const int64_t vecs = g.c_out / kLanes<V>;
-  const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
   const int64_t tap_size = g.c_in * g.c_out;
   std::vector<TapRow> rows;
   for (int64_t r = first; r < last; ++r) {
@@ -166,9 +179,7 @@ void WeightGradRows(const float* x, const float* dy, const Geometry& g, int64_t 
         const float* x_row = row.x + (begin * g.stride_w + column) * g.c_in;
         const float* dy_part = dy_row + begin * g.c_out;
         float* dw_tap = dw + (row.tap + c) * tap_size;
-        if (out_vecs == 4) WeightGradRowTap<V, 4>(x_row, dy_part, end - begin, g, dw_tap);
-        else if (out_vecs == 2) WeightGradRowTap<V, 2>(x_row, dy_part, end - begin, g, dw_tap);
-        else WeightGradRowTap<V, 1>(x_row, dy_part, end - begin, g, dw_tap);
+        WeightGradRowTap<V, kOutVecs>(x_row, dy_part, end - begin, g, dw_tap);
       }
     }
   }
@@ -231,17 +242,12 @@ void ConvRow(const std::vector<TapRow>& rows, const float* w, const Geometry& g,
   }
 }
 
-template <typename V>
+template <typename V, int kOutVecs>
 void ConvRows(const float* x, const float* w, const Geometry& g, int64_t first, int64_t last, float* y) {
-  const int64_t vecs = g.c_out / kLanes<V>;
-  const int out_vecs = vecs % 4 == 0 ? 4 : vecs % 2 == 0 ? 2 : 1;
   std::vector<TapRow> rows;
   for (int64_t r = first; r < last; ++r) {
     TapRows(x, g, r, rows);
-    float* y_row = y + r * g.w_out * g.c_out;
-    if (out_vecs == 4) ConvRow<V, 4>(rows, w, g, y_row);
-    else if (out_vecs == 2) ConvRow<V, 2>(rows, w, g, y_row);
-    else ConvRow<V, 1>(rows, w, g, y_row);
+    ConvRow<V, kOutVecs>(rows, w, g, y + r * g.w_out * g.c_out);
   }
 }
 
@@ -510,8 +516,9 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* dyd = dy.typed_data();
   RunChunks(pool, total, chunk_rows, [&](int64_t chunk, int64_t first, int64_t last) {
     partial[chunk].assign(size, 0.0f);
-    if (g.c_out % 16 == 0) WeightGradRows<Vec16>(xd, dyd, g, first, last, partial[chunk].data());
-    else WeightGradRows<Vec8>(xd, dyd, g, first, last, partial[chunk].data());
+    WithOutVectors(g.c_out, [&](auto vector, auto out_vecs) {
+      WeightGradRows<decltype(vector), out_vecs>(xd, dyd, g, first, last, partial[chunk].data());
+    });
   });
   for (const std::vector<float>& part : partial)
     for (int64_t i = 0; i < size; ++i) out[i] += part[i];
@@ -531,8 +538,9 @@ ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* yd = y->typed_data();
   RunChunks(pool, total, ChunkRows(pool, total, total),
             [&](int64_t, int64_t first, int64_t last) {
-              if (g.c_out % 16 == 0) ConvRows<Vec16>(xd, wd, g, first, last, yd);
-              else ConvRows<Vec8>(xd, wd, g, first, last, yd);
+              WithOutVectors(g.c_out, [&](auto vector, auto out_vecs) {
+                ConvRows<decltype(vector), out_vecs>(xd, wd, g, first, last, yd);
+              });
             });
   return ffi::Error::Success();
 }
